@@ -1,0 +1,103 @@
+//! Configuration: serde types, loading `gateway.toml` plus every `routes/*.toml`, `${VAR}`
+//! expansion, and errors located as `file:line:col`. Semantic checks that need the whole picture
+//! (unknown services, route conflicts) run in `gateway::compile`, which reports them the same way.
+
+mod source;
+mod types;
+mod units;
+pub mod watch;
+
+use std::path::{Path, PathBuf};
+
+pub use source::{expand_env, ConfigError, ConfigErrors, SourceFile};
+pub use types::*;
+pub use units::{Duration, Size};
+
+/// Everything one load read from disk: gateway.toml and the route files, with their text so that
+/// later checks can point into them.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    /// The folder of gateway.toml; relative paths in it are relative to this.
+    pub root: PathBuf,
+    pub gateway_file: SourceFile,
+    pub gateway: GatewayConfig,
+    pub frontends: Vec<(SourceFile, FrontendFile)>,
+}
+
+impl LoadedConfig {
+    /// A path from gateway.toml, made absolute against its folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.root.join(p)
+        }
+    }
+
+    pub fn routes_dir(&self) -> PathBuf {
+        self.resolve(&self.gateway.routes.dir)
+    }
+}
+
+/// Reads gateway.toml and every `*.toml` in its routes folder. Each file is parsed even when an
+/// earlier one failed, so one run reports the mistakes of all of them.
+pub fn load(config_path: &Path) -> Result<LoadedConfig, ConfigErrors> {
+    let root = config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut errors = ConfigErrors::default();
+    let (gateway_file, gateway) = match source::parse_file::<GatewayConfig>(config_path) {
+        Ok(v) => v,
+        Err(e) => {
+            errors.0.extend(e.0);
+            // Still read the route files, with default settings, to report their errors too.
+            let text: std::sync::Arc<str> = std::sync::Arc::from("");
+            let file = SourceFile {
+                path: std::sync::Arc::from(config_path),
+                text,
+            };
+            (file, GatewayConfig::default())
+        }
+    };
+    let dir = if gateway.routes.dir.is_absolute() {
+        gateway.routes.dir.clone()
+    } else {
+        root.join(&gateway.routes.dir)
+    };
+    let mut frontends = Vec::new();
+    match route_files(&dir) {
+        Ok(files) => {
+            for path in files {
+                match source::parse_file::<FrontendFile>(&path) {
+                    Ok(v) => frontends.push(v),
+                    Err(e) => errors.0.extend(e.0),
+                }
+            }
+        }
+        Err(e) => errors.push(ConfigError::file(
+            config_path,
+            format!("[routes] dir {}: cannot read: {e}", dir.display()),
+        )),
+    }
+    errors.into_result(LoadedConfig {
+        root,
+        gateway_file,
+        gateway,
+        frontends,
+    })
+}
+
+/// The `*.toml` files of the routes folder, sorted by name so that loads are reproducible.
+pub fn route_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}

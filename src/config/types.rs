@@ -1,0 +1,281 @@
+//! Raw configuration types: exactly what `gateway.toml` and `routes/*.toml` say, as serde reads
+//! them. Nothing here is on the request path; `gateway::compile` turns these into runtime values.
+//! Every table rejects unknown keys, and values that later checks must point at are `Spanned`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use super::units::{Duration, Size};
+
+/// `gateway.toml`: the gateway's own settings and the shared definitions.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub routes: RoutesConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub services: BTreeMap<String, Spanned<ServiceConfig>>,
+}
+
+/// One address or a list of them (`listen = "…"` or `listen = ["…", "…"]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    pub fn to_vec(&self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: OneOrMany<SocketAddr>,
+    pub tls: Option<Spanned<TlsConfig>>,
+    /// Total deadline of one request unless its route says otherwise.
+    #[serde(default = "d_30s")]
+    pub request_timeout: Duration,
+    /// Bodies larger than this get 413.
+    #[serde(default = "default_max_body")]
+    pub max_request_body: Size,
+    /// Peers whose X-Forwarded-* and X-Request-Id headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// A client must send its complete request head within this time.
+    #[serde(default = "d_10s")]
+    pub header_read_timeout: Duration,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    #[serde(default = "d_30s")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            tls: None,
+            request_timeout: d_30s(),
+            max_request_body: default_max_body(),
+            trusted_proxies: Vec::new(),
+            header_read_timeout: d_10s(),
+            shutdown_grace: d_30s(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesConfig {
+    #[serde(default = "default_routes_dir")]
+    pub dir: PathBuf,
+    /// Reload when gateway.toml or a route file changes.
+    #[serde(default = "yes")]
+    pub watch: bool,
+}
+
+impl Default for RoutesConfig {
+    fn default() -> Self {
+        RoutesConfig {
+            dir: default_routes_dir(),
+            watch: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter; the `RUST_LOG` variable overrides it.
+    #[serde(default = "default_filter")]
+    pub filter: String,
+    /// One event per request on target `gatehouse::access`.
+    #[serde(default = "yes")]
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: default_filter(),
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive.
+    #[default]
+    Http1,
+    /// HTTP/2 (prior knowledge on `http://` endpoints).
+    Http2,
+}
+
+/// `[services.NAME]`: a backend microservice.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    #[serde(default)]
+    pub endpoints: Vec<Spanned<String>>,
+    /// Per attempt, until the response head arrives.
+    pub timeout: Option<Duration>,
+    #[serde(default = "d_1s")]
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Idle pooled connections are closed after this long.
+    #[serde(default = "d_90s")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_endpoint: usize,
+}
+
+/// A file in `routes/`: one frontend and its routes.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendFile {
+    pub frontend: FrontendConfig,
+    #[serde(default)]
+    pub route: Vec<Spanned<RouteConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendConfig {
+    pub name: Spanned<String>,
+    pub path_prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+    /// Default total deadline for the routes below.
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: Spanned<String>,
+    pub path: Spanned<String>,
+    /// Default: every method.
+    pub methods: Option<Vec<Spanned<String>>>,
+    /// Request headers that must be present with exactly these values.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Total deadline; overrides the frontend's and the server's.
+    pub timeout: Option<Duration>,
+    pub proxy: Option<Spanned<ProxyConfig>>,
+    pub respond: Option<Spanned<RespondConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub service: Spanned<String>,
+    /// Upstream path template; default: the matched path with the frontend prefix stripped.
+    pub path: Option<Spanned<String>>,
+    /// Send the client's `Host` header upstream instead of the endpoint's.
+    #[serde(default)]
+    pub preserve_host: bool,
+    #[serde(default = "yes")]
+    pub forward_query: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondConfig {
+    #[serde(default = "default_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_listen() -> OneOrMany<SocketAddr> {
+    OneOrMany::One(SocketAddr::from(([0, 0, 0, 0], 8080)))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+fn default_routes_dir() -> PathBuf {
+    PathBuf::from("routes")
+}
+fn default_filter() -> String {
+    "info".to_owned()
+}
+fn default_max_body() -> Size {
+    Size(8 * 1024 * 1024)
+}
+fn default_pool_max_idle() -> usize {
+    1024
+}
+fn default_status() -> u16 {
+    200
+}
+fn yes() -> bool {
+    true
+}
+fn d_1s() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_10s() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_90s() -> Duration {
+    Duration::from_secs(90)
+}

@@ -1,0 +1,109 @@
+//! Durations ("250ms", "30s") and sizes ("8MiB", "64KiB") as config values. A zero duration is
+//! rejected while parsing, so the error points at the offending value.
+
+use std::fmt;
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+/// A strictly positive duration written like "250ms", "30s" or "1m 30s".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Duration(pub std::time::Duration);
+
+impl Duration {
+    pub const fn from_secs(s: u64) -> Self {
+        Duration(std::time::Duration::from_secs(s))
+    }
+    pub const fn from_millis(ms: u64) -> Self {
+        Duration(std::time::Duration::from_millis(ms))
+    }
+    pub fn get(self) -> std::time::Duration {
+        self.0
+    }
+}
+
+impl std::str::FromStr for Duration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| format!("invalid duration {s:?} ({e}); write it like \"250ms\" or \"30s\""))?;
+        if d.is_zero() {
+            return Err(format!("duration {s:?} must be greater than zero"));
+        }
+        Ok(Duration(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for Duration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// A byte size written like "8MiB", "64KiB", "1GB" or as a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Size(pub u64);
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| Size(b.as_u64()))
+            .map_err(|e| format!("invalid size {s:?} ({e}); write it like \"64KiB\" or \"8MiB\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Str(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&bytesize::ByteSize(self.0).display().iec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!("250ms".parse::<Duration>().unwrap().get().as_millis(), 250);
+        assert_eq!("30s".parse::<Duration>().unwrap().get().as_secs(), 30);
+        assert!("0s".parse::<Duration>().unwrap_err().contains("greater than zero"));
+        assert!("soon".parse::<Duration>().is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!("8MiB".parse::<Size>().unwrap().0, 8 * 1024 * 1024);
+        assert_eq!("64KiB".parse::<Size>().unwrap().0, 64 * 1024);
+        assert_eq!("1000".parse::<Size>().unwrap().0, 1000);
+        assert!("lots".parse::<Size>().is_err());
+    }
+}

@@ -1,0 +1,147 @@
+//! `gatehouse demo`: small sample services (users, orders, catalog) on the loopback addresses
+//! that the shipped gateway.toml names, so the gateway can be tried with one command. Any other
+//! service in the config gets an echo service that shows what the gateway sent it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::config::GatewayConfig;
+
+/// Starts a sample service on each local endpoint of each configured service. Returns the
+/// addresses started, by service.
+pub async fn start_samples(cfg: &GatewayConfig) -> std::io::Result<Vec<(String, SocketAddr)>> {
+    let mut started = Vec::new();
+    for (name, svc) in &cfg.services {
+        for ep in &svc.get_ref().endpoints {
+            let Some(addr) = ep
+                .get_ref()
+                .strip_prefix("http://")
+                .and_then(|a| a.trim_end_matches('/').parse::<SocketAddr>().ok())
+            else {
+                continue;
+            };
+            let app = match name.as_str() {
+                "users" => users(),
+                "orders" => orders(),
+                "catalog" => catalog(),
+                _ => Router::new(),
+            }
+            .route("/health", get(|| async { "ok" }))
+            .fallback(echo);
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("sample service {name} on {addr}: {e}"))
+            })?;
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            started.push((name.clone(), addr));
+        }
+    }
+    Ok(started)
+}
+
+fn users() -> Router {
+    Router::new()
+        .route(
+            "/v1/users",
+            get(|| async {
+                Json(json!([
+                    {"id": "1", "name": "Ada Lovelace", "tier": "gold"},
+                    {"id": "2", "name": "Alan Turing", "tier": "silver"}
+                ]))
+            }),
+        )
+        .route(
+            "/v1/users/{id}",
+            get(|Path(id): Path<String>| async move {
+                match id.as_str() {
+                    "1" => Json(json!({"id": "1", "name": "Ada Lovelace", "tier": "gold"})).into_response(),
+                    "2" => Json(json!({"id": "2", "name": "Alan Turing", "tier": "silver"})).into_response(),
+                    _ => (StatusCode::NOT_FOUND, Json(json!({"error": "no such user"}))).into_response(),
+                }
+            }),
+        )
+}
+
+fn orders() -> Router {
+    Router::new()
+        .route(
+            "/v1/orders",
+            get(|Query(q): Query<HashMap<String, String>>| async move {
+                let user = q.get("user").cloned().unwrap_or_else(|| "1".into());
+                Json(json!([
+                    {"id": "o-100", "user": user, "total": 42.5, "status": "shipped"},
+                    {"id": "o-101", "user": user, "total": 9.99, "status": "processing"}
+                ]))
+            })
+            .post(|body: String| async move {
+                (StatusCode::CREATED, Json(json!({"id": "o-102", "received": body})))
+            }),
+        )
+        .route(
+            "/v1/orders/{id}",
+            get(|Path(id): Path<String>| async move {
+                Json(json!({"id": id, "user": "1", "total": 42.5, "status": "shipped"}))
+            }),
+        )
+}
+
+fn catalog() -> Router {
+    Router::new()
+        .route(
+            "/v1/products",
+            get(|| async {
+                Json(json!([
+                    {"sku": "tea-01", "name": "Green tea", "price": 4.5},
+                    {"sku": "cup-02", "name": "Tea cup", "price": 12.0}
+                ]))
+            }),
+        )
+        .route("/v1/events", get(events))
+}
+
+/// Server-sent events, one a second, to show that streamed responses flow through as produced.
+async fn events() -> Response {
+    let stream = futures_util::stream::unfold(0u32, |n| async move {
+        if n >= 5 {
+            return None;
+        }
+        if n > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let chunk = format!("event: price\ndata: {{\"sku\":\"tea-01\",\"price\":{}}}\n\n", 4.5 + n as f64 / 10.0);
+        Some((Ok::<_, Infallible>(chunk), n + 1))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default()
+}
+
+/// Shows what arrived: method, path, query and headers.
+async fn echo(req: Request) -> Json<serde_json::Value> {
+    let headers: HashMap<String, String> = header_map(req.headers());
+    Json(json!({
+        "method": req.method().as_str(),
+        "path": req.uri().path(),
+        "query": req.uri().query(),
+        "headers": headers,
+    }))
+}
+
+fn header_map(h: &HeaderMap) -> HashMap<String, String> {
+    h.iter()
+        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect()
+}

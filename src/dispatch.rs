@@ -1,0 +1,195 @@
+//! The top of the request path, one per connection: load the config snapshot, give the request
+//! its id and trace context, normalize and route it, set the forwarding headers, call the
+//! route's prebuilt service, and turn any error into the one problem+json response. The body of
+//! every response is wrapped so that metrics and the access log are recorded when it ends.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::{Either, Limited};
+use hyper::body::Incoming;
+use tower::ServiceExt;
+
+use crate::body::RespBody;
+use crate::error::{classify, problem_response, BoxError, GatewayError};
+use crate::gateway::{Gateway, Live};
+use crate::observe::access::{ObservedBody, Record, UpstreamUsed};
+use crate::observe::metrics::RouteMetrics;
+use crate::observe::trace::{new_request_id, next_traceparent, valid_request_id};
+use crate::routing::{normalize, request_host, Found};
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// The hyper service of one client connection.
+#[derive(Clone)]
+pub struct Dispatcher {
+    live: Arc<Live>,
+    peer: SocketAddr,
+    /// The peer's address as a header value, made once per connection.
+    peer_ip: HeaderValue,
+    tls: bool,
+}
+
+impl Dispatcher {
+    pub fn new(live: Arc<Live>, peer: SocketAddr, tls: bool) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        Dispatcher {
+            live,
+            peer,
+            peer_ip,
+            tls,
+        }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for Dispatcher {
+    type Response = Response<ObservedBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.dispatch(req).await) })
+    }
+}
+
+impl Dispatcher {
+    async fn dispatch(&self, req: Request<Incoming>) -> Response<ObservedBody> {
+        let start = Instant::now();
+        let gw = self.live.snapshot();
+        let trusted = gw.settings.is_trusted(self.peer.ip());
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(v) if trusted && valid_request_id(v) => v.clone(),
+            _ => new_request_id(),
+        };
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let (result, metrics) = self.route_and_call(&gw, trusted, &request_id, req).await;
+        let mut resp = result.unwrap_or_else(|e| {
+            let problem = classify(&*e);
+            if problem.status.is_server_error() {
+                tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), route = metrics.route(), error = %e, code = problem.code, "request failed");
+            }
+            problem_response(&problem, &request_id)
+        });
+        let upstream = resp.extensions_mut().remove::<UpstreamUsed>().map(|u| u.0);
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
+        let record = Record {
+            metrics,
+            method,
+            uri,
+            status: resp.status(),
+            request_id,
+            upstream,
+            start,
+            log: gw.settings.access_log,
+        };
+        resp.map(|b| ObservedBody::new(b, record))
+    }
+
+    async fn route_and_call(
+        &self,
+        gw: &Gateway,
+        trusted: bool,
+        request_id: &HeaderValue,
+        mut req: Request<Incoming>,
+    ) -> (Result<Response<RespBody>, BoxError>, Arc<RouteMetrics>) {
+        let unmatched = || gw.unmatched.clone();
+        let (route, target) = {
+            let path = match normalize(req.uri().path()) {
+                Ok(p) => p,
+                Err(_) => {
+                    return (Err(GatewayError::BadRequest("invalid percent-encoding in path").into()), unmatched())
+                }
+            };
+            let host = request_host(req.uri(), req.headers());
+            match gw.router.find(&host, &path, req.method(), req.headers()) {
+                Found::Route { index, params } => {
+                    let route = &gw.routes[index];
+                    let query = if route.forward_query { req.uri().query() } else { None };
+                    let target = route.upstream_path.as_ref().map(|u| u.build(&path, &params, query));
+                    (route, target)
+                }
+                Found::NotFound => return (Err(GatewayError::NoRoute.into()), unmatched()),
+                Found::MethodNotAllowed(allow) => {
+                    return (
+                        Err(GatewayError::MethodNotAllowed { allow: allow.clone() }.into()),
+                        unmatched(),
+                    )
+                }
+            }
+        };
+        let metrics = route.metrics.clone();
+
+        let max = gw.settings.max_request_body;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return (Err(GatewayError::BodyTooLarge.into()), metrics);
+        }
+        if let Some(t) = target {
+            match Uri::from_maybe_shared(Bytes::from(t)) {
+                Ok(u) => *req.uri_mut() = u,
+                Err(_) => return (Err(GatewayError::BadRequest("request target").into()), metrics),
+            }
+        }
+        self.forwarding_headers(&mut req, trusted, request_id);
+        let limit = usize::try_from(max).unwrap_or(usize::MAX);
+        let req = req.map(|b| Either::Left(Limited::new(b, limit)));
+        let result = route.service.clone().oneshot(req).await;
+        (result, metrics)
+    }
+
+    /// X-Forwarded-For/-Proto/-Host, X-Request-Id and traceparent for the backend. Values from a
+    /// peer that is not a trusted proxy are replaced, never appended to.
+    fn forwarding_headers(&self, req: &mut Request<Incoming>, trusted: bool, request_id: &HeaderValue) {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let h = req.headers_mut();
+        let xff = match h.get(&X_FORWARDED_FOR) {
+            Some(prev) if trusted => {
+                let mut v = Vec::with_capacity(prev.len() + 2 + self.peer_ip.len());
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(self.peer_ip.as_bytes());
+                HeaderValue::from_bytes(&v).unwrap_or_else(|_| self.peer_ip.clone())
+            }
+            _ => self.peer_ip.clone(),
+        };
+        h.insert(X_FORWARDED_FOR.clone(), xff);
+        if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
+            let proto = if self.tls { "https" } else { "http" };
+            h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        }
+        if !(trusted && h.contains_key(&X_FORWARDED_HOST)) {
+            match host {
+                Some(v) => h.insert(X_FORWARDED_HOST.clone(), v),
+                None => h.remove(&X_FORWARDED_HOST),
+            };
+        }
+        if !trusted {
+            h.remove(header::FORWARDED);
+        }
+        h.insert(X_REQUEST_ID.clone(), request_id.clone());
+        let tp = next_traceparent(h.get(&TRACEPARENT));
+        h.insert(TRACEPARENT.clone(), tp);
+    }
+}

@@ -1,0 +1,182 @@
+//! Errors the gateway itself answers with. Everything that fails inside a route's stack travels
+//! as a `BoxError`; `problem_response` is the one place that turns it into an HTTP response:
+//! `application/problem+json` with a stable `code` and the request id, never internal text.
+
+use std::error::Error as StdError;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{full, RespBody};
+
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// A failure with a known HTTP meaning.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches the request")]
+    NoRoute,
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: HeaderValue },
+    #[error("request body larger than the limit")]
+    BodyTooLarge,
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("could not connect to the backend")]
+    UpstreamConnect(#[source] BoxError),
+    #[error("the backend connection failed")]
+    UpstreamFailed(#[source] BoxError),
+    #[error("the backend did not answer in time")]
+    UpstreamTimeout,
+    #[error("the service has no endpoint to send to")]
+    NoHealthyEndpoint,
+}
+
+/// What a client is told about an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub title: &'static str,
+    pub allow: Option<HeaderValue>,
+}
+
+impl Problem {
+    const fn new(status: StatusCode, code: &'static str, title: &'static str) -> Self {
+        Problem {
+            status,
+            code,
+            title,
+            allow: None,
+        }
+    }
+}
+
+impl GatewayError {
+    pub fn problem(&self) -> Problem {
+        use GatewayError::*;
+        match self {
+            NoRoute => Problem::new(StatusCode::NOT_FOUND, "route_not_found", "No route matches this request"),
+            MethodNotAllowed { allow } => Problem {
+                allow: Some(allow.clone()),
+                ..Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed for this route")
+            },
+            BodyTooLarge => Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "Request body too large"),
+            BadRequest(_) => Problem::new(StatusCode::BAD_REQUEST, "bad_request", "Malformed request"),
+            UpstreamConnect(_) => Problem::new(StatusCode::BAD_GATEWAY, "upstream_connect_failed", "Could not connect to the backend service"),
+            UpstreamFailed(_) => Problem::new(StatusCode::BAD_GATEWAY, "upstream_failed", "The backend service failed to answer"),
+            UpstreamTimeout => Problem::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "The backend service did not answer in time"),
+            NoHealthyEndpoint => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "no_healthy_endpoint", "No healthy endpoint for the backend service"),
+        }
+    }
+}
+
+/// Finds what a client should be told about `err`, looking through its chain of sources.
+pub fn classify(err: &(dyn StdError + 'static)) -> Problem {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(g) = e.downcast_ref::<GatewayError>() {
+            return g.problem();
+        }
+        if e.is::<tower::timeout::error::Elapsed>() {
+            return GatewayError::UpstreamTimeout.problem();
+        }
+        if e.is::<http_body_util::LengthLimitError>() {
+            return GatewayError::BodyTooLarge.problem();
+        }
+        cur = e.source();
+    }
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "The gateway failed to handle the request",
+    )
+}
+
+/// The one mapping from an error to an HTTP response.
+pub fn problem_response(problem: &Problem, request_id: &HeaderValue) -> Response<RespBody> {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        #[serde(rename = "type")]
+        kind: String,
+        title: &'a str,
+        status: u16,
+        code: &'a str,
+        request_id: &'a str,
+    }
+    let body = Body {
+        kind: format!("urn:gatehouse:problem:{}", problem.code),
+        title: problem.title,
+        status: problem.status.as_u16(),
+        code: problem.code,
+        request_id: request_id.to_str().unwrap_or(""),
+    };
+    // Serializing a struct of strings and a number cannot fail.
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let mut resp = Response::new(full(bytes));
+    *resp.status_mut() = problem.status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(allow) = &problem.allow {
+        h.insert(header::ALLOW, allow.clone());
+    }
+    resp
+}
+
+/// Whether an error chain contains a `T`.
+pub fn chain_has<T: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.is::<T>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn problem_json_has_contract_fields() {
+        let err: BoxError = Box::new(GatewayError::MethodNotAllowed {
+            allow: HeaderValue::from_static("GET, HEAD"),
+        });
+        let p = classify(&*err);
+        let resp = problem_response(&p, &HeaderValue::from_static("req-1"));
+        assert_eq!(resp.status(), 405);
+        assert_eq!(resp.headers()["allow"], "GET, HEAD");
+        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["status"], 405);
+        assert_eq!(v["code"], "method_not_allowed");
+        assert_eq!(v["request_id"], "req-1");
+        assert!(v["type"].as_str().unwrap().ends_with("method_not_allowed"));
+        assert!(v["title"].is_string());
+    }
+
+    #[test]
+    fn unknown_errors_do_not_leak_text() {
+        let err: BoxError = "secret internal detail".into();
+        let p = classify(&*err);
+        assert_eq!(p.status, 500);
+        assert_eq!(p.code, "internal_error");
+    }
+
+    #[test]
+    fn sources_are_searched() {
+        let inner: BoxError = Box::new(tower::timeout::error::Elapsed::new());
+        let err: BoxError = Box::new(GatewayError::UpstreamFailed(inner));
+        // The outer GatewayError decides.
+        assert_eq!(classify(&*err).code, "upstream_failed");
+        let bare: BoxError = Box::new(tower::timeout::error::Elapsed::new());
+        assert_eq!(classify(&*bare).status, 504);
+    }
+}

@@ -1,0 +1,255 @@
+//! The `Gateway` snapshot — everything one config generation needs to serve requests, immutable
+//! once built — and `Live`, which holds the snapshot in use behind an `ArcSwap` and replaces it on
+//! reload. A request loads the snapshot once and keeps it to the end, so in-flight requests finish
+//! on the config they started with.
+
+mod compile;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+pub use compile::compile;
+
+use crate::config::{self, ConfigErrors, LoadedConfig, LogConfig};
+use crate::observe::metrics::{Metrics, RouteMetrics};
+use crate::route::RouteService;
+use crate::routing::template::UpstreamPath;
+use crate::routing::Router;
+use crate::upstream::Upstream;
+
+/// One compiled config generation.
+pub struct Gateway {
+    pub generation: u64,
+    pub loaded: Arc<LoadedConfig>,
+    pub router: Router,
+    /// Indexed by the router's route index.
+    pub routes: Vec<Route>,
+    pub services: BTreeMap<String, Arc<Upstream>>,
+    pub settings: Settings,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Metrics for requests that match no route.
+    pub unmatched: Arc<RouteMetrics>,
+}
+
+/// One compiled route.
+pub struct Route {
+    /// `frontend/route`.
+    pub id: Arc<str>,
+    /// How the path sent to the backend is built; `None` leaves the request target as it is.
+    pub upstream_path: Option<UpstreamPath>,
+    pub forward_query: bool,
+    pub service: RouteService,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+/// Server settings the request path reads.
+pub struct Settings {
+    pub max_request_body: u64,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub access_log: bool,
+}
+
+impl Settings {
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Settings that only take effect at start; a reload that changes them says so.
+#[derive(Debug, Clone, PartialEq)]
+struct StartupSettings {
+    listen: Vec<SocketAddr>,
+    admin: SocketAddr,
+    log: LogConfig,
+    header_read_timeout: Duration,
+    shutdown_grace: Duration,
+    routes_dir: PathBuf,
+    watch: bool,
+}
+
+impl StartupSettings {
+    fn of(c: &LoadedConfig) -> Self {
+        let g = &c.gateway;
+        StartupSettings {
+            listen: g.server.listen.to_vec(),
+            admin: g.admin.listen,
+            log: g.log.clone(),
+            header_read_timeout: g.server.header_read_timeout.get(),
+            shutdown_grace: g.server.shutdown_grace.get(),
+            routes_dir: c.routes_dir(),
+            watch: g.routes.watch,
+        }
+    }
+
+    fn differences(&self, other: &StartupSettings) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |changed: bool, key: &str| {
+            if changed {
+                out.push(key.to_owned());
+            }
+        };
+        check(self.listen != other.listen, "server.listen");
+        check(self.admin != other.admin, "admin.listen");
+        check(self.log != other.log, "log");
+        check(self.header_read_timeout != other.header_read_timeout, "server.header_read_timeout");
+        check(self.shutdown_grace != other.shutdown_grace, "server.shutdown_grace");
+        check(self.routes_dir != other.routes_dir, "routes.dir (for file watching)");
+        check(self.watch != other.watch, "routes.watch");
+        out
+    }
+}
+
+/// The outcome of the last reload, for `/admin/config`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    pub generation: u64,
+    pub result: &'static str,
+    pub trigger: String,
+    pub at_unix: u64,
+    pub errors: Vec<String>,
+    /// Changed settings that keep their old value until the gateway restarts.
+    pub restart_required: Vec<String>,
+}
+
+/// The gateway in service: the live snapshot and what replaces it.
+pub struct Live {
+    current: ArcSwap<Gateway>,
+    pub metrics: Arc<Metrics>,
+    pub config_path: PathBuf,
+    startup: StartupSettings,
+    status: Mutex<ReloadStatus>,
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Set once the listeners are up.
+    pub ready: AtomicBool,
+}
+
+impl Live {
+    /// Compiles the first generation.
+    pub fn new(config_path: &Path, loaded: LoadedConfig, metrics: Arc<Metrics>) -> Result<Live, ConfigErrors> {
+        let startup = StartupSettings::of(&loaded);
+        let gateway = compile(loaded, None, &metrics, 1)?;
+        metrics.config_generation.set(1);
+        Ok(Live {
+            current: ArcSwap::from_pointee(gateway),
+            metrics,
+            config_path: config_path.to_path_buf(),
+            startup,
+            status: Mutex::new(ReloadStatus {
+                generation: 1,
+                result: "initial",
+                trigger: "start".into(),
+                at_unix: unix_now(),
+                errors: Vec::new(),
+                restart_required: Vec::new(),
+            }),
+            reload_lock: tokio::sync::Mutex::new(()),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// The snapshot in use. Hold the `Arc` for as long as the request needs it.
+    pub fn snapshot(&self) -> Arc<Gateway> {
+        self.current.load_full()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn startup_shutdown_grace(&self) -> Duration {
+        self.startup.shutdown_grace
+    }
+
+    pub fn watch_dirs(&self) -> Option<Vec<PathBuf>> {
+        if !self.startup.watch {
+            return None;
+        }
+        let root = self
+            .config_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Some(vec![root, self.startup.routes_dir.clone()])
+    }
+
+    /// Loads and compiles the config files again and swaps the result in. On any error the
+    /// running config stays in service and the errors are logged, counted and kept for
+    /// `/admin/config`.
+    pub async fn reload(&self, trigger: &str) -> Result<u64, ConfigErrors> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let path = self.config_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ConfigErrors(vec![config::ConfigError::file(
+                    &self.config_path,
+                    format!("loading panicked: {e}"),
+                )]))
+            });
+        let prev = self.snapshot();
+        let generation = prev.generation + 1;
+        let outcome = loaded.and_then(|l| {
+            let restart = self.startup.differences(&StartupSettings::of(&l));
+            compile(l, Some(&prev), &self.metrics, generation).map(|g| (g, restart))
+        });
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Ok((gateway, restart)) => {
+                self.current.store(Arc::new(gateway));
+                self.metrics.config_reloads_total.with_label_values(&["success"]).inc();
+                self.metrics.config_generation.set(generation as i64);
+                for key in &restart {
+                    tracing::warn!(setting = %key, "config changed a setting that only takes effect after a restart");
+                }
+                tracing::info!(generation, trigger, "config reloaded");
+                *status = ReloadStatus {
+                    generation,
+                    result: "success",
+                    trigger: trigger.to_owned(),
+                    at_unix: unix_now(),
+                    errors: Vec::new(),
+                    restart_required: restart,
+                };
+                Ok(generation)
+            }
+            Err(errors) => {
+                self.metrics.config_reloads_total.with_label_values(&["failure"]).inc();
+                for e in &errors.0 {
+                    tracing::error!(trigger, "config rejected: {e}");
+                }
+                tracing::warn!(generation = prev.generation, "the previous config keeps serving");
+                *status = ReloadStatus {
+                    generation: prev.generation,
+                    result: "failure",
+                    trigger: trigger.to_owned(),
+                    at_unix: unix_now(),
+                    errors: errors.0.iter().map(ToString::to_string).collect(),
+                    restart_required: Vec::new(),
+                };
+                Err(errors)
+            }
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

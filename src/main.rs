@@ -1,0 +1,204 @@
+//! The `gatehouse` command: `run` (default), `check`, `demo`, and `health` (for container
+//! health checks).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use gatehouse::config;
+use gatehouse::observe::metrics::Metrics;
+use gatehouse::Server;
+
+#[derive(Parser)]
+#[command(name = "gatehouse", version, about = "An edge API gateway and backend-for-frontend")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Path of gateway.toml; route files are read from its `[routes] dir`.
+    #[arg(long, short, global = true, default_value = "gateway.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run,
+    /// Load and validate every config file; print each error as file:line:col: message.
+    Check,
+    /// Serve the shipped config together with its sample services.
+    Demo,
+    /// Exit 0 if the admin listener answers /healthz with 200 (for container health checks).
+    Health {
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gatehouse: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Check => rt.block_on(async { check(&cli.config) }),
+        Command::Run => rt.block_on(run(&cli.config, false)),
+        Command::Demo => rt.block_on(run(&cli.config, true)),
+        Command::Health { admin } => rt.block_on(health(admin)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gatehouse: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    let result = config::load(path).and_then(|loaded| gatehouse::gateway::compile(loaded, None, &Metrics::new(), 1));
+    match result {
+        Ok(gw) => {
+            println!(
+                "{}: ok ({} frontends, {} routes, {} services)",
+                path.display(),
+                gw.loaded.frontends.len(),
+                gw.routes.len(),
+                gw.services.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                println!("{e}");
+            }
+            eprintln!("{} error(s)", errors.0.len());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn run(path: &Path, demo: bool) -> anyhow::Result<ExitCode> {
+    let loaded = match config::load(path) {
+        Ok(l) => l,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("gatehouse: not started: {} config error(s)", errors.0.len());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    gatehouse::observe::logging::init(&loaded.gateway.log).map_err(anyhow::Error::msg)?;
+    let samples = if demo {
+        gatehouse::demo::start_samples(&loaded.gateway)
+            .await
+            .context("starting the demo's sample services")?
+    } else {
+        Vec::new()
+    };
+    let server = match Server::start_loaded(path, loaded).await {
+        Ok(s) => s,
+        Err(gatehouse::StartError::Config(errors)) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("gatehouse: not started: {} config error(s)", errors.0.len());
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if demo {
+        print_demo(&server, &samples);
+    }
+    wait_for_signals(&server).await?;
+    tracing::info!("shutting down: draining in-flight requests");
+    let drained = server.shutdown().await;
+    tracing::info!(drained, "stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signals(server: &Server) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                let _ = server.live().reload("sighup").await;
+            }
+        }
+    }
+}
+
+fn print_demo(server: &Server, samples: &[(String, SocketAddr)]) {
+    let base = server
+        .http_addrs()
+        .first()
+        .map(|a| {
+            if a.ip().is_unspecified() {
+                format!("http://127.0.0.1:{}", a.port())
+            } else {
+                format!("http://{a}")
+            }
+        })
+        .unwrap_or_default();
+    let admin = server.admin_addr();
+    println!("\ngatehouse demo is running.");
+    for (name, addr) in samples {
+        println!("  sample service {name:<8} on http://{addr}");
+    }
+    println!("\nTry:");
+    for path in [
+        "/web/users/1",
+        "/web/products",
+        "/web/events            (server-sent events, streamed as produced)",
+        "/web/echo/anything?x=1 (what the backend receives: X-Forwarded-*, traceparent ...)",
+        "/mobile/v1/me/orders",
+        "/web/ping",
+        "/web/nope              (404 as application/problem+json)",
+    ] {
+        println!("  curl -i {base}{path}");
+    }
+    println!("  curl -i -X DELETE {base}/web/users/1   (405 with Allow)");
+    println!("  curl http://{admin}/metrics");
+    println!("  curl http://{admin}/admin/config");
+    println!("  curl -X POST http://{admin}/admin/reload");
+    println!("\nEdit routes/*.toml and the gateway reloads them. Ctrl-C stops.\n");
+}
+
+async fn health(admin: SocketAddr) -> anyhow::Result<ExitCode> {
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await?;
+        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    match tokio::time::timeout(Duration::from_secs(3), probe).await {
+        Ok(Ok(buf)) if buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200") => Ok(ExitCode::SUCCESS),
+        Ok(Ok(_)) => {
+            eprintln!("unhealthy: /healthz did not answer 200");
+            Ok(ExitCode::FAILURE)
+        }
+        Ok(Err(e)) => {
+            eprintln!("unhealthy: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(_) => {
+            eprintln!("unhealthy: no answer within 3s");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

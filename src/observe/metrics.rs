@@ -1,0 +1,240 @@
+//! The Prometheus registry and the gateway's metric families. Per-route and per-service handles
+//! are resolved when a config is compiled, so recording on the request path is a few atomic adds:
+//! no label formatting and no lookups by name.
+
+use std::sync::OnceLock;
+
+use http::{Method, StatusCode};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// All metric families; one per process, shared by every config generation so that counters
+/// survive reloads.
+pub struct Metrics {
+    pub registry: Registry,
+    requests_total: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_requests_total: IntCounterVec,
+    pub config_reloads_total: IntCounterVec,
+    pub config_generation: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new("gatehouse_requests_total", "Requests answered, by route and status"),
+            &["frontend", "route", "method", "status"],
+        )
+        .expect("static metric definition is valid");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gatehouse_request_duration_seconds",
+                "Time from request head to the end of the response body",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["frontend", "route"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_requests_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_upstream_requests_total",
+                "Requests sent to backend services, by outcome (status code or error kind)",
+            ),
+            &["service", "outcome"],
+        )
+        .expect("static metric definition is valid");
+        let config_reloads_total = IntCounterVec::new(
+            Opts::new("gatehouse_config_reloads_total", "Config reloads by result"),
+            &["result"],
+        )
+        .expect("static metric definition is valid");
+        let config_generation = IntGauge::new(
+            "gatehouse_config_generation",
+            "Generation of the config now serving (1 at start, +1 per successful reload)",
+        )
+        .expect("static metric definition is valid");
+        for c in [
+            Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(upstream_requests_total.clone()),
+            Box::new(config_reloads_total.clone()),
+            Box::new(config_generation.clone()),
+        ] {
+            registry
+                .register(c)
+                .expect("each family is registered once, in this constructor");
+        }
+        // Make both results visible from the start.
+        config_reloads_total.with_label_values(&["success"]);
+        config_reloads_total.with_label_values(&["failure"]);
+        Metrics {
+            registry,
+            requests_total,
+            request_duration,
+            upstream_requests_total,
+            config_reloads_total,
+            config_generation,
+        }
+    }
+
+    /// Handles for one route (or for requests that matched no route: `frontend=""`, `route=""`).
+    pub fn route(&self, frontend: &str, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            frontend: frontend.into(),
+            route: route.into(),
+            duration: self.request_duration.with_label_values(&[frontend, route]),
+            family: self.requests_total.clone(),
+            counters: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    pub fn service(&self, service: &str) -> ServiceMetrics {
+        ServiceMetrics {
+            service: service.into(),
+            family: self.upstream_requests_total.clone(),
+            counters: std::array::from_fn(|_| OnceLock::new()),
+            errors: std::array::from_fn(|i| {
+                self.upstream_requests_total
+                    .with_label_values(&[service, UpstreamErrorKind::ALL[i].label()])
+            }),
+        }
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let encoder = TextEncoder::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = encoder.encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Methods and statuses that get a pre-resolved counter slot; others take the slower labelled
+/// path (a lookup inside the prometheus crate), which is correct, only not free.
+const METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::OPTIONS,
+];
+const STATUSES: [u16; 24] = [
+    200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 408, 409, 413, 422, 429, 500,
+    501, 502, 503, 504, 101,
+];
+
+fn method_slot(m: &Method) -> Option<usize> {
+    METHODS.iter().position(|x| x == m)
+}
+
+fn status_slot(s: u16) -> Option<usize> {
+    STATUSES.iter().position(|&x| x == s)
+}
+
+fn status_label(s: &StatusCode) -> &str {
+    s.as_str()
+}
+
+pub struct RouteMetrics {
+    frontend: Box<str>,
+    route: Box<str>,
+    duration: prometheus::Histogram,
+    family: IntCounterVec,
+    counters: [OnceLock<IntCounter>; METHODS.len() * STATUSES.len()],
+}
+
+impl RouteMetrics {
+    pub fn frontend(&self) -> &str {
+        &self.frontend
+    }
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    pub fn record(&self, method: &Method, status: StatusCode, seconds: f64) {
+        self.duration.observe(seconds);
+        match (method_slot(method), status_slot(status.as_u16())) {
+            (Some(m), Some(s)) => self.counters[m * STATUSES.len() + s]
+                .get_or_init(|| {
+                    self.family.with_label_values(&[
+                        &*self.frontend,
+                        &*self.route,
+                        method.as_str(),
+                        status_label(&status),
+                    ])
+                })
+                .inc(),
+            _ => self
+                .family
+                .with_label_values(&[
+                    &*self.frontend,
+                    &*self.route,
+                    method.as_str(),
+                    status_label(&status),
+                ])
+                .inc(),
+        }
+    }
+}
+
+/// Why a request to a backend did not produce a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 3] = [Self::Connect, Self::Timeout, Self::Reset];
+    fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect_error",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+        }
+    }
+}
+
+pub struct ServiceMetrics {
+    service: Box<str>,
+    family: IntCounterVec,
+    counters: [OnceLock<IntCounter>; STATUSES.len()],
+    errors: [IntCounter; 3],
+}
+
+impl ServiceMetrics {
+    pub fn response(&self, status: StatusCode) {
+        match status_slot(status.as_u16()) {
+            Some(s) => self.counters[s]
+                .get_or_init(|| {
+                    self.family
+                        .with_label_values(&[&*self.service, status_label(&status)])
+                })
+                .inc(),
+            None => self
+                .family
+                .with_label_values(&[&*self.service, status_label(&status)])
+                .inc(),
+        }
+    }
+
+    pub fn error(&self, kind: UpstreamErrorKind) {
+        self.errors[kind as usize].inc();
+    }
+}

@@ -1,0 +1,243 @@
+//! Listeners and connection handling: binds the HTTP listeners and the admin listener, serves
+//! HTTP/1.1 and HTTP/2 (h2c prior knowledge, or h2 through ALPN when TLS is on) on each
+//! connection, reloads on file changes, and drains in-flight requests on shutdown.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{self, ConfigErrors, LoadedConfig};
+use crate::dispatch::Dispatcher;
+use crate::gateway::Live;
+use crate::observe::metrics::Metrics;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration:\n{0}")]
+    Config(ConfigErrors),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct Server {
+    live: Arc<Live>,
+    http_addrs: Vec<SocketAddr>,
+    admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    accept_tasks: Vec<JoinHandle<()>>,
+    admin_task: JoinHandle<()>,
+    watch_task: Option<JoinHandle<()>>,
+    graceful: Arc<GracefulShutdown>,
+}
+
+impl Server {
+    /// Loads the config at `config_path` and starts serving it.
+    pub async fn start(config_path: &Path) -> Result<Server, StartError> {
+        let loaded = config::load(config_path).map_err(StartError::Config)?;
+        Self::start_loaded(config_path, loaded).await
+    }
+
+    /// Starts serving an already loaded config.
+    pub async fn start_loaded(config_path: &Path, loaded: LoadedConfig) -> Result<Server, StartError> {
+        let server_cfg = loaded.gateway.server.clone();
+        let admin_listen = loaded.gateway.admin.listen;
+        let metrics = Arc::new(Metrics::new());
+        let live = Arc::new(Live::new(config_path, loaded, metrics).map_err(StartError::Config)?);
+
+        let mut listeners = Vec::new();
+        for addr in server_cfg.listen.to_vec() {
+            listeners.push(bind(addr)?);
+        }
+        let admin_listener = bind(admin_listen)?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr: admin_listen, source })?;
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(server_cfg.header_read_timeout.get())
+            .keep_alive(true);
+        builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
+        let builder = Arc::new(builder);
+
+        let (stop, stop_rx) = watch::channel(false);
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut http_addrs = Vec::new();
+        let mut accept_tasks = Vec::new();
+        for listener in listeners {
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: admin_listen,
+                source,
+            })?;
+            http_addrs.push(addr);
+            tracing::info!(%addr, "listening");
+            accept_tasks.push(tokio::spawn(accept_loop(
+                listener,
+                live.clone(),
+                builder.clone(),
+                graceful.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        let admin_task = tokio::spawn(crate::admin::serve(admin_listener, live.clone(), stop_rx.clone()));
+        tracing::info!(addr = %admin_addr, "admin listening");
+        let watch_task = live.watch_dirs().and_then(|dirs| {
+            match config::watch::watch(&dirs, Duration::from_millis(250)) {
+                Ok(mut w) => {
+                    let live = live.clone();
+                    Some(tokio::spawn(async move {
+                        while w.changes.recv().await.is_some() {
+                            let _ = live.reload("file-watch").await;
+                        }
+                    }))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the config files; reload with SIGHUP or POST /admin/reload");
+                    None
+                }
+            }
+        });
+        live.ready.store(true, std::sync::atomic::Ordering::Release);
+        Ok(Server {
+            live,
+            http_addrs,
+            admin_addr,
+            stop,
+            accept_tasks,
+            admin_task,
+            watch_task,
+            graceful,
+        })
+    }
+
+    pub fn live(&self) -> &Arc<Live> {
+        &self.live
+    }
+
+    /// The bound HTTP addresses (useful when the config says port 0).
+    pub fn http_addrs(&self) -> &[SocketAddr] {
+        &self.http_addrs
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish within `[server] shutdown_grace`, then
+    /// closes what is left. Returns whether everything finished in time.
+    pub async fn shutdown(self) -> bool {
+        self.live.ready.store(false, std::sync::atomic::Ordering::Release);
+        let _ = self.stop.send(true);
+        if let Some(w) = &self.watch_task {
+            w.abort();
+        }
+        for t in self.accept_tasks {
+            let _ = t.await;
+        }
+        let grace = self.live.startup_shutdown_grace();
+        let drained = match Arc::try_unwrap(self.graceful) {
+            Ok(g) => tokio::time::timeout(grace, g.shutdown()).await.is_ok(),
+            Err(_) => false,
+        };
+        if !drained {
+            tracing::warn!(?grace, "shutdown grace period over; closing the remaining connections");
+        }
+        let _ = self.admin_task.await;
+        drained
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(4096).map_err(err)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    live: Arc<Live>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let live = live.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, live, &builder, watcher).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    live: Arc<Live>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let tls = live.snapshot().tls.clone();
+    let result = match tls {
+        None => {
+            let svc = Dispatcher::new(live, peer, false);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            watcher.watch(conn).await
+        }
+        Some(cfg) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            let tls_stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = Dispatcher::new(live, peer, true);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
+            watcher.watch(conn).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
