@@ -31,7 +31,10 @@ pub async fn serve(listener: TcpListener, live: Arc<Live>, mut stop: watch::Rece
     let shutdown = async move {
         let _ = stop.changed().await;
     };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
         tracing::error!(error = %e, "admin listener failed");
     }
 }
@@ -103,9 +106,18 @@ pub fn redact(v: &mut Value) {
         Value::Object(map) => {
             for (k, val) in map.iter_mut() {
                 let k = k.to_ascii_lowercase();
-                let secret = ["secret", "password", "token", "authorization", "api_key", "apikey", "credential", "private"]
-                    .iter()
-                    .any(|s| k.contains(s))
+                let secret = [
+                    "secret",
+                    "password",
+                    "token",
+                    "authorization",
+                    "api_key",
+                    "apikey",
+                    "credential",
+                    "private",
+                ]
+                .iter()
+                .any(|s| k.contains(s))
                     || k == "key";
                 if secret && !val.is_object() && !val.is_null() {
                     *val = Value::String("[redacted]".into());

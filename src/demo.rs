@@ -65,9 +65,15 @@ fn users() -> Router {
             "/v1/users/{id}",
             get(|Path(id): Path<String>| async move {
                 match id.as_str() {
-                    "1" => Json(json!({"id": "1", "name": "Ada Lovelace", "tier": "gold"})).into_response(),
-                    "2" => Json(json!({"id": "2", "name": "Alan Turing", "tier": "silver"})).into_response(),
-                    _ => (StatusCode::NOT_FOUND, Json(json!({"error": "no such user"}))).into_response(),
+                    "1" => Json(json!({"id": "1", "name": "Ada Lovelace", "tier": "gold"}))
+                        .into_response(),
+                    "2" => Json(json!({"id": "2", "name": "Alan Turing", "tier": "silver"}))
+                        .into_response(),
+                    _ => (
+                        StatusCode::NOT_FOUND,
+                        Json(json!({"error": "no such user"})),
+                    )
+                        .into_response(),
                 }
             }),
         )
@@ -85,7 +91,10 @@ fn orders() -> Router {
                 ]))
             })
             .post(|body: String| async move {
-                (StatusCode::CREATED, Json(json!({"id": "o-102", "received": body})))
+                (
+                    StatusCode::CREATED,
+                    Json(json!({"id": "o-102", "received": body})),
+                )
             }),
         )
         .route(
@@ -119,7 +128,10 @@ async fn events() -> Response {
         if n > 0 {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        let chunk = format!("event: price\ndata: {{\"sku\":\"tea-01\",\"price\":{}}}\n\n", 4.5 + n as f64 / 10.0);
+        let chunk = format!(
+            "event: price\ndata: {{\"sku\":\"tea-01\",\"price\":{}}}\n\n",
+            4.5 + n as f64 / 10.0
+        );
         Some((Ok::<_, Infallible>(chunk), n + 1))
     });
     Response::builder()
@@ -142,6 +154,11 @@ async fn echo(req: Request) -> Json<serde_json::Value> {
 
 fn header_map(h: &HeaderMap) -> HashMap<String, String> {
     h.iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect()
 }

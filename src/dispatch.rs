@@ -85,7 +85,8 @@ impl Dispatcher {
             problem_response(&problem, &request_id)
         });
         let upstream = resp.extensions_mut().remove::<UpstreamUsed>().map(|u| u.0);
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
         let record = Record {
             metrics,
             method,
@@ -111,21 +112,34 @@ impl Dispatcher {
             let path = match normalize(req.uri().path()) {
                 Ok(p) => p,
                 Err(_) => {
-                    return (Err(GatewayError::BadRequest("invalid percent-encoding in path").into()), unmatched())
+                    return (
+                        Err(GatewayError::BadRequest("invalid percent-encoding in path").into()),
+                        unmatched(),
+                    )
                 }
             };
             let host = request_host(req.uri(), req.headers());
             match gw.router.find(&host, &path, req.method(), req.headers()) {
                 Found::Route { index, params } => {
                     let route = &gw.routes[index];
-                    let query = if route.forward_query { req.uri().query() } else { None };
-                    let target = route.upstream_path.as_ref().map(|u| u.build(&path, &params, query));
+                    let query = if route.forward_query {
+                        req.uri().query()
+                    } else {
+                        None
+                    };
+                    let target = route
+                        .upstream_path
+                        .as_ref()
+                        .map(|u| u.build(&path, &params, query));
                     (route, target)
                 }
                 Found::NotFound => return (Err(GatewayError::NoRoute.into()), unmatched()),
                 Found::MethodNotAllowed(allow) => {
                     return (
-                        Err(GatewayError::MethodNotAllowed { allow: allow.clone() }.into()),
+                        Err(GatewayError::MethodNotAllowed {
+                            allow: allow.clone(),
+                        }
+                        .into()),
                         unmatched(),
                     )
                 }
@@ -142,13 +156,19 @@ impl Dispatcher {
         if declared.is_some_and(|n| n > max) {
             return (Err(GatewayError::BodyTooLarge.into()), metrics);
         }
+        // Before the target is rewritten: an HTTP/2 request's host is in its URI.
+        self.forwarding_headers(&mut req, trusted, request_id);
         if let Some(t) = target {
             match Uri::from_maybe_shared(Bytes::from(t)) {
                 Ok(u) => *req.uri_mut() = u,
-                Err(_) => return (Err(GatewayError::BadRequest("request target").into()), metrics),
+                Err(_) => {
+                    return (
+                        Err(GatewayError::BadRequest("request target").into()),
+                        metrics,
+                    )
+                }
             }
         }
-        self.forwarding_headers(&mut req, trusted, request_id);
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
         let req = req.map(|b| Either::Left(Limited::new(b, limit)));
         let result = route.service.clone().oneshot(req).await;
@@ -157,12 +177,17 @@ impl Dispatcher {
 
     /// X-Forwarded-For/-Proto/-Host, X-Request-Id and traceparent for the backend. Values from a
     /// peer that is not a trusted proxy are replaced, never appended to.
-    fn forwarding_headers(&self, req: &mut Request<Incoming>, trusted: bool, request_id: &HeaderValue) {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    fn forwarding_headers(
+        &self,
+        req: &mut Request<Incoming>,
+        trusted: bool,
+        request_id: &HeaderValue,
+    ) {
+        let host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         let h = req.headers_mut();
         let xff = match h.get(&X_FORWARDED_FOR) {
             Some(prev) if trusted => {

@@ -55,17 +55,47 @@ impl GatewayError {
     pub fn problem(&self) -> Problem {
         use GatewayError::*;
         match self {
-            NoRoute => Problem::new(StatusCode::NOT_FOUND, "route_not_found", "No route matches this request"),
+            NoRoute => Problem::new(
+                StatusCode::NOT_FOUND,
+                "route_not_found",
+                "No route matches this request",
+            ),
             MethodNotAllowed { allow } => Problem {
                 allow: Some(allow.clone()),
-                ..Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed for this route")
+                ..Problem::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "Method not allowed for this route",
+                )
             },
-            BodyTooLarge => Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "Request body too large"),
-            BadRequest(_) => Problem::new(StatusCode::BAD_REQUEST, "bad_request", "Malformed request"),
-            UpstreamConnect(_) => Problem::new(StatusCode::BAD_GATEWAY, "upstream_connect_failed", "Could not connect to the backend service"),
-            UpstreamFailed(_) => Problem::new(StatusCode::BAD_GATEWAY, "upstream_failed", "The backend service failed to answer"),
-            UpstreamTimeout => Problem::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "The backend service did not answer in time"),
-            NoHealthyEndpoint => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "no_healthy_endpoint", "No healthy endpoint for the backend service"),
+            BodyTooLarge => Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "Request body too large",
+            ),
+            BadRequest(_) => {
+                Problem::new(StatusCode::BAD_REQUEST, "bad_request", "Malformed request")
+            }
+            UpstreamConnect(_) => Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_connect_failed",
+                "Could not connect to the backend service",
+            ),
+            UpstreamFailed(_) => Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_failed",
+                "The backend service failed to answer",
+            ),
+            UpstreamTimeout => Problem::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "The backend service did not answer in time",
+            ),
+            NoHealthyEndpoint => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_endpoint",
+                "No healthy endpoint for the backend service",
+            ),
         }
     }
 }

@@ -15,7 +15,11 @@ use gatehouse::observe::metrics::Metrics;
 use gatehouse::Server;
 
 #[derive(Parser)]
-#[command(name = "gatehouse", version, about = "An edge API gateway and backend-for-frontend")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "An edge API gateway and backend-for-frontend"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -41,7 +45,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gatehouse: cannot start the runtime: {e}");
@@ -64,7 +71,7 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &Path) -> anyhow::Result<ExitCode> {
-    let result = config::load(path).and_then(|loaded| gatehouse::gateway::compile(loaded, None, &Metrics::new(), 1));
+    let result = gatehouse::gateway::load_and_compile(path, None, &Metrics::new(), 1);
     match result {
         Ok(gw) => {
             println!(
@@ -89,7 +96,11 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
 async fn run(path: &Path, demo: bool) -> anyhow::Result<ExitCode> {
     let loaded = match config::load(path) {
         Ok(l) => l,
-        Err(errors) => {
+        Err(_) => {
+            // Report every mistake, the semantic ones of the files that did parse included.
+            let errors = gatehouse::gateway::load_and_compile(path, None, &Metrics::new(), 1)
+                .err()
+                .unwrap_or_default();
             for e in &errors.0 {
                 eprintln!("{e}");
             }
@@ -181,13 +192,16 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)]) {
 async fn health(admin: SocketAddr) -> anyhow::Result<ExitCode> {
     let probe = async {
         let mut s = tokio::net::TcpStream::connect(admin).await?;
-        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         Ok::<_, std::io::Error>(buf)
     };
     match tokio::time::timeout(Duration::from_secs(3), probe).await {
-        Ok(Ok(buf)) if buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200") => Ok(ExitCode::SUCCESS),
+        Ok(Ok(buf)) if buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200") => {
+            Ok(ExitCode::SUCCESS)
+        }
         Ok(Ok(_)) => {
             eprintln!("unhealthy: /healthz did not answer 200");
             Ok(ExitCode::FAILURE)

@@ -51,7 +51,10 @@ impl Server {
     }
 
     /// Starts serving an already loaded config.
-    pub async fn start_loaded(config_path: &Path, loaded: LoadedConfig) -> Result<Server, StartError> {
+    pub async fn start_loaded(
+        config_path: &Path,
+        loaded: LoadedConfig,
+    ) -> Result<Server, StartError> {
         let server_cfg = loaded.gateway.server.clone();
         let admin_listen = loaded.gateway.admin.listen;
         let metrics = Arc::new(Metrics::new());
@@ -64,7 +67,10 @@ impl Server {
         let admin_listener = bind(admin_listen)?;
         let admin_addr = admin_listener
             .local_addr()
-            .map_err(|source| StartError::Bind { addr: admin_listen, source })?;
+            .map_err(|source| StartError::Bind {
+                addr: admin_listen,
+                source,
+            })?;
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -72,7 +78,10 @@ impl Server {
             .timer(TokioTimer::new())
             .header_read_timeout(server_cfg.header_read_timeout.get())
             .keep_alive(true);
-        builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(1024);
         let builder = Arc::new(builder);
 
         let (stop, stop_rx) = watch::channel(false);
@@ -94,14 +103,18 @@ impl Server {
                 stop_rx.clone(),
             )));
         }
-        let admin_task = tokio::spawn(crate::admin::serve(admin_listener, live.clone(), stop_rx.clone()));
+        let admin_task = tokio::spawn(crate::admin::serve(
+            admin_listener,
+            live.clone(),
+            stop_rx.clone(),
+        ));
         tracing::info!(addr = %admin_addr, "admin listening");
         let watch_task = live.watch_dirs().and_then(|dirs| {
             match config::watch::watch(&dirs, Duration::from_millis(250)) {
                 Ok(mut w) => {
                     let live = live.clone();
                     Some(tokio::spawn(async move {
-                        while w.changes.recv().await.is_some() {
+                        while w.changed().await {
                             let _ = live.reload("file-watch").await;
                         }
                     }))
@@ -141,7 +154,9 @@ impl Server {
     /// Stops accepting, lets in-flight requests finish within `[server] shutdown_grace`, then
     /// closes what is left. Returns whether everything finished in time.
     pub async fn shutdown(self) -> bool {
-        self.live.ready.store(false, std::sync::atomic::Ordering::Release);
+        self.live
+            .ready
+            .store(false, std::sync::atomic::Ordering::Release);
         let _ = self.stop.send(true);
         if let Some(w) = &self.watch_task {
             w.abort();
@@ -155,7 +170,10 @@ impl Server {
             Err(_) => false,
         };
         if !drained {
-            tracing::warn!(?grace, "shutdown grace period over; closing the remaining connections");
+            tracing::warn!(
+                ?grace,
+                "shutdown grace period over; closing the remaining connections"
+            );
         }
         let _ = self.admin_task.await;
         drained
@@ -213,30 +231,34 @@ async fn serve_connection(
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let tls = live.snapshot().tls.clone();
-    let result = match tls {
-        None => {
-            let svc = Dispatcher::new(live, peer, false);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            watcher.watch(conn).await
-        }
-        Some(cfg) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-            let tls_stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let svc = Dispatcher::new(live, peer, true);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
-            watcher.watch(conn).await
-        }
-    };
+    let result =
+        match tls {
+            None => {
+                let svc = Dispatcher::new(live, peer, false);
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                watcher.watch(conn).await
+            }
+            Some(cfg) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                let tls_stream =
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let svc = Dispatcher::new(live, peer, true);
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
+                watcher.watch(conn).await
+            }
+        };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }

@@ -76,7 +76,8 @@ impl Proxy {
             parts.headers.remove(header::HOST);
         } else if !parts.headers.contains_key(header::HOST) {
             // An HTTP/2 client sends the host as :authority only.
-            if let Some(a) = original_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            if let Some(a) = original_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
                 parts.headers.insert(header::HOST, a);
             }
         }
@@ -177,8 +178,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         h.remove(n);
     }
     // `TE: trailers` is allowed through (gRPC needs it); other TE values are hop-by-hop.
-    if h
-        .get(header::TE)
+    if h.get(header::TE)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         h.remove(header::TE);
@@ -197,7 +197,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));

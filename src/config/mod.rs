@@ -17,6 +17,8 @@ pub use units::{Duration, Size};
 /// later checks can point into them.
 #[derive(Debug, Clone)]
 pub struct LoadedConfig {
+    /// Whether gateway.toml parsed; when it did not, defaults stand in for it.
+    pub gateway_ok: bool,
     /// The folder of gateway.toml; relative paths in it are relative to this.
     pub root: PathBuf,
     pub gateway_file: SourceFile,
@@ -42,15 +44,24 @@ impl LoadedConfig {
 /// Reads gateway.toml and every `*.toml` in its routes folder. Each file is parsed even when an
 /// earlier one failed, so one run reports the mistakes of all of them.
 pub fn load(config_path: &Path) -> Result<LoadedConfig, ConfigErrors> {
+    let (loaded, errors) = load_partial(config_path);
+    errors.into_result(loaded)
+}
+
+/// Like `load`, but also returns what did parse, so that later checks can report their errors
+/// in the same run. `gateway_ok` is false when gateway.toml itself did not parse.
+pub fn load_partial(config_path: &Path) -> (LoadedConfig, ConfigErrors) {
     let root = config_path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let mut errors = ConfigErrors::default();
+    let mut gateway_ok = true;
     let (gateway_file, gateway) = match source::parse_file::<GatewayConfig>(config_path) {
         Ok(v) => v,
         Err(e) => {
+            gateway_ok = false;
             errors.0.extend(e.0);
             // Still read the route files, with default settings, to report their errors too.
             let text: std::sync::Arc<str> = std::sync::Arc::from("");
@@ -81,12 +92,14 @@ pub fn load(config_path: &Path) -> Result<LoadedConfig, ConfigErrors> {
             format!("[routes] dir {}: cannot read: {e}", dir.display()),
         )),
     }
-    errors.into_result(LoadedConfig {
+    let loaded = LoadedConfig {
+        gateway_ok,
         root,
         gateway_file,
         gateway,
         frontends,
-    })
+    };
+    (loaded, errors)
 }
 
 /// The `*.toml` files of the routes folder, sorted by name so that loads are reproducible.

@@ -152,10 +152,8 @@ pub fn expand_env(
             Some((n, d)) => (n, Some(d)),
             None => (expr, None),
         };
-        let valid = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let valid =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         let value = if valid { lookup(name) } else { None };
         match (valid, value, default) {
             (true, Some(v), _) => push_escaped(&mut out, &v),
@@ -238,8 +236,16 @@ mod tests {
     #[test]
     fn expands_defaults_and_escapes() {
         let p = Path::new("g.toml");
-        let out = expand_env(p, "a = \"${HOST}\"\nb = \"${NOPE:-x}\"\nc = \"${QUOTE}\" $${HOST}", env).unwrap();
-        assert_eq!(out, "a = \"db.local\"\nb = \"x\"\nc = \"a\\\"b\\nc\" ${HOST}");
+        let out = expand_env(
+            p,
+            "a = \"${HOST}\"\nb = \"${NOPE:-x}\"\nc = \"${QUOTE}\" $${HOST}",
+            env,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "a = \"db.local\"\nb = \"x\"\nc = \"a\\\"b\\nc\" ${HOST}"
+        );
     }
 
     #[test]
@@ -247,7 +253,10 @@ mod tests {
         let p = Path::new("g.toml");
         let err = expand_env(p, "a = 1\nb = \"${MISSING}\"\nc = \"${OTHER}\"", env).unwrap_err();
         assert_eq!(err.0.len(), 2);
-        assert_eq!(err.0[0].to_string().split(": ").next().unwrap(), "g.toml:2:6");
+        assert_eq!(
+            err.0[0].to_string().split(": ").next().unwrap(),
+            "g.toml:2:6"
+        );
         assert!(err.0[0].message.contains("MISSING"));
         assert_eq!((err.0[1].line, err.0[1].col), (3, 6));
     }

@@ -24,8 +24,9 @@ impl Duration {
 impl std::str::FromStr for Duration {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let d = humantime::parse_duration(s.trim())
-            .map_err(|e| format!("invalid duration {s:?} ({e}); write it like \"250ms\" or \"30s\""))?;
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
+            format!("invalid duration {s:?} ({e}); write it like \"250ms\" or \"30s\"")
+        })?;
         if d.is_zero() {
             return Err(format!("duration {s:?} must be greater than zero"));
         }
@@ -95,7 +96,10 @@ mod tests {
     fn durations() {
         assert_eq!("250ms".parse::<Duration>().unwrap().get().as_millis(), 250);
         assert_eq!("30s".parse::<Duration>().unwrap().get().as_secs(), 30);
-        assert!("0s".parse::<Duration>().unwrap_err().contains("greater than zero"));
+        assert!("0s"
+            .parse::<Duration>()
+            .unwrap_err()
+            .contains("greater than zero"));
         assert!("soon".parse::<Duration>().is_err());
     }
 

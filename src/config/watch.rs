@@ -7,10 +7,17 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-/// A running watch. Receive on `changes` to learn that something changed.
+/// A running watch; it stops when dropped.
 pub struct ConfigWatch {
     _watcher: notify::RecommendedWatcher,
-    pub changes: mpsc::Receiver<()>,
+    changes: mpsc::Receiver<()>,
+}
+
+impl ConfigWatch {
+    /// Waits for the next (debounced) change. Returns false once the watch has ended.
+    pub async fn changed(&mut self) -> bool {
+        self.changes.recv().await.is_some()
+    }
 }
 
 /// Starts watching `dirs` (not recursively). Editors that save by rename are seen too, because

@@ -128,23 +128,32 @@ fn compile_tls(
     let err = |msg: String| loaded.gateway_file.error_at(spanned.span(), msg);
     let cert_path = loaded.resolve(&tls.cert);
     let key_path = loaded.resolve(&tls.key);
-    let certs: Result<Vec<CertificateDer<'static>>, _> = CertificateDer::pem_file_iter(&cert_path)
-        .and_then(|it| it.collect());
+    let certs: Result<Vec<CertificateDer<'static>>, _> =
+        CertificateDer::pem_file_iter(&cert_path).and_then(|it| it.collect());
     let certs = match certs {
         Ok(c) if !c.is_empty() => Some(c),
         Ok(_) => {
-            errors.push(err(format!("[server] tls.cert {}: no certificate in the file", cert_path.display())));
+            errors.push(err(format!(
+                "[server] tls.cert {}: no certificate in the file",
+                cert_path.display()
+            )));
             None
         }
         Err(e) => {
-            errors.push(err(format!("[server] tls.cert {}: cannot read a PEM certificate: {e}", cert_path.display())));
+            errors.push(err(format!(
+                "[server] tls.cert {}: cannot read a PEM certificate: {e}",
+                cert_path.display()
+            )));
             None
         }
     };
     let key = match PrivateKeyDer::from_pem_file(&key_path) {
         Ok(k) => Some(k),
         Err(e) => {
-            errors.push(err(format!("[server] tls.key {}: cannot read a PEM private key: {e}", key_path.display())));
+            errors.push(err(format!(
+                "[server] tls.key {}: cannot read a PEM private key: {e}",
+                key_path.display()
+            )));
             None
         }
     };
@@ -159,7 +168,9 @@ fn compile_tls(
             Some(Arc::new(cfg))
         }
         Err(e) => {
-            errors.push(err(format!("[server] tls: certificate and key do not form a usable pair: {e}")));
+            errors.push(err(format!(
+                "[server] tls: certificate and key do not form a usable pair: {e}"
+            )));
             None
         }
     }
@@ -185,11 +196,21 @@ fn compile_frontend(
         let (line, _) = file.locate(span.start);
         format!("{}:{line}", file.path.display())
     };
-    if fname.is_empty() || !fname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        errors.push(at(fe.name.span(), format!("frontend name `{fname}` must be letters, digits, `-` or `_`")));
+    if fname.is_empty()
+        || !fname
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        errors.push(at(
+            fe.name.span(),
+            format!("frontend name `{fname}` must be letters, digits, `-` or `_`"),
+        ));
     }
     if let Some(first) = frontend_names.get(fname) {
-        errors.push(at(fe.name.span(), format!("frontend `{fname}` is already defined at {first}")));
+        errors.push(at(
+            fe.name.span(),
+            format!("frontend `{fname}` is already defined at {first}"),
+        ));
     } else {
         frontend_names.insert(fname.to_owned(), location(fe.name.span()));
     }
@@ -198,7 +219,9 @@ fn compile_frontend(
         Some(p) => {
             let s = p.get_ref().as_str();
             let s = if s == "/" { "" } else { s };
-            if !s.is_empty() && (!s.starts_with('/') || s.ends_with('/') || s.contains(['{', '}', '?', '#'])) {
+            if !s.is_empty()
+                && (!s.starts_with('/') || s.ends_with('/') || s.contains(['{', '}', '?', '#']))
+            {
                 errors.push(at(p.span(), format!(
                     "path_prefix `{s}` must start with `/`, not end with `/`, and hold no parameters"
                 )));
@@ -217,10 +240,13 @@ fn compile_frontend(
         if ok {
             hosts.push(host);
         } else {
-            errors.push(at(h.span(), format!(
-                "host `{}` is not a host name (a wildcard is written `*.example.com`)",
-                h.get_ref()
-            )));
+            errors.push(at(
+                h.span(),
+                format!(
+                    "host `{}` is not a host name (a wildcard is written `*.example.com`)",
+                    h.get_ref()
+                ),
+            ));
         }
     }
     let server = &loaded.gateway.server;
@@ -235,10 +261,16 @@ fn compile_frontend(
             errors.push(file.error_at(span, msg));
         };
         if rname.is_empty() || rname.contains('/') {
-            fail(rc.name.span(), format!("route name `{rname}` must be non-empty and hold no `/`"));
+            fail(
+                rc.name.span(),
+                format!("route name `{rname}` must be non-empty and hold no `/`"),
+            );
         }
         if !route_names.insert(rname) {
-            fail(rc.name.span(), format!("route `{rname}` is defined twice in frontend `{fname}`"));
+            fail(
+                rc.name.span(),
+                format!("route `{rname}` is defined twice in frontend `{fname}`"),
+            );
         }
         let params = match route_params(rc.path.get_ref()) {
             Ok(p) => p,
@@ -250,7 +282,10 @@ fn compile_frontend(
         let methods = match &rc.methods {
             None => None,
             Some(list) if list.is_empty() => {
-                fail(rc.name.span(), "`methods` is empty; leave it out to allow every method".into());
+                fail(
+                    rc.name.span(),
+                    "`methods` is empty; leave it out to allow every method".into(),
+                );
                 None
             }
             Some(list) => {
@@ -300,10 +335,17 @@ fn compile_frontend(
             };
             if !loaded.gateway.services.contains_key(sname) {
                 let known: Vec<&str> = loaded.gateway.services.keys().map(String::as_str).collect();
-                fail(pc.service.span(), format!(
-                    "unknown service `{sname}` (defined services: {})",
-                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
-                ));
+                fail(
+                    pc.service.span(),
+                    format!(
+                        "unknown service `{sname}` (defined services: {})",
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
             } else if let (Some(up), Some(path)) = (services.get(sname), upstream_path) {
                 let svc = route::stack(Proxy::new(up.clone(), pc.preserve_host), timeout);
                 built = Some((svc, Some(path), pc.forward_query));
@@ -349,12 +391,15 @@ fn respond_backend(r: &crate::config::RespondConfig) -> Result<Respond, String> 
         .ok_or_else(|| format!("respond status {} must be between 200 and 599", r.status))?;
     let mut headers = HeaderMap::new();
     for (k, v) in &r.headers {
-        let name = HeaderName::from_str(k).map_err(|_| format!("respond header name `{k}` is not valid"))?;
-        let value = HeaderValue::from_str(v).map_err(|_| format!("respond header `{k}` has an invalid value"))?;
+        let name = HeaderName::from_str(k)
+            .map_err(|_| format!("respond header name `{k}` is not valid"))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| format!("respond header `{k}` has an invalid value"))?;
         headers.append(name, value);
     }
     if let Some(ct) = &r.content_type {
-        let v = HeaderValue::from_str(ct).map_err(|_| format!("content_type `{ct}` is not a valid header value"))?;
+        let v = HeaderValue::from_str(ct)
+            .map_err(|_| format!("content_type `{ct}` is not a valid header value"))?;
         headers.insert(http::header::CONTENT_TYPE, v);
     }
     Ok(Respond::new(status, headers, Bytes::from(r.body.clone())))

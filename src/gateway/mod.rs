@@ -17,6 +17,29 @@ use serde::Serialize;
 
 pub use compile::compile;
 
+/// Loads the config files and compiles them, reporting the errors of both steps together:
+/// a route file that does not parse does not hide the mistakes of the others.
+pub fn load_and_compile(
+    config_path: &Path,
+    previous: Option<&Gateway>,
+    metrics: &Metrics,
+    generation: u64,
+) -> Result<Gateway, ConfigErrors> {
+    let (loaded, mut errors) = config::load_partial(config_path);
+    if !loaded.gateway_ok {
+        // Without gateway.toml, route checks would only report services as unknown.
+        return Err(errors);
+    }
+    match compile(loaded, previous, metrics, generation) {
+        Ok(g) if errors.is_empty() => Ok(g),
+        Ok(_) => Err(errors),
+        Err(more) => {
+            errors.0.extend(more.0);
+            Err(errors)
+        }
+    }
+}
+
 use crate::config::{self, ConfigErrors, LoadedConfig, LogConfig};
 use crate::observe::metrics::{Metrics, RouteMetrics};
 use crate::route::RouteService;
@@ -102,9 +125,18 @@ impl StartupSettings {
         check(self.listen != other.listen, "server.listen");
         check(self.admin != other.admin, "admin.listen");
         check(self.log != other.log, "log");
-        check(self.header_read_timeout != other.header_read_timeout, "server.header_read_timeout");
-        check(self.shutdown_grace != other.shutdown_grace, "server.shutdown_grace");
-        check(self.routes_dir != other.routes_dir, "routes.dir (for file watching)");
+        check(
+            self.header_read_timeout != other.header_read_timeout,
+            "server.header_read_timeout",
+        );
+        check(
+            self.shutdown_grace != other.shutdown_grace,
+            "server.shutdown_grace",
+        );
+        check(
+            self.routes_dir != other.routes_dir,
+            "routes.dir (for file watching)",
+        );
         check(self.watch != other.watch, "routes.watch");
         out
     }
@@ -136,7 +168,11 @@ pub struct Live {
 
 impl Live {
     /// Compiles the first generation.
-    pub fn new(config_path: &Path, loaded: LoadedConfig, metrics: Arc<Metrics>) -> Result<Live, ConfigErrors> {
+    pub fn new(
+        config_path: &Path,
+        loaded: LoadedConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Live, ConfigErrors> {
         let startup = StartupSettings::of(&loaded);
         let gateway = compile(loaded, None, &metrics, 1)?;
         metrics.config_generation.set(1);
@@ -168,7 +204,10 @@ impl Live {
     }
 
     pub fn status(&self) -> ReloadStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn startup_shutdown_grace(&self) -> Duration {
@@ -212,7 +251,10 @@ impl Live {
         match outcome {
             Ok((gateway, restart)) => {
                 self.current.store(Arc::new(gateway));
-                self.metrics.config_reloads_total.with_label_values(&["success"]).inc();
+                self.metrics
+                    .config_reloads_total
+                    .with_label_values(&["success"])
+                    .inc();
                 self.metrics.config_generation.set(generation as i64);
                 for key in &restart {
                     tracing::warn!(setting = %key, "config changed a setting that only takes effect after a restart");
@@ -229,11 +271,17 @@ impl Live {
                 Ok(generation)
             }
             Err(errors) => {
-                self.metrics.config_reloads_total.with_label_values(&["failure"]).inc();
+                self.metrics
+                    .config_reloads_total
+                    .with_label_values(&["failure"])
+                    .inc();
                 for e in &errors.0 {
                     tracing::error!(trigger, "config rejected: {e}");
                 }
-                tracing::warn!(generation = prev.generation, "the previous config keeps serving");
+                tracing::warn!(
+                    generation = prev.generation,
+                    "the previous config keeps serving"
+                );
                 *status = ReloadStatus {
                     generation: prev.generation,
                     result: "failure",

@@ -25,7 +25,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests_total = IntCounterVec::new(
-            Opts::new("gatehouse_requests_total", "Requests answered, by route and status"),
+            Opts::new(
+                "gatehouse_requests_total",
+                "Requests answered, by route and status",
+            ),
             &["frontend", "route", "method", "status"],
         )
         .expect("static metric definition is valid");

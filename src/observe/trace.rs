@@ -25,8 +25,7 @@ pub fn valid_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty()
         && b.len() <= 128
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
 }
 
@@ -85,9 +84,8 @@ mod tests {
 
     #[test]
     fn continues_a_valid_trace() {
-        let inc = HeaderValue::from_static(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        );
+        let inc =
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         let out = next_traceparent(Some(&inc));
         let s = out.to_str().unwrap();
         assert_eq!(&s[..36], "00-4bf92f3577b34da6a3ce929d0e0e4736-");

@@ -26,7 +26,9 @@ impl RouteFilter {
     fn method_ok(&self, m: &Method) -> bool {
         match &self.methods {
             None => true,
-            Some(list) => list.iter().any(|x| x == m) || (*m == Method::HEAD && list.contains(&Method::GET)),
+            Some(list) => {
+                list.iter().any(|x| x == m) || (*m == Method::HEAD && list.contains(&Method::GET))
+            }
         }
     }
 
@@ -99,7 +101,9 @@ impl Router {
             .collect();
         hosts.sort_unstable();
         hosts.dedup();
-        let hostless: Vec<usize> = (0..specs.len()).filter(|&i| specs[i].hosts.is_empty()).collect();
+        let hostless: Vec<usize> = (0..specs.len())
+            .filter(|&i| specs[i].hosts.is_empty())
+            .collect();
 
         let mut tables = Vec::new();
         let mut exact = HashMap::new();
@@ -119,7 +123,7 @@ impl Router {
                 }
             }
         }
-        wildcard.sort_by(|a: &(Box<str>, usize), b| b.0.len().cmp(&a.0.len()));
+        wildcard.sort_by_key(|w: &(Box<str>, usize)| std::cmp::Reverse(w.0.len()));
         errors.sort();
         errors.dedup();
         let filters = specs.into_iter().map(|s| s.filter).collect();
@@ -212,7 +216,10 @@ fn build_table(
             }
             continue;
         }
-        match table.paths.insert(spec.full_path.clone(), table.groups.len()) {
+        match table
+            .paths
+            .insert(spec.full_path.clone(), table.groups.len())
+        {
             Ok(()) => {
                 by_path.insert(&spec.full_path, table.groups.len());
                 table.groups.push(Group {
@@ -220,7 +227,10 @@ fn build_table(
                     allow: HeaderValue::from_static(""),
                 });
             }
-            Err(e) if report => errors.push((i, format!("path `{}` cannot be routed: {e}", spec.full_path))),
+            Err(e) if report => errors.push((
+                i,
+                format!("path `{}` cannot be routed: {e}", spec.full_path),
+            )),
             Err(_) => {}
         }
     }
@@ -253,7 +263,11 @@ fn allow_header<'a>(filters: impl Iterator<Item = &'a RouteFilter>) -> HeaderVal
 pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> std::borrow::Cow<'a, str> {
     let raw = uri
         .host()
-        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+        .or_else(|| {
+            headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
         .unwrap_or("");
     let host = if let Some(rest) = raw.strip_prefix('[') {
         // [v6]:port
@@ -273,7 +287,12 @@ pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> std::borr
 mod tests {
     use super::*;
 
-    fn spec(path: &str, hosts: &[&str], methods: Option<&[Method]>, headers: &[(&str, &str)]) -> RouteSpec {
+    fn spec(
+        path: &str,
+        hosts: &[&str],
+        methods: Option<&[Method]>,
+        headers: &[(&str, &str)],
+    ) -> RouteSpec {
         RouteSpec {
             full_path: path.into(),
             hosts: hosts.iter().map(|s| s.to_string()).collect(),
@@ -281,7 +300,12 @@ mod tests {
                 methods: methods.map(|m| m.to_vec().into_boxed_slice()),
                 headers: headers
                     .iter()
-                    .map(|(k, v)| (HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap()))
+                    .map(|(k, v)| {
+                        (
+                            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                            HeaderValue::from_str(v).unwrap(),
+                        )
+                    })
                     .collect(),
             },
             label: path.into(),
@@ -314,16 +338,28 @@ mod tests {
         assert_eq!(idx(&r, "any", "/web/users/1", Method::HEAD, &none), Some(0));
         assert_eq!(idx(&r, "any", "/web/users/1", Method::GET, &v2), Some(4));
         assert_eq!(idx(&r, "any", "/web/users/1", Method::POST, &none), Some(1));
-        assert_eq!(idx(&r, "api.example.com", "/api/x/y", Method::GET, &none), Some(2));
-        assert_eq!(idx(&r, "eu.example.com", "/api/x", Method::GET, &none), Some(3));
+        assert_eq!(
+            idx(&r, "api.example.com", "/api/x/y", Method::GET, &none),
+            Some(2)
+        );
+        assert_eq!(
+            idx(&r, "eu.example.com", "/api/x", Method::GET, &none),
+            Some(3)
+        );
         assert_eq!(idx(&r, "example.com", "/api/x", Method::GET, &none), None);
         // Host-less routes are reachable on a named host too.
-        assert_eq!(idx(&r, "api.example.com", "/web/users/1", Method::GET, &none), Some(0));
+        assert_eq!(
+            idx(&r, "api.example.com", "/web/users/1", Method::GET, &none),
+            Some(0)
+        );
         match r.find("any", "/web/users/1", &Method::DELETE, &none) {
             Found::MethodNotAllowed(allow) => assert_eq!(allow, "GET, HEAD, POST"),
             _ => panic!("expected 405"),
         }
-        assert!(matches!(r.find("any", "/nope", &Method::GET, &none), Found::NotFound));
+        assert!(matches!(
+            r.find("any", "/nope", &Method::GET, &none),
+            Found::NotFound
+        ));
     }
 
     #[test]
@@ -347,6 +383,9 @@ mod tests {
         assert_eq!(request_host(&"/x".parse().unwrap(), &h), "www.example.com");
         h.insert("host", HeaderValue::from_static("[::1]:80"));
         assert_eq!(request_host(&"/x".parse().unwrap(), &h), "::1");
-        assert_eq!(request_host(&"http://a.b/x".parse().unwrap(), &HeaderMap::new()), "a.b");
+        assert_eq!(
+            request_host(&"http://a.b/x".parse().unwrap(), &HeaderMap::new()),
+            "a.b"
+        );
     }
 }

@@ -17,19 +17,27 @@ pub fn route_params(path: &str) -> Result<Vec<String>, String> {
             .strip_prefix('{')
             .and_then(|s| s.strip_suffix('}'))
             .filter(|s| !s.contains(['{', '}']))
-            .ok_or_else(|| format!("in path `{path}`: a parameter must be a whole segment, like `{{id}}`"))?;
+            .ok_or_else(|| {
+                format!("in path `{path}`: a parameter must be a whole segment, like `{{id}}`")
+            })?;
         let (name, catch_all) = match inner.strip_prefix('*') {
             Some(n) => (n, true),
             None => (inner, false),
         };
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(format!("in path `{path}`: `{seg}` is not a valid parameter name"));
+            return Err(format!(
+                "in path `{path}`: `{seg}` is not a valid parameter name"
+            ));
         }
         if catch_all && i + 1 != segments.len() {
-            return Err(format!("in path `{path}`: `{{*{name}}}` must be the last segment"));
+            return Err(format!(
+                "in path `{path}`: `{{*{name}}}` must be the last segment"
+            ));
         }
         if names.iter().any(|n| n == name) {
-            return Err(format!("in path `{path}`: parameter `{name}` appears twice"));
+            return Err(format!(
+                "in path `{path}`: parameter `{name}` appears twice"
+            ));
         }
         names.push(name.to_owned());
     }
@@ -86,7 +94,12 @@ impl UpstreamPath {
     }
 
     /// The origin-form target (path and query) to send upstream.
-    pub fn build(&self, path: &str, params: &matchit::Params<'_, '_>, query: Option<&str>) -> String {
+    pub fn build(
+        &self,
+        path: &str,
+        params: &matchit::Params<'_, '_>,
+        query: Option<&str>,
+    ) -> String {
         let mut out = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1) + 16);
         match self {
             UpstreamPath::StripPrefix(n) => {
@@ -119,7 +132,10 @@ mod tests {
 
     #[test]
     fn route_templates() {
-        assert_eq!(route_params("/users/{id}/orders/{oid}").unwrap(), ["id", "oid"]);
+        assert_eq!(
+            route_params("/users/{id}/orders/{oid}").unwrap(),
+            ["id", "oid"]
+        );
         assert_eq!(route_params("/api/{*rest}").unwrap(), ["rest"]);
         assert!(route_params("users").is_err());
         assert!(route_params("/a/{*rest}/b").is_err());
@@ -135,11 +151,19 @@ mod tests {
         let m = r.at("/web/users/42/a/b").unwrap();
         let captured = vec!["id".to_owned(), "rest".to_owned()];
         let t = UpstreamPath::template("/v1/u/{id}/x/{rest}", &captured).unwrap();
-        assert_eq!(t.build("/web/users/42/a/b", &m.params, Some("q=1")), "/v1/u/42/x/a/b?q=1");
+        assert_eq!(
+            t.build("/web/users/42/a/b", &m.params, Some("q=1")),
+            "/v1/u/42/x/a/b?q=1"
+        );
         let s = UpstreamPath::StripPrefix(4);
-        assert_eq!(s.build("/web/users/42/a/b", &m.params, None), "/users/42/a/b");
+        assert_eq!(
+            s.build("/web/users/42/a/b", &m.params, None),
+            "/users/42/a/b"
+        );
         assert_eq!(s.build("/web", &m.params, None), "/");
-        assert!(UpstreamPath::template("/v1/{nope}", &captured).unwrap_err().contains("does not capture"));
+        assert!(UpstreamPath::template("/v1/{nope}", &captured)
+            .unwrap_err()
+            .contains("does not capture"));
         assert!(UpstreamPath::template("v1", &captured).is_err());
     }
 }

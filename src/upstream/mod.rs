@@ -74,7 +74,12 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(name: &str, config: ServiceConfig, endpoints: Vec<Endpoint>, metrics: ServiceMetrics) -> Self {
+    pub fn new(
+        name: &str,
+        config: ServiceConfig,
+        endpoints: Vec<Endpoint>,
+        metrics: ServiceMetrics,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout.get()));
         connector.set_nodelay(true);
@@ -94,7 +99,11 @@ impl Upstream {
             endpoints: endpoints.into_boxed_slice(),
             next: AtomicUsize::new(0),
             client,
-            version: if http2 { Version::HTTP_2 } else { Version::HTTP_11 },
+            version: if http2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            },
             metrics,
         }
     }
@@ -124,8 +133,12 @@ mod tests {
     fn endpoint_urls() {
         let e = Endpoint::parse("http://127.0.0.1:8081").unwrap();
         assert_eq!(e.authority.as_str(), "127.0.0.1:8081");
-        assert!(Endpoint::parse("127.0.0.1:8081").unwrap_err().contains("scheme"));
-        assert!(Endpoint::parse("http://h:1/v1").unwrap_err().contains("path"));
+        assert!(Endpoint::parse("127.0.0.1:8081")
+            .unwrap_err()
+            .contains("scheme"));
+        assert!(Endpoint::parse("http://h:1/v1")
+            .unwrap_err()
+            .contains("path"));
         assert!(Endpoint::parse("ftp://h:1").is_err());
         assert!(Endpoint::parse("http://h:1/").is_ok());
     }

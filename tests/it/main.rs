@@ -1,0 +1,10 @@
+//! Integration tests: a real gateway on real sockets in front of real upstream servers.
+
+mod check;
+mod errors;
+mod protocols;
+mod proxy;
+mod reload;
+mod shutdown;
+mod streaming;
+mod support;
