@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""Benchmark harness for gatehouse, run by bench/run.
+
+Starts one upstream (examples/bench_upstream.rs) and every contender in front of it — gatehouse,
+nginx, haproxy, and "direct" (the upstream itself, the physical limit) — all pinned to CPU 1,
+while wrk runs pinned to CPU 0. Scenarios are run interleaved (A B C D A B C D ...), each
+repeated, and the median is reported. CPU time per request is read from /proc for the proxy's
+processes: it is the figure least disturbed by a shared, noisy machine.
+"""
+
+import argparse
+import asyncio
+import datetime
+import os
+import pathlib
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "work"
+RESULTS = ROOT / "bench" / "results"
+SERVER_CPU = "1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+UP_PORT, GH_PORT, GH_ADMIN, NGINX_PORT, HAPROXY_PORT = 19000, 19080, 19081, 19180, 19280
+
+SCENARIOS = {
+    "plain": dict(title="Plain proxy: GET ~200 B JSON, 64 keep-alive connections", path="/json", conns=64),
+    "1m": dict(title="1 MiB responses, 16 connections (throughput)", path="/1m", conns=16),
+    "c2000": dict(title="2000 concurrent keep-alive connections, GET ~200 B JSON", path="/json", conns=2000),
+    "post16k": dict(title="POST with a 16 KiB body, 64 connections", path="/post", conns=64, script="post.lua"),
+}
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def wait_port(port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port} after {timeout}s")
+
+
+def pinned(cmd):
+    return ["taskset", "-c", SERVER_CPU] + cmd
+
+
+class Contender:
+    def __init__(self, name, port, cmd, proc_names=None):
+        self.name, self.port, self.cmd, self.proc_names = name, port, cmd, proc_names
+        self.proc = None
+
+    def start(self):
+        if self.cmd:
+            self.proc = subprocess.Popen(pinned(self.cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_port(self.port)
+
+    def pids(self):
+        if self.proc_names:
+            out = subprocess.run(["pgrep", "-x", self.proc_names], capture_output=True, text=True).stdout
+            return [int(p) for p in out.split()]
+        return [self.proc.pid]
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def parse_wrk(out):
+    def num(pattern, default=0.0):
+        m = re.search(pattern, out)
+        return float(m.group(1)) if m else default
+
+    lat = {}
+    for pct, val, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        lat[pct] = float(val) * UNITS[unit]
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = sum(int(x) for x in m.groups()) if m else 0
+    non2xx = int(num(r"Non-2xx or 3xx responses: (\d+)"))
+    tm = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
+    scale = {"B": 1 / 2**20, "KB": 1 / 1024, "MB": 1, "GB": 1024}
+    mib_s = float(tm.group(1)) * scale.get(tm.group(2), 1) if tm else 0.0
+    return dict(
+        rps=num(r"Requests/sec:\s+([\d.]+)"),
+        requests=int(num(r"(\d+) requests in")),
+        p50=lat.get("50", float("nan")),
+        p99=lat.get("99", float("nan")),
+        errors=socket_errors + non2xx,
+        mib_s=mib_s,
+    )
+
+
+def run_wrk(c, sc, duration, sample_rss_at=None):
+    cmd = ["wrk", "-t1", f"-c{sc['conns']}", f"-d{duration}s", "--latency"]
+    if sc.get("script"):
+        cmd += ["-s", str(ROOT / "bench" / sc["script"])]
+    cmd.append(f"http://127.0.0.1:{c.port}{sc['path']}")
+    pids = c.pids()
+    before = cpu_ticks(pids)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rss = None
+    if sample_rss_at is not None:
+        time.sleep(sample_rss_at)
+        rss = rss_kib(c.pids())
+    out, _ = proc.communicate()
+    after = cpu_ticks(pids)
+    r = parse_wrk(out)
+    r["cpu_us"] = (after - before) * 1e6 / CLK_TCK / r["requests"] if r["requests"] else float("nan")
+    r["rss"] = rss
+    if r["requests"] == 0:
+        print(out, file=sys.stderr)
+    return r
+
+
+async def hold_idle(port, n):
+    """Opens n keep-alive connections, makes one request on each, and keeps them open."""
+    conns, answered = [], 0
+    for i in range(n):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError as e:
+            print(f"  idle connection {i} failed: {e}", file=sys.stderr)
+            break
+        writer.write(b"GET /json HTTP/1.1\r\nHost: bench\r\n\r\n")
+        conns.append((reader, writer))
+        if len(conns) % 500 == 0:
+            answered += sum(await asyncio.gather(*(drain_response(r) for r, _ in conns[-500:])))
+    rest = len(conns) % 500
+    if rest:
+        answered += sum(await asyncio.gather(*(drain_response(r) for r, _ in conns[-rest:])))
+    return conns, answered
+
+
+async def drain_response(reader):
+    async def read():
+        head = await reader.readuntil(b"\r\n\r\n")
+        m = re.search(rb"content-length:\s*(\d+)", head, re.I)
+        if m:
+            await reader.readexactly(int(m.group(1)))
+        return True
+
+    try:
+        return await asyncio.wait_for(read(), 10)
+    except (asyncio.TimeoutError, OSError, asyncio.IncompleteReadError):
+        return False
+
+
+def idle_connections_rss(c, n):
+    async def go():
+        conns, answered = await hold_idle(c.port, n)
+        await asyncio.sleep(1.0)
+        rss = rss_kib(c.pids())
+        for _, w in conns:
+            w.close()
+        return answered, rss
+
+    return asyncio.run(go())
+
+
+def write_configs():
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "routes").mkdir(exist_ok=True)
+    (WORK / "gateway.toml").write_text(f"""
+[server]
+listen = "127.0.0.1:{GH_PORT}"
+[admin]
+listen = "127.0.0.1:{GH_ADMIN}"
+[routes]
+watch = false
+[log]
+filter = "warn"
+access_log = false
+[services.up]
+endpoints = ["http://127.0.0.1:{UP_PORT}"]
+""")
+    (WORK / "routes" / "bench.toml").write_text("""
+[frontend]
+name = "bench"
+
+[[route]]
+name = "all"
+path = "/{*rest}"
+proxy = { service = "up" }
+""")
+    (WORK / "nginx.conf").write_text(f"""
+worker_processes 1;  # the proxy is pinned to one core: workers = cores
+worker_rlimit_nofile 20000;
+daemon off;
+pid {WORK}/nginx.pid;
+error_log stderr error;
+events {{ worker_connections 19000; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_buffer_size 64k;  # keep 16 KiB bodies in memory, as the others do
+  client_body_temp_path {WORK}/nginx-body;
+  proxy_temp_path {WORK}/nginx-proxy;
+  upstream up {{ server 127.0.0.1:{UP_PORT}; keepalive 512; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{NGINX_PORT} backlog=4096;
+    location / {{
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+""")
+    (WORK / "haproxy.cfg").write_text(f"""
+global
+  nbthread 1
+  # haproxy needs 2 file descriptors per connection; this machine's hard limit is 20000.
+  maxconn 9900
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{HAPROXY_PORT}
+  default_backend be
+backend be
+  server s1 127.0.0.1:{UP_PORT}
+""")
+
+
+def version(cmd):
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        return (p.stdout + p.stderr).strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def machine():
+    cpu = "?"
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(pathlib.Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
+    return f"{cpu}, {os.cpu_count()} cores, {mem} GiB, Linux {platform.release()}"
+
+
+def fmt_ms(x):
+    return f"{x:.3f} ms" if x == x else "—"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per run (default 10)")
+    ap.add_argument("--reps", type=int, default=3, help="runs per scenario and contender (default 3)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ",".join(SCENARIOS))
+    ap.add_argument("--contenders", default="gatehouse,nginx,haproxy,direct")
+    ap.add_argument("--idle", type=int, default=10000, help="idle keep-alive connections to hold (0: skip)")
+    ap.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/")
+    args = ap.parse_args()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    write_configs()
+    for d in ("nginx-body", "nginx-proxy"):
+        (WORK / d).mkdir(exist_ok=True)
+
+    upstream = Contender("direct", UP_PORT, [str(ROOT / "target/release/examples/bench_upstream"), f"127.0.0.1:{UP_PORT}"])
+    all_contenders = {
+        "gatehouse": Contender("gatehouse", GH_PORT, [str(ROOT / "target/release/gatehouse"), "run", "--config", str(WORK / "gateway.toml")]),
+        "nginx": Contender("nginx", NGINX_PORT, [shutil.which("nginx") or "nginx", "-c", str(WORK / "nginx.conf"), "-p", str(WORK)], proc_names="nginx"),
+        "haproxy": Contender("haproxy", HAPROXY_PORT, [shutil.which("haproxy") or "haproxy", "-db", "-f", str(WORK / "haproxy.cfg")], proc_names="haproxy"),
+        "direct": upstream,
+    }
+    names = [n for n in args.contenders.split(",") if n]
+    contenders = [all_contenders[n] for n in names]
+    started = []
+    try:
+        upstream.start()
+        started.append(upstream)
+        for c in contenders:
+            if c is not upstream:
+                c.start()
+                started.append(c)
+        time.sleep(1)
+        idle_rss = {c.name: rss_kib(c.pids()) for c in contenders}
+
+        results = {}
+        for sname in [s for s in args.scenarios.split(",") if s]:
+            sc = SCENARIOS[sname]
+            print(f"\n## {sc['title']}", flush=True)
+            for c in contenders:  # warm-up: connections, pools, caches
+                run_wrk(c, sc, 2)
+            runs = {c.name: [] for c in contenders}
+            for rep in range(args.reps):
+                for c in contenders:
+                    sample = args.duration / 2 if sname == "c2000" else None
+                    r = run_wrk(c, sc, args.duration, sample_rss_at=sample)
+                    runs[c.name].append(r)
+                    print(f"  rep {rep + 1} {c.name:9} {r['rps']:>10.0f} req/s  p50 {fmt_ms(r['p50'])}  p99 {fmt_ms(r['p99'])}  "
+                          f"cpu {r['cpu_us']:.1f} us/req  errors {r['errors']}", flush=True)
+            results[sname] = {
+                n: {k: statistics.median([x[k] for x in rs if x[k] is not None]) if any(x[k] is not None for x in rs) else None
+                    for k in rs[0]}
+                for n, rs in runs.items()
+            }
+
+        idle = {}
+        if args.idle:
+            for c in contenders:
+                held, rss = idle_connections_rss(c, args.idle)
+                idle[c.name] = (held, rss)
+                print(f"  {c.name:9} {held} idle connections: RSS {rss / 1024:.1f} MiB", flush=True)
+                time.sleep(1)
+    finally:
+        for c in reversed(started):
+            c.stop()
+
+    report = render(args, names, results, idle_rss, idle)
+    print("\n" + report)
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
+        (RESULTS / f"{stamp}.md").write_text(report)
+        (RESULTS / "latest.md").write_text(report)
+        print(f"written: bench/results/{stamp}.md")
+
+
+def render(args, names, results, idle_rss, idle):
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        f"# gatehouse benchmark — {now}",
+        "",
+        f"- Machine: {machine()}",
+        f"- gatehouse {commit}; {version(['nginx', '-v'])}; {version(['haproxy', '-v'])}; {version(['wrk', '-v'])}",
+        f"- wrk (1 thread) pinned to CPU 0; upstream and proxy pinned together to CPU 1 (one worker each).",
+        f"- {args.reps} interleaved runs of {args.duration}s per scenario and contender; medians shown. "
+        "CPU µs/req is the proxy's own CPU time (user+sys, from /proc) divided by requests served; for "
+        "`direct` it is the upstream's.",
+        f"- Command: `bench/run {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+    ]
+    for sname, res in results.items():
+        sc = SCENARIOS[sname]
+        base = res.get("nginx")
+        lines += [f"## {sc['title']}", "",
+                  "| contender | req/s | MiB/s | p50 | p99 | errors | CPU µs/req | req/s ÷ nginx | CPU ÷ nginx |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in names:
+            r = res[n]
+            ratio = f"{r['rps'] / base['rps']:.2f}" if base and base["rps"] else "—"
+            cratio = f"{r['cpu_us'] / base['cpu_us']:.2f}" if base and base["cpu_us"] and n != "direct" else "—"
+            lines.append(f"| {n} | {r['rps']:.0f} | {r['mib_s']:.1f} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
+                         f"{r['errors']:.0f} | {r['cpu_us']:.1f} | {ratio} | {cratio} |")
+        if sname == "c2000":
+            lines += ["", "RSS under this load: " + ", ".join(
+                f"{n} {res[n]['rss'] / 1024:.1f} MiB" for n in names if res[n].get("rss"))]
+        lines.append("")
+    lines += ["## Memory", "", "| contender | RSS idle | idle keep-alive connections held | RSS with them |", "|---|---:|---:|---:|"]
+    for n in names:
+        held, rss = idle.get(n, (0, 0))
+        lines.append(f"| {n} | {idle_rss[n] / 1024:.1f} MiB | {held} | {rss / 1024:.1f} MiB |" if held else
+                     f"| {n} | {idle_rss[n] / 1024:.1f} MiB | — | — |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
