@@ -16,14 +16,21 @@ async fn handle(req: Request<Incoming>, big: Bytes) -> Result<Response<Full<Byte
     let body = match req.uri().path() {
         "/1m" => big,
         "/post" => {
-            let n = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+            let n = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
             Bytes::from(format!("{{\"received\":{n}}}"))
         }
         _ => Bytes::from_static(JSON),
     };
     let mut r = Response::new(Full::new(body));
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     Ok(r)
 }
 
@@ -41,7 +48,9 @@ fn main() {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let big = big.clone();
             tokio::spawn(async move {

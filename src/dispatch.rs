@@ -189,6 +189,13 @@ impl Dispatcher {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         let h = req.headers_mut();
+        // An HTTP/2 client names the host only in :authority; keep it as Host, so that
+        // `preserve_host` works whatever protocol the client spoke.
+        if !h.contains_key(header::HOST) {
+            if let Some(v) = &host {
+                h.insert(header::HOST, v.clone());
+            }
+        }
         let xff = match h.get(&X_FORWARDED_FOR) {
             Some(prev) if trusted => {
                 let mut v = Vec::with_capacity(prev.len() + 2 + self.peer_ip.len());

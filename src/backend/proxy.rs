@@ -68,18 +68,11 @@ impl Proxy {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         );
-        let original_authority = parts.uri.authority().cloned();
         parts.uri = Uri::from_parts(uri).map_err(|_| GatewayError::BadRequest("request target"))?;
         parts.version = up.version;
         strip_hop_by_hop(&mut parts.headers, upgrade);
         if !self.preserve_host {
             parts.headers.remove(header::HOST);
-        } else if !parts.headers.contains_key(header::HOST) {
-            // An HTTP/2 client sends the host as :authority only.
-            if let Some(a) = original_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, a);
-            }
         }
 
         let sent = up.client.request(Request::from_parts(parts, body));

@@ -115,9 +115,17 @@ pub fn expand_env(
 ) -> Result<String, ConfigErrors> {
     let mut out = String::with_capacity(raw.len());
     let mut errors = ConfigErrors::default();
+    let comments = comment_ranges(raw);
+    let in_comment = |at: usize| comments.iter().any(|r| r.contains(&at));
     let mut rest = raw;
     let mut offset = 0;
     while let Some(i) = rest.find("${") {
+        if in_comment(offset + i) {
+            out.push_str(&rest[..i + 2]);
+            rest = &rest[i + 2..];
+            offset += i + 2;
+            continue;
+        }
         if rest[..i].ends_with('$') {
             out.push_str(&rest[..i - 1]);
             out.push_str("${");
@@ -186,6 +194,64 @@ pub fn expand_env(
     errors.into_result(out)
 }
 
+/// The byte ranges of TOML comments, so that `${…}` in a comment is left alone.
+fn comment_ranges(text: &str) -> Vec<Range<usize>> {
+    #[derive(PartialEq)]
+    enum St {
+        Normal,
+        Basic,
+        Literal,
+        MlBasic,
+        MlLiteral,
+        Comment(usize),
+    }
+    let b = text.as_bytes();
+    let mut ranges = Vec::new();
+    let mut st = St::Normal;
+    let mut i = 0;
+    let triple = |i: usize, q: u8| b.get(i..i + 3) == Some(&[q, q, q][..]);
+    while i < b.len() {
+        let c = b[i];
+        st = match st {
+            St::Normal if c == b'#' => St::Comment(i),
+            St::Normal if triple(i, b'"') => {
+                i += 2;
+                St::MlBasic
+            }
+            St::Normal if triple(i, b'\'') => {
+                i += 2;
+                St::MlLiteral
+            }
+            St::Normal if c == b'"' => St::Basic,
+            St::Normal if c == b'\'' => St::Literal,
+            St::Basic | St::MlBasic if c == b'\\' => {
+                i += 1;
+                st
+            }
+            St::Basic if c == b'"' || c == b'\n' => St::Normal,
+            St::Literal if c == b'\'' || c == b'\n' => St::Normal,
+            St::MlBasic if triple(i, b'"') => {
+                i += 2;
+                St::Normal
+            }
+            St::MlLiteral if triple(i, b'\'') => {
+                i += 2;
+                St::Normal
+            }
+            St::Comment(start) if c == b'\n' => {
+                ranges.push(start..i);
+                St::Normal
+            }
+            other => other,
+        };
+        i += 1;
+    }
+    if let St::Comment(start) = st {
+        ranges.push(start..b.len());
+    }
+    ranges
+}
+
 fn push_escaped(out: &mut String, value: &str) {
     for c in value.chars() {
         match c {
@@ -245,6 +311,18 @@ mod tests {
         assert_eq!(
             out,
             "a = \"db.local\"\nb = \"x\"\nc = \"a\\\"b\\nc\" ${HOST}"
+        );
+    }
+
+    #[test]
+    fn comments_are_not_expanded() {
+        let p = Path::new("g.toml");
+        let text =
+            "# token = \"${MISSING}\"\na = \"#${HOST}\" # ${MISSING}\nb = '''\n# ${HOST}\n'''";
+        let out = expand_env(p, text, env).unwrap();
+        assert_eq!(
+            out,
+            "# token = \"${MISSING}\"\na = \"#db.local\" # ${MISSING}\nb = '''\n# db.local\n'''"
         );
     }
 

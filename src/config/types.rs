@@ -137,7 +137,7 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `RUST_LOG`-style filter; the `RUST_LOG` variable overrides it.
     #[serde(default = "default_filter")]
-    pub filter: String,
+    pub filter: Spanned<String>,
     /// One event per request on target `gatehouse::access`.
     #[serde(default = "yes")]
     pub access_log: bool,
@@ -252,8 +252,8 @@ fn default_admin_listen() -> SocketAddr {
 fn default_routes_dir() -> PathBuf {
     PathBuf::from("routes")
 }
-fn default_filter() -> String {
-    "info".to_owned()
+fn default_filter() -> Spanned<String> {
+    Spanned::new(0..0, "info".to_owned())
 }
 fn default_max_body() -> Size {
     Size(8 * 1024 * 1024)

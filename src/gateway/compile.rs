@@ -56,7 +56,11 @@ pub fn compile(
         let file = &loaded.frontends[*fi].0;
         errors.push(file.error_at(span.clone(), msg));
     }
-    let _ = gfile;
+    let filter = &loaded.gateway.log.filter;
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(filter.get_ref()) {
+        let msg = format!("[log] filter `{}` is not valid: {e}", filter.get_ref());
+        errors.push(gfile.error_at(filter.span(), msg));
+    }
     if !errors.is_empty() {
         return Err(errors);
     }

@@ -40,7 +40,7 @@ pub fn load_and_compile(
     }
 }
 
-use crate::config::{self, ConfigErrors, LoadedConfig, LogConfig};
+use crate::config::{self, ConfigErrors, LoadedConfig};
 use crate::observe::metrics::{Metrics, RouteMetrics};
 use crate::route::RouteService;
 use crate::routing::template::UpstreamPath;
@@ -94,7 +94,8 @@ impl Settings {
 struct StartupSettings {
     listen: Vec<SocketAddr>,
     admin: SocketAddr,
-    log: LogConfig,
+    /// Format and filter; `access_log` is read per request and changes on reload.
+    log: (crate::config::LogFormat, String),
     header_read_timeout: Duration,
     shutdown_grace: Duration,
     routes_dir: PathBuf,
@@ -107,7 +108,7 @@ impl StartupSettings {
         StartupSettings {
             listen: g.server.listen.to_vec(),
             admin: g.admin.listen,
-            log: g.log.clone(),
+            log: (g.log.format, g.log.filter.get_ref().clone()),
             header_read_timeout: g.server.header_read_timeout.get(),
             shutdown_grace: g.server.shutdown_grace.get(),
             routes_dir: c.routes_dir(),
@@ -124,7 +125,8 @@ impl StartupSettings {
         };
         check(self.listen != other.listen, "server.listen");
         check(self.admin != other.admin, "admin.listen");
-        check(self.log != other.log, "log");
+        check(self.log.0 != other.log.0, "log.format");
+        check(self.log.1 != other.log.1, "log.filter");
         check(
             self.header_read_timeout != other.header_read_timeout,
             "server.header_read_timeout",

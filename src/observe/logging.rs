@@ -9,7 +9,7 @@ use crate::config::{LogConfig, LogFormat};
 pub fn init(cfg: &LogConfig) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).map_err(|e| format!("RUST_LOG: {e}"))?,
-        _ => EnvFilter::try_new(&cfg.filter).map_err(|e| format!("[log] filter: {e}"))?,
+        _ => EnvFilter::try_new(cfg.filter.get_ref()).map_err(|e| format!("[log] filter: {e}"))?,
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -30,6 +30,7 @@ fn check_reports_every_error_with_file_line_and_column() {
         format!("{d}/gateway.toml:9:1: service `empty` has no `endpoints`"),
         format!("{d}/gateway.toml:4:7: [server] tls.cert"),
         format!("{d}/gateway.toml:4:7: [server] tls.key"),
+        format!("{d}/gateway.toml:16:10: [log] filter `info,,=nonsense==` is not valid"),
         format!("{d}/routes/a-web.toml:12:8: route `user` is defined twice in frontend `web`"),
         format!("{d}/routes/a-web.toml:19:21: unknown service `nosuch`"),
         format!("{d}/routes/a-web.toml:23:8: in path `/files/{{*rest}}/meta`: `{{*rest}}` must be the last segment"),

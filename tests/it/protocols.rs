@@ -21,6 +21,11 @@ path = "/{*rest}"
 proxy = { service = "svc" }
 
 [[route]]
+name = "keep"
+path = "/keep"
+proxy = { service = "svc", preserve_host = true }
+
+[[route]]
 name = "h2"
 path = "/h2/{*rest}"
 proxy = { service = "svc2", path = "/{rest}" }
@@ -55,6 +60,20 @@ async fn h2c_prior_knowledge_inbound_and_http2_upstream() {
     let v = r.json();
     assert_eq!(v["version"], "HTTP/1.1", "an http1 service gets HTTP/1.1");
     assert_eq!(v["headers"]["x-forwarded-host"], gw.addr.to_string());
+
+    // preserve_host works for an HTTP/2 client, whose host is only in :authority.
+    let resp = h2
+        .request(
+            Request::get(gw.url("/web/keep"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        read(resp).await.json()["headers"]["host"],
+        gw.addr.to_string()
+    );
 
     let v = get(&gw.url("/web/h2/y")).await.json();
     assert_eq!(
