@@ -2,6 +2,7 @@
 
 mod check;
 mod errors;
+mod process;
 mod protocols;
 mod proxy;
 mod reload;

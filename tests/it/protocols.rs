@@ -193,6 +193,19 @@ async fn tls_termination_with_http1_and_h2_via_alpn() {
     let r = read(resp).await;
     assert_eq!(r.json()["path"], "/tls2");
 
+    // New certificate files take effect on reload, for new connections.
+    let new_ca = tls_material(dir.path());
+    let r = crate::support::send(
+        Request::post(gw.admin_url("/admin/reload"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let tls = tls_connect(gw.addr, &new_ca, b"http/1.1").await;
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(served, new_ca, "the reloaded certificate is served");
+
     // Plain HTTP on the TLS port does not get through.
     let plain = tokio::time::timeout(
         std::time::Duration::from_secs(5),

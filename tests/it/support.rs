@@ -288,6 +288,8 @@ pub struct GatewayProcess {
     pub child: std::process::Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// Every line it wrote to stderr (JSON log events), as they arrive.
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl GatewayProcess {
@@ -326,12 +328,30 @@ impl GatewayProcess {
             }
         }
         // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            while let Ok(line) = rx.recv() {
+                sink.lock().unwrap().push(line);
+            }
+        });
         GatewayProcess {
             child,
             addr: addr.unwrap(),
             admin: admin.unwrap(),
+            log,
         }
+    }
+
+    /// The JSON log events written so far that satisfy `pred`.
+    pub fn events(&self, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| pred(v))
+            .collect()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,125 @@
+//! The gateway as users run it: a process with signals, JSON logs and the shipped demo.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+fn config(upstream: &str, server_extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n[routes]\nwatch = false\n[log]\nformat = \"json\"\n\n[services.svc]\nendpoints = [\"{upstream}\"]\n"
+    )
+}
+
+const ROUTES: &str = "[frontend]\nname = \"web\"\npath_prefix = \"/web\"\n\n[[route]]\nname = \"a\"\npath = \"/a\"\nproxy = { service = \"svc\" }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_access_log_has_one_event_per_request() {
+    let up = echo_upstream().await;
+    let dir = write_config(&config(&up.url(), ""), &[("web.toml", ROUTES)]);
+    let gw = GatewayProcess::spawn(&dir.path().join("gateway.toml"));
+
+    let r = get(&format!("{}?q=1", gw.url("/web/a"))).await;
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").to_owned();
+    let mut events = Vec::new();
+    eventually(10, "the access-log event", || {
+        events =
+            gw.events(|v| v["target"] == "gatehouse::access" && v["request_id"] == id.as_str());
+        let found = !events.is_empty();
+        async move { found }
+    })
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e["frontend"], "web");
+    assert_eq!(e["route"], "a");
+    assert_eq!(e["method"], "GET");
+    assert_eq!(e["path"], "/web/a");
+    assert_eq!(e["status"], 200);
+    assert_eq!(e["upstream"], up.url());
+    assert!(e["bytes"].as_u64().unwrap() > 0);
+    assert!(e["duration_ms"].as_f64().unwrap() >= 0.0);
+
+    // File watching is off: the new route appears only after SIGHUP.
+    let more =
+        format!("{ROUTES}\n[[route]]\nname = \"b\"\npath = \"/b\"\nrespond = {{ body = \"b\" }}\n");
+    std::fs::write(dir.path().join("routes/web.toml"), more).unwrap();
+    assert_problem(&get(&gw.url("/web/b")).await, 404, "route_not_found");
+    gw.signal("HUP");
+    eventually(10, "route b after SIGHUP", || async {
+        get(&gw.url("/web/b")).await.text() == "b"
+    })
+    .await;
+    assert!(!gw
+        .events(|v| v["message"] == "config reloaded" && v["trigger"] == "sighup")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn slow_request_heads_time_out() {
+    let up = echo_upstream().await;
+    let gw = TestGateway::start(
+        &gateway_toml(
+            "header_read_timeout = \"500ms\"",
+            &format!("[services.svc]\nendpoints = [\"{}\"]\n", up.url()),
+        ),
+        &[("web.toml", ROUTES)],
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // Half a request head, and then nothing.
+    s.write_all(b"GET /web/a HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "the gateway kept a connection with an incomplete head open"
+    );
+    assert_eq!(up.requests(), 0);
+    // A complete request on a new connection is served.
+    assert_eq!(get(&gw.url("/web/a")).await.status, 200);
+}
+
+#[test]
+fn demo_serves_the_shipped_config_with_sample_services() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["demo", "--config"])
+        .arg(root.join("gateway.toml"))
+        .env("GATEHOUSE_LISTEN", "127.0.0.1:0")
+        .env("GATEHOUSE_ADMIN_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut base = None;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if let Some(url) = line
+            .trim()
+            .strip_prefix("curl -i ")
+            .and_then(|u| u.split("/web/").next())
+        {
+            base = Some(url.to_owned());
+            break;
+        }
+    }
+    let base = base.expect("demo printed no URL to try");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let r = get(&format!("{base}/web/users/1")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["name"], "Ada Lovelace");
+        assert_eq!(get(&format!("{base}/web/ping")).await.text(), "pong");
+        let events = get(&format!("{base}/web/events")).await.text();
+        assert_eq!(events.matches("event: price").count(), 5, "{events}");
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}
