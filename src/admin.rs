@@ -22,6 +22,7 @@ pub fn router(live: Arc<Live>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/config", get(config))
+        .route("/admin/services", get(services))
         .route("/admin/reload", post(reload))
         .with_state(live)
 }
@@ -39,15 +40,90 @@ pub async fn serve(listener: TcpListener, live: Arc<Live>, mut stop: watch::Rece
     }
 }
 
+/// Ready when the listeners are up and every `required` service has an available endpoint.
 async fn readyz(State(live): State<Arc<Live>>) -> Response {
-    if live.is_ready() {
+    if !live.is_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting or stopping\n",
+        )
+            .into_response();
+    }
+    let gw = live.snapshot();
+    let missing: Vec<&str> = gw
+        .services
+        .values()
+        .filter(|u| u.config.required && u.available_endpoints() == 0)
+        .map(|u| &*u.name)
+        .collect();
+    if missing.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+        let msg = format!(
+            "not ready: no available endpoint for required service(s): {}\n",
+            missing.join(", ")
+        );
+        (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     }
 }
 
+/// Every service with its endpoints, their health, in-flight requests and ejection state.
+async fn services(State(live): State<Arc<Live>>) -> Response {
+    let gw = live.snapshot();
+    let list: Vec<Value> = gw
+        .services
+        .values()
+        .map(|u| {
+            let endpoints: Vec<Value> = u
+                .endpoints()
+                .iter()
+                .map(|e| {
+                    json!({
+                        "url": &*e.url,
+                        "weight": e.weight,
+                        "available": e.available(),
+                        "healthy": e.healthy(),
+                        "ejected": e.ejected_for_ms() > 0,
+                        "ejected_for_ms": e.ejected_for_ms(),
+                        "in_flight": e.in_flight(),
+                        "consecutive_failures": e.consecutive_failures(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": &*u.name,
+                "load_balancing": u.config.load_balancing,
+                "required": u.config.required,
+                "available_endpoints": u.available_endpoints(),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    Json(json!({ "generation": gw.generation, "services": list })).into_response()
+}
+
 async fn metrics(State(live): State<Arc<Live>>) -> Response {
+    let gw = live.snapshot();
+    let gauge = &live.metrics.upstream_endpoints;
+    for u in gw.services.values() {
+        let (mut available, mut unhealthy, mut ejected) = (0, 0, 0);
+        for e in u.endpoints() {
+            if !e.healthy() {
+                unhealthy += 1;
+            } else if e.ejected_for_ms() > 0 {
+                ejected += 1;
+            } else {
+                available += 1;
+            }
+        }
+        gauge
+            .with_label_values(&[&*u.name, "available"])
+            .set(available);
+        gauge
+            .with_label_values(&[&*u.name, "unhealthy"])
+            .set(unhealthy);
+        gauge.with_label_values(&[&*u.name, "ejected"]).set(ejected);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         live.metrics.render(),

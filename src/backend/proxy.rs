@@ -53,7 +53,10 @@ impl tower::Service<Request<ReqBody>> for Proxy {
 impl Proxy {
     async fn forward(self, mut req: Request<ReqBody>) -> Result<Response<RespBody>, BoxError> {
         let up = &*self.upstream;
-        let ep = up.pick().ok_or(GatewayError::NoHealthyEndpoint)?;
+        let ep = up
+            .pick(req.headers())
+            .ok_or(GatewayError::NoHealthyEndpoint)?;
+        let _in_flight = ep.start();
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
@@ -81,13 +84,28 @@ impl Proxy {
                 Ok(r) => r,
                 Err(_) => {
                     up.metrics.error(UpstreamErrorKind::Timeout);
+                    up.report(ep, false);
                     return Err(GatewayError::UpstreamTimeout.into());
                 }
             },
             None => sent.await,
         };
-        let mut resp = result.map_err(|e| classify_client_error(up, e))?;
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let err = classify_client_error(up, e);
+                // A body over the limit is the client's fault, not the endpoint's.
+                if !matches!(
+                    err.downcast_ref::<GatewayError>(),
+                    Some(GatewayError::BodyTooLarge)
+                ) {
+                    up.report(ep, false);
+                }
+                return Err(err);
+            }
+        };
         up.metrics.response(resp.status());
+        up.report(ep, !resp.status().is_server_error());
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {

@@ -180,6 +180,72 @@ pub struct ServiceConfig {
     pub pool_idle_timeout: Duration,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_endpoint: usize,
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+    /// `header:NAME`, `cookie:NAME` or `ip`; required by `consistent_hash`.
+    pub hash_key: Option<Spanned<String>>,
+    /// `/readyz` is not ready while this service has no available endpoint.
+    #[serde(default)]
+    pub required: bool,
+    /// What to do when no endpoint is available.
+    #[serde(default)]
+    pub all_unhealthy: AllUnhealthy,
+    pub health_check: Option<Spanned<HealthCheckConfig>>,
+    pub outlier_detection: Option<Spanned<OutlierDetectionConfig>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancing {
+    #[default]
+    RoundRobin,
+    /// Power of two choices over in-flight requests.
+    LeastRequest,
+    Random,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllUnhealthy {
+    /// Answer 503 `no_healthy_endpoint` at once.
+    #[default]
+    Reject,
+    /// Spread requests over every endpoint, healthy or not.
+    UseAll,
+}
+
+/// `[services.NAME.health_check]`: active checks of every endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "d_5s")]
+    pub interval: Duration,
+    #[serde(default = "d_1s")]
+    pub timeout: Duration,
+    #[serde(default = "two")]
+    pub healthy_threshold: u32,
+    #[serde(default = "three")]
+    pub unhealthy_threshold: u32,
+    /// Statuses that count as healthy; default: 200–399.
+    #[serde(default)]
+    pub expected_statuses: Vec<u16>,
+}
+
+/// `[services.NAME.outlier_detection]`: passive ejection of failing endpoints.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetectionConfig {
+    /// Connection failures or 5xx responses in a row that eject an endpoint.
+    #[serde(default = "five")]
+    pub consecutive_failures: u32,
+    /// First ejection; each further ejection in a row lasts one more of these.
+    #[serde(default = "d_10s")]
+    pub base_ejection_time: Duration,
+    #[serde(default = "d_300s")]
+    pub max_ejection_time: Duration,
 }
 
 /// A file in `routes/`: one frontend and its routes.
@@ -266,6 +332,24 @@ fn default_status() -> u16 {
 }
 fn yes() -> bool {
     true
+}
+fn default_health_path() -> String {
+    "/health".to_owned()
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> u32 {
+    3
+}
+fn five() -> u32 {
+    5
+}
+fn d_5s() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_300s() -> Duration {
+    Duration::from_secs(300)
 }
 fn d_1s() -> Duration {
     Duration::from_secs(1)

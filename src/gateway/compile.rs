@@ -13,12 +13,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use super::{Gateway, Route, Settings};
 use crate::backend::{proxy::Proxy, respond::Respond};
+use crate::config::LoadBalancing;
 use crate::config::{ConfigErrors, FrontendFile, LoadedConfig, SourceFile};
 use crate::observe::metrics::Metrics;
 use crate::route;
 use crate::routing::template::{route_params, UpstreamPath};
 use crate::routing::{RouteFilter, RouteSpec, Router};
-use crate::upstream::{Endpoint, Upstream};
+use crate::upstream::{Endpoint, HashKey, Upstream};
 
 pub fn compile(
     loaded: LoadedConfig,
@@ -112,12 +113,100 @@ fn compile_services(
                 Err(msg) => errors.push(gfile.error_at(e.span(), msg)),
             }
         }
-        if endpoints.len() == cfg.endpoints.len() {
-            let up = Upstream::new(name, cfg.clone(), endpoints, metrics.service(name));
+        let before = errors.0.len();
+        let hash_key = check_balancing(gfile, name, cfg, spanned.span(), errors);
+        if endpoints.len() == cfg.endpoints.len() && errors.0.len() == before {
+            let up = Upstream::new(
+                name,
+                cfg.clone(),
+                endpoints,
+                hash_key,
+                metrics.service(name),
+            );
             out.insert(name.clone(), Arc::new(up));
         }
     }
     out
+}
+
+/// Checks load balancing, health check and outlier detection settings; returns the hash key.
+fn check_balancing(
+    gfile: &SourceFile,
+    name: &str,
+    cfg: &crate::config::ServiceConfig,
+    span: Range<usize>,
+    errors: &mut ConfigErrors,
+) -> Option<HashKey> {
+    let consistent = cfg.load_balancing == LoadBalancing::ConsistentHash;
+    let key = match &cfg.hash_key {
+        Some(k) if !consistent => {
+            errors.push(gfile.error_at(
+                k.span(),
+                format!(
+                "service `{name}`: hash_key applies only to load_balancing = \"consistent_hash\""
+            ),
+            ));
+            None
+        }
+        Some(k) => match HashKey::parse(k.get_ref()) {
+            Ok(key) => Some(key),
+            Err(msg) => {
+                errors.push(gfile.error_at(k.span(), msg));
+                None
+            }
+        },
+        None if consistent => {
+            errors.push(gfile.error_at(span, format!(
+                "service `{name}`: consistent_hash needs hash_key (`header:NAME`, `cookie:NAME` or `ip`)"
+            )));
+            None
+        }
+        None => None,
+    };
+    if let Some(hc) = &cfg.health_check {
+        let h = hc.get_ref();
+        let mut bad = |msg: String| {
+            errors.push(gfile.error_at(hc.span(), format!("service `{name}` health_check: {msg}")))
+        };
+        if !h.path.starts_with('/') {
+            bad(format!("path `{}` must start with `/`", h.path));
+        }
+        if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+            bad("healthy_threshold and unhealthy_threshold must be at least 1".into());
+        }
+        if h.timeout.get() > h.interval.get() {
+            bad(format!(
+                "timeout ({}) must not be longer than interval ({})",
+                h.timeout, h.interval
+            ));
+        }
+        if let Some(s) = h
+            .expected_statuses
+            .iter()
+            .find(|s| !(100..=599).contains(*s))
+        {
+            bad(format!("expected status {s} is not an HTTP status"));
+        }
+    }
+    if let Some(od) = &cfg.outlier_detection {
+        let o = od.get_ref();
+        let mut bad = |msg: String| {
+            errors.push(gfile.error_at(
+                od.span(),
+                format!("service `{name}` outlier_detection: {msg}"),
+            ))
+        };
+        if o.consecutive_failures == 0 {
+            bad("consecutive_failures must be at least 1".into());
+        }
+        if o.base_ejection_time.get() > o.max_ejection_time.get() {
+            bad(format!(
+                "base_ejection_time ({}) must not exceed max_ejection_time ({})",
+                o.base_ejection_time, o.max_ejection_time
+            ));
+        }
+    }
+    key
 }
 
 fn compile_tls(

@@ -17,6 +17,9 @@ pub struct Metrics {
     requests_total: IntCounterVec,
     request_duration: HistogramVec,
     upstream_requests_total: IntCounterVec,
+    endpoint_requests_total: IntCounterVec,
+    /// Endpoints per service and state; set when /metrics is scraped.
+    pub upstream_endpoints: prometheus::IntGaugeVec,
     pub config_reloads_total: IntCounterVec,
     pub config_generation: IntGauge,
 }
@@ -52,6 +55,22 @@ impl Metrics {
             &["service", "outcome"],
         )
         .expect("static metric definition is valid");
+        let endpoint_requests_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_upstream_endpoint_requests_total",
+                "Requests per endpoint: success, or failure (connect error, reset, timeout, 5xx)",
+            ),
+            &["service", "endpoint", "outcome"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_endpoints = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_upstream_endpoints",
+                "Endpoints per service by state: available, unhealthy (active checks), ejected (outlier detection)",
+            ),
+            &["service", "state"],
+        )
+        .expect("static metric definition is valid");
         let config_reloads_total = IntCounterVec::new(
             Opts::new("gatehouse_config_reloads_total", "Config reloads by result"),
             &["result"],
@@ -66,6 +85,8 @@ impl Metrics {
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
             Box::new(upstream_requests_total.clone()),
+            Box::new(endpoint_requests_total.clone()),
+            Box::new(upstream_endpoints.clone()),
             Box::new(config_reloads_total.clone()),
             Box::new(config_generation.clone()),
         ] {
@@ -81,6 +102,8 @@ impl Metrics {
             requests_total,
             request_duration,
             upstream_requests_total,
+            endpoint_requests_total,
+            upstream_endpoints,
             config_reloads_total,
             config_generation,
         }
@@ -101,6 +124,7 @@ impl Metrics {
         ServiceMetrics {
             service: service.into(),
             family: self.upstream_requests_total.clone(),
+            endpoints: self.endpoint_requests_total.clone(),
             counters: std::array::from_fn(|_| OnceLock::new()),
             errors: std::array::from_fn(|i| {
                 self.upstream_requests_total
@@ -217,6 +241,7 @@ impl UpstreamErrorKind {
 pub struct ServiceMetrics {
     service: Box<str>,
     family: IntCounterVec,
+    endpoints: IntCounterVec,
     counters: [OnceLock<IntCounter>; STATUSES.len()],
     errors: [IntCounter; 3],
 }
@@ -239,5 +264,15 @@ impl ServiceMetrics {
 
     pub fn error(&self, kind: UpstreamErrorKind) {
         self.errors[kind as usize].inc();
+    }
+
+    /// The success and failure counters of one endpoint, resolved once when it is built.
+    pub fn endpoint_counters(&self, url: &str) -> [IntCounter; 2] {
+        [
+            self.endpoints
+                .with_label_values(&[&*self.service, url, "success"]),
+            self.endpoints
+                .with_label_values(&[&*self.service, url, "failure"]),
+        ]
     }
 }

@@ -1,76 +1,40 @@
-//! A named backend service: its endpoints, the choice of endpoint per request, and its pooled
-//! HTTP client. An `Upstream` outlives config snapshots: `compile` reuses it when the service's
-//! config is unchanged, so pooled keep-alive connections survive a reload.
+//! A named backend service: its endpoints and their live state, the choice of endpoint per
+//! request (`balance`), active health checks (`health`) and passive outlier detection
+//! (`endpoint`), and its pooled HTTP client. An `Upstream` outlives config snapshots: `compile`
+//! reuses it when the service's config is unchanged, so pooled connections, endpoint health and
+//! ejections survive a reload.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+pub mod balance;
+pub mod endpoint;
+pub mod health;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
-use http::{Uri, Version};
+use http::{HeaderMap, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+pub use balance::{Balancer, HashKey};
+pub use endpoint::Endpoint;
+
 use crate::body::ReqBody;
-use crate::config::{ServiceConfig, UpstreamProtocol};
+use crate::config::{AllUnhealthy, ServiceConfig, UpstreamProtocol};
 use crate::observe::metrics::ServiceMetrics;
-
-/// One address of a service.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    /// As configured, for logs and the admin API.
-    pub url: Arc<str>,
-    pub scheme: Scheme,
-    pub authority: Authority,
-}
-
-impl Endpoint {
-    /// Parses an endpoint URL: `http://host:port` with no path.
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("endpoint `{url}` is not a valid URL: {e}"))?;
-        let scheme = uri
-            .scheme()
-            .cloned()
-            .ok_or_else(|| format!("endpoint `{url}` needs a scheme, like `http://{url}`"))?;
-        if scheme == Scheme::HTTPS {
-            return Err(format!(
-                "endpoint `{url}`: https endpoints are not supported yet (upstream TLS comes with the services issue); use http"
-            ));
-        }
-        if scheme != Scheme::HTTP {
-            return Err(format!("endpoint `{url}`: scheme must be http"));
-        }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| format!("endpoint `{url}` has no host"))?;
-        if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-            return Err(format!(
-                "endpoint `{url}` must not have a path or query; put the path in the route's `proxy.path`"
-            ));
-        }
-        Ok(Endpoint {
-            url: Arc::from(url),
-            scheme,
-            authority,
-        })
-    }
-}
 
 pub struct Upstream {
     pub name: Arc<str>,
     /// The definition this was built from; compared by value on reload.
     pub config: ServiceConfig,
-    endpoints: Box<[Endpoint]>,
-    next: AtomicUsize,
+    endpoints: Box<[Arc<Endpoint>]>,
+    balancer: Balancer,
     pub client: Client<HttpConnector, ReqBody>,
     /// Per attempt, until the response head arrives.
     pub timeout: Option<Duration>,
     pub version: Version,
     pub metrics: ServiceMetrics,
+    _health: Option<health::TaskGuard>,
 }
 
 impl Upstream {
@@ -78,6 +42,7 @@ impl Upstream {
         name: &str,
         config: ServiceConfig,
         endpoints: Vec<Endpoint>,
+        hash_key: Option<HashKey>,
         metrics: ServiceMetrics,
     ) -> Self {
         let mut connector = HttpConnector::new();
@@ -92,12 +57,28 @@ impl Upstream {
             .timer(TokioTimer::new())
             .http2_only(http2)
             .build(connector);
+        let endpoints: Vec<Arc<Endpoint>> = endpoints
+            .into_iter()
+            .map(|e| {
+                let _ = e.counters.set(metrics.endpoint_counters(&e.url));
+                Arc::new(e)
+            })
+            .collect();
+        let name: Arc<str> = Arc::from(name);
+        let balancer = Balancer::new(config.load_balancing, hash_key, &endpoints);
+        let health = config.health_check.as_ref().and_then(|hc| {
+            health::spawn(
+                name.clone(),
+                endpoints.clone(),
+                client.clone(),
+                hc.get_ref().clone(),
+            )
+        });
         Upstream {
-            name: Arc::from(name),
+            name,
             timeout: config.timeout.map(|d| d.get()),
-            config,
             endpoints: endpoints.into_boxed_slice(),
-            next: AtomicUsize::new(0),
+            balancer,
             client,
             version: if http2 {
                 Version::HTTP_2
@@ -105,41 +86,43 @@ impl Upstream {
                 Version::HTTP_11
             },
             metrics,
+            config,
+            _health: health,
         }
     }
 
-    /// The endpoint for the next request (round robin).
-    pub fn pick(&self) -> Option<&Endpoint> {
-        match self.endpoints.len() {
-            0 => None,
-            1 => self.endpoints.first(),
-            n => {
-                let i = self.next.fetch_add(1, Ordering::Relaxed);
-                self.endpoints.get(i % n)
-            }
+    /// The endpoint for the next request: an available one chosen by the balancer, or, when
+    /// none is available and `all_unhealthy = "use_all"`, any.
+    pub fn pick(&self, headers: &HeaderMap) -> Option<&Arc<Endpoint>> {
+        self.balancer
+            .pick(&self.endpoints, headers, Endpoint::available)
+            .or_else(|| match self.config.all_unhealthy {
+                AllUnhealthy::UseAll => self.balancer.pick(&self.endpoints, headers, |_| true),
+                AllUnhealthy::Reject => None,
+            })
+    }
+
+    /// Records a request's outcome on its endpoint (for outlier detection and metrics).
+    pub fn report(&self, ep: &Endpoint, success: bool) {
+        if let Some(c) = ep.counters.get() {
+            c[usize::from(!success)].inc();
+        }
+        let od = self.config.outlier_detection.as_ref().map(|o| o.get_ref());
+        if let Some(time) = ep.report(success, od) {
+            tracing::warn!(
+                service = &*self.name,
+                endpoint = &*ep.url,
+                ?time,
+                "endpoint ejected after consecutive failures"
+            );
         }
     }
 
-    pub fn endpoints(&self) -> &[Endpoint] {
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn endpoint_urls() {
-        let e = Endpoint::parse("http://127.0.0.1:8081").unwrap();
-        assert_eq!(e.authority.as_str(), "127.0.0.1:8081");
-        assert!(Endpoint::parse("127.0.0.1:8081")
-            .unwrap_err()
-            .contains("scheme"));
-        assert!(Endpoint::parse("http://h:1/v1")
-            .unwrap_err()
-            .contains("path"));
-        assert!(Endpoint::parse("ftp://h:1").is_err());
-        assert!(Endpoint::parse("http://h:1/").is_ok());
+    pub fn available_endpoints(&self) -> usize {
+        self.endpoints.iter().filter(|e| e.available()).count()
     }
 }

@@ -1,5 +1,6 @@
 //! Integration tests: a real gateway on real sockets in front of real upstream servers.
 
+mod balance;
 mod check;
 mod errors;
 mod process;

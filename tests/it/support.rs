@@ -40,6 +40,7 @@ pub struct Upstream {
     pub connections: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
     task: JoinHandle<()>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Upstream {
@@ -62,6 +63,8 @@ impl Upstream {
         let requests = Arc::new(AtomicUsize::new(0));
         let handler = Arc::new(handler);
         let (c, r) = (connections.clone(), requests.clone());
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let conn_handles = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -70,7 +73,7 @@ impl Upstream {
                 c.fetch_add(1, Ordering::SeqCst);
                 let handler = handler.clone();
                 let r = r.clone();
-                tokio::spawn(async move {
+                let h = tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         r.fetch_add(1, Ordering::SeqCst);
                         let fut = handler(req);
@@ -80,6 +83,7 @@ impl Upstream {
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
                 });
+                conn_handles.lock().unwrap().push(h.abort_handle());
             }
         });
         Upstream {
@@ -87,6 +91,15 @@ impl Upstream {
             connections,
             requests,
             task,
+            conns,
+        }
+    }
+
+    /// Stops listening and drops every open connection, like a crashed process.
+    pub fn kill(&self) {
+        self.task.abort();
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
         }
     }
 
@@ -105,8 +118,13 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
+}
+
+/// An upstream that answers with its own name.
+pub async fn named_upstream(name: &'static str) -> Upstream {
+    Upstream::start(move |_req| async move { text(200, name) }).await
 }
 
 /// An upstream that answers with JSON describing the request it received.

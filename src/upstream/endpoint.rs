@@ -1,0 +1,215 @@
+//! One endpoint of a service and its live state: in-flight requests, the verdict of active
+//! health checks, and passive ejection (outlier detection). All state is atomics, read on the
+//! request path without locks and written by the proxy and the health-check task.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use http::uri::{Authority, Scheme};
+use http::Uri;
+
+use crate::config::OutlierDetectionConfig;
+
+/// Milliseconds since the process started (never 0, so 0 can mean "not set").
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    /// As configured, for logs, metrics and the admin API.
+    pub url: Arc<str>,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub weight: u32,
+    in_flight: AtomicU32,
+    healthy: AtomicBool,
+    ejected_until_ms: AtomicU64,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    // Active health check bookkeeping, written only by the health task.
+    pub(crate) check_successes: AtomicU32,
+    pub(crate) check_failures: AtomicU32,
+    /// Success and failure counters, set when the service is built.
+    pub(crate) counters: OnceLock<[prometheus::IntCounter; 2]>,
+}
+
+impl Endpoint {
+    /// Parses an endpoint URL: `http://host:port` with no path.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("endpoint `{url}` is not a valid URL: {e}"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("endpoint `{url}` needs a scheme, like `http://{url}`"))?;
+        if scheme == Scheme::HTTPS {
+            return Err(format!(
+                "endpoint `{url}`: https endpoints are not supported yet (upstream TLS is not built); use http"
+            ));
+        }
+        if scheme != Scheme::HTTP {
+            return Err(format!("endpoint `{url}`: scheme must be http"));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("endpoint `{url}` has no host"))?;
+        if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+            return Err(format!(
+                "endpoint `{url}` must not have a path or query; put the path in the route's `proxy.path`"
+            ));
+        }
+        Ok(Endpoint {
+            url: Arc::from(url),
+            scheme,
+            authority,
+            weight: 1,
+            in_flight: AtomicU32::new(0),
+            healthy: AtomicBool::new(true),
+            ejected_until_ms: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            check_successes: AtomicU32::new(0),
+            check_failures: AtomicU32::new(0),
+            counters: OnceLock::new(),
+        })
+    }
+
+    /// Healthy by active checks and not ejected by outlier detection.
+    pub fn available(&self) -> bool {
+        if !self.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until == 0 || until <= now_ms()
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_healthy(&self, v: bool) -> bool {
+        self.healthy.swap(v, Ordering::Relaxed) != v
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds of ejection left (0: not ejected).
+    pub fn ejected_for_ms(&self) -> u64 {
+        self.ejected_until_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(now_ms())
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight until the guard is dropped.
+    pub fn start(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    /// Records the outcome of a request for outlier detection. Returns the ejection time when
+    /// this failure ejected the endpoint.
+    pub fn report(&self, success: bool, od: Option<&OutlierDetectionConfig>) -> Option<Duration> {
+        if success {
+            if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+            }
+            if self.ejections.load(Ordering::Relaxed) != 0 && self.ejected_for_ms() == 0 {
+                self.ejections.store(0, Ordering::Relaxed);
+            }
+            return None;
+        }
+        let od = od?;
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < od.consecutive_failures || self.ejected_for_ms() > 0 {
+            return None;
+        }
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let time = od
+            .base_ejection_time
+            .get()
+            .saturating_mul(n)
+            .min(od.max_ejection_time.get());
+        self.ejected_until_ms
+            .store(now_ms() + time.as_millis() as u64, Ordering::Relaxed);
+        Some(time)
+    }
+}
+
+/// Decrements the endpoint's in-flight count when dropped.
+pub struct InFlight<'a>(&'a Endpoint);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_urls() {
+        let e = Endpoint::parse("http://127.0.0.1:8081").unwrap();
+        assert_eq!(e.authority.as_str(), "127.0.0.1:8081");
+        assert!(Endpoint::parse("127.0.0.1:8081")
+            .unwrap_err()
+            .contains("scheme"));
+        assert!(Endpoint::parse("http://h:1/v1")
+            .unwrap_err()
+            .contains("path"));
+        assert!(Endpoint::parse("ftp://h:1").is_err());
+        assert!(Endpoint::parse("http://h:1/").is_ok());
+    }
+
+    #[test]
+    fn consecutive_failures_eject_with_growing_time() {
+        let od = OutlierDetectionConfig {
+            consecutive_failures: 2,
+            base_ejection_time: crate::config::Duration::from_secs(10),
+            max_ejection_time: crate::config::Duration::from_secs(25),
+        };
+        let e = Endpoint::parse("http://h:1").unwrap();
+        assert_eq!(e.report(false, Some(&od)), None);
+        assert!(e.available());
+        assert_eq!(e.report(false, Some(&od)), Some(Duration::from_secs(10)));
+        assert!(!e.available());
+        // Expire the ejection by hand; the next ejection in a row is longer, then capped.
+        e.ejected_until_ms.store(1, Ordering::Relaxed);
+        assert!(e.available());
+        e.report(false, Some(&od));
+        assert_eq!(e.report(false, Some(&od)), Some(Duration::from_secs(20)));
+        e.ejected_until_ms.store(1, Ordering::Relaxed);
+        e.report(false, Some(&od));
+        assert_eq!(e.report(false, Some(&od)), Some(Duration::from_secs(25)));
+        // Without outlier detection nothing is ejected.
+        let f = Endpoint::parse("http://h:2").unwrap();
+        for _ in 0..10 {
+            assert_eq!(f.report(false, None), None);
+        }
+        assert!(f.available());
+    }
+
+    #[test]
+    fn in_flight_is_counted() {
+        let e = Endpoint::parse("http://h:1").unwrap();
+        let a = e.start();
+        let b = e.start();
+        assert_eq!(e.in_flight(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(e.in_flight(), 0);
+    }
+}
