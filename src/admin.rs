@@ -76,6 +76,7 @@ async fn services(State(live): State<Arc<Live>>) -> Response {
         .map(|u| {
             let endpoints: Vec<Value> = u
                 .endpoints()
+                .endpoints
                 .iter()
                 .map(|e| {
                     json!({
@@ -107,7 +108,7 @@ async fn metrics(State(live): State<Arc<Live>>) -> Response {
     let gauge = &live.metrics.upstream_endpoints;
     for u in gw.services.values() {
         let (mut available, mut unhealthy, mut ejected) = (0, 0, 0);
-        for e in u.endpoints() {
+        for e in u.endpoints().endpoints.iter() {
             if !e.healthy() {
                 unhealthy += 1;
             } else if e.ejected_for_ms() > 0 {

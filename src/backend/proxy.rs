@@ -83,8 +83,8 @@ impl Proxy {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,
                 Err(_) => {
-                    up.metrics.error(UpstreamErrorKind::Timeout);
-                    up.report(ep, false);
+                    up.metrics().error(UpstreamErrorKind::Timeout);
+                    up.report(&ep, false);
                     return Err(GatewayError::UpstreamTimeout.into());
                 }
             },
@@ -99,13 +99,13 @@ impl Proxy {
                     err.downcast_ref::<GatewayError>(),
                     Some(GatewayError::BodyTooLarge)
                 ) {
-                    up.report(ep, false);
+                    up.report(&ep, false);
                 }
                 return Err(err);
             }
         };
-        up.metrics.response(resp.status());
-        up.report(ep, !resp.status().is_server_error());
+        up.metrics().response(resp.status());
+        up.report(&ep, !resp.status().is_server_error());
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -125,11 +125,11 @@ fn classify_client_error(up: &Upstream, e: hyper_util::client::legacy::Error) ->
         return GatewayError::BodyTooLarge.into();
     }
     if e.is_connect() {
-        up.metrics.error(UpstreamErrorKind::Connect);
+        up.metrics().error(UpstreamErrorKind::Connect);
         tracing::debug!(service = &*up.name, error = %e, "upstream connect failed");
         GatewayError::UpstreamConnect(e.into()).into()
     } else {
-        up.metrics.error(UpstreamErrorKind::Reset);
+        up.metrics().error(UpstreamErrorKind::Reset);
         tracing::debug!(service = &*up.name, error = %e, "upstream request failed");
         GatewayError::UpstreamFailed(e.into()).into()
     }

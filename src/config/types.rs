@@ -24,6 +24,8 @@ pub struct GatewayConfig {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
     pub services: BTreeMap<String, Spanned<ServiceConfig>>,
 }
 
@@ -163,12 +165,55 @@ pub enum UpstreamProtocol {
     Http2,
 }
 
+/// `[dns]`: the resolver used by `dns` and `dns_srv` discovery.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Nameservers (UDP, with TCP fallback); empty: the system resolver (/etc/resolv.conf).
+    #[serde(default)]
+    pub servers: Vec<SocketAddr>,
+    /// Re-resolve no sooner than this, even if the TTL is shorter.
+    #[serde(default = "d_1s")]
+    pub min_refresh: Duration,
+    /// Re-resolve no later than this, even if the TTL is longer.
+    #[serde(default = "d_30s")]
+    pub max_refresh: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            min_refresh: d_1s(),
+            max_refresh: d_30s(),
+        }
+    }
+}
+
+/// `discovery = { … }`: exactly one of `dns`, `dns_srv` or `etcd`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// A/AAAA records of this name, with `port`.
+    pub dns: Option<String>,
+    pub port: Option<u16>,
+    /// `http` (default) or `https`.
+    pub scheme: Option<String>,
+    /// SRV records of this name (target, port, priority, weight).
+    pub dns_srv: Option<String>,
+    /// etcd endpoints, with `prefix`.
+    pub etcd: Option<Vec<String>>,
+    pub prefix: Option<String>,
+}
+
 /// `[services.NAME]`: a backend microservice.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     #[serde(default)]
     pub endpoints: Vec<Spanned<String>>,
+    /// Where endpoints come from when they are not listed in `endpoints`.
+    pub discovery: Option<Spanned<DiscoveryConfig>>,
     /// Per attempt, until the response head arrives.
     pub timeout: Option<Duration>,
     #[serde(default = "d_1s")]

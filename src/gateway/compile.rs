@@ -19,7 +19,8 @@ use crate::observe::metrics::Metrics;
 use crate::route;
 use crate::routing::template::{route_params, UpstreamPath};
 use crate::routing::{RouteFilter, RouteSpec, Router};
-use crate::upstream::{Endpoint, HashKey, Upstream};
+use crate::upstream::discovery::{self, DnsTarget};
+use crate::upstream::{Endpoint, HashKey, Source, Upstream};
 
 pub fn compile(
     loaded: LoadedConfig,
@@ -93,33 +94,48 @@ fn compile_services(
     let mut out = BTreeMap::new();
     for (name, spanned) in &loaded.gateway.services {
         let cfg = spanned.get_ref();
+        let dns = &loaded.gateway.dns;
         if let Some(prev) = previous.and_then(|p| p.services.get(name)) {
-            if prev.config == *cfg {
+            if prev.config == *cfg && (cfg.discovery.is_none() || prev.dns == *dns) {
                 out.insert(name.clone(), prev.clone());
                 continue;
             }
         }
-        if cfg.endpoints.is_empty() {
-            errors.push(gfile.error_at(
-                spanned.span(),
-                format!("service `{name}` has no `endpoints`"),
-            ));
-            continue;
-        }
-        let mut endpoints = Vec::new();
-        for e in &cfg.endpoints {
-            match Endpoint::parse(e.get_ref()) {
-                Ok(ep) => endpoints.push(ep),
-                Err(msg) => errors.push(gfile.error_at(e.span(), msg)),
-            }
-        }
         let before = errors.0.len();
+        let source = match (&cfg.discovery, cfg.endpoints.is_empty()) {
+            (Some(d), false) => {
+                errors.push(gfile.error_at(
+                    d.span(),
+                    format!("service `{name}` has both `endpoints` and `discovery`; give one"),
+                ));
+                None
+            }
+            (None, true) => {
+                errors.push(gfile.error_at(
+                    spanned.span(),
+                    format!("service `{name}` has no `endpoints` (or `discovery`)"),
+                ));
+                None
+            }
+            (Some(d), true) => discovery_source(gfile, name, d, dns, errors),
+            (None, false) => {
+                let mut endpoints = Vec::new();
+                for e in &cfg.endpoints {
+                    match Endpoint::parse(e.get_ref()) {
+                        Ok(ep) => endpoints.push(ep),
+                        Err(msg) => errors.push(gfile.error_at(e.span(), msg)),
+                    }
+                }
+                Some(Source::Static(endpoints))
+            }
+        };
         let hash_key = check_balancing(gfile, name, cfg, spanned.span(), errors);
-        if endpoints.len() == cfg.endpoints.len() && errors.0.len() == before {
+        if let (Some(source), true) = (source, errors.0.len() == before) {
             let up = Upstream::new(
                 name,
                 cfg.clone(),
-                endpoints,
+                dns.clone(),
+                source,
                 hash_key,
                 metrics.service(name),
             );
@@ -127,6 +143,61 @@ fn compile_services(
         }
     }
     out
+}
+
+/// Checks a `discovery` table and builds what its task needs.
+fn discovery_source(
+    gfile: &SourceFile,
+    name: &str,
+    d: &toml::Spanned<crate::config::DiscoveryConfig>,
+    dns: &crate::config::DnsConfig,
+    errors: &mut ConfigErrors,
+) -> Option<Source> {
+    let dc = d.get_ref();
+    let mut fail = |msg: String| {
+        errors.push(gfile.error_at(d.span(), format!("service `{name}` discovery: {msg}")));
+        None
+    };
+    let kinds = dc.dns.is_some() as u8 + dc.dns_srv.is_some() as u8 + dc.etcd.is_some() as u8;
+    if kinds != 1 {
+        return fail("give exactly one of `dns`, `dns_srv` or `etcd`".into());
+    }
+    let scheme = dc.scheme.clone().unwrap_or_else(|| "http".into());
+    if scheme != "http" {
+        return fail(format!(
+            "scheme `{scheme}`: only http is supported (upstream TLS is not built yet)"
+        ));
+    }
+    if dns.min_refresh.get() > dns.max_refresh.get() {
+        return fail(format!(
+            "[dns] min_refresh ({}) is longer than max_refresh ({})",
+            dns.min_refresh, dns.max_refresh
+        ));
+    }
+    let target = if let Some(host) = &dc.dns {
+        let Some(port) = dc.port else {
+            return fail(format!("`dns = \"{host}\"` needs `port`"));
+        };
+        DnsTarget::Host {
+            name: host.clone(),
+            port,
+            scheme,
+        }
+    } else if let Some(srv) = &dc.dns_srv {
+        if dc.port.is_some() {
+            return fail("`port` comes from the SRV records; leave it out".into());
+        }
+        DnsTarget::Srv {
+            name: srv.clone(),
+            scheme,
+        }
+    } else {
+        return fail("etcd discovery is not built yet".into());
+    };
+    match discovery::resolver(dns) {
+        Ok(resolver) => Some(Source::Dns { resolver: Box::new(resolver), target }),
+        Err(msg) => fail(msg),
+    }
 }
 
 /// Checks load balancing, health check and outlier detection settings; returns the hash key.

@@ -18,6 +18,7 @@ pub struct Metrics {
     request_duration: HistogramVec,
     upstream_requests_total: IntCounterVec,
     endpoint_requests_total: IntCounterVec,
+    discovery_total: IntCounterVec,
     /// Endpoints per service and state; set when /metrics is scraped.
     pub upstream_endpoints: prometheus::IntGaugeVec,
     pub config_reloads_total: IntCounterVec,
@@ -71,6 +72,14 @@ impl Metrics {
             &["service", "state"],
         )
         .expect("static metric definition is valid");
+        let discovery_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_discovery_updates_total",
+                "Discovery lookups by result: updated, unchanged, empty (kept the previous set), error",
+            ),
+            &["service", "result"],
+        )
+        .expect("static metric definition is valid");
         let config_reloads_total = IntCounterVec::new(
             Opts::new("gatehouse_config_reloads_total", "Config reloads by result"),
             &["result"],
@@ -86,6 +95,7 @@ impl Metrics {
             Box::new(request_duration.clone()),
             Box::new(upstream_requests_total.clone()),
             Box::new(endpoint_requests_total.clone()),
+            Box::new(discovery_total.clone()),
             Box::new(upstream_endpoints.clone()),
             Box::new(config_reloads_total.clone()),
             Box::new(config_generation.clone()),
@@ -103,6 +113,7 @@ impl Metrics {
             request_duration,
             upstream_requests_total,
             endpoint_requests_total,
+            discovery_total,
             upstream_endpoints,
             config_reloads_total,
             config_generation,
@@ -125,6 +136,7 @@ impl Metrics {
             service: service.into(),
             family: self.upstream_requests_total.clone(),
             endpoints: self.endpoint_requests_total.clone(),
+            discovery: self.discovery_total.clone(),
             counters: std::array::from_fn(|_| OnceLock::new()),
             errors: std::array::from_fn(|i| {
                 self.upstream_requests_total
@@ -242,6 +254,7 @@ pub struct ServiceMetrics {
     service: Box<str>,
     family: IntCounterVec,
     endpoints: IntCounterVec,
+    discovery: IntCounterVec,
     counters: [OnceLock<IntCounter>; STATUSES.len()],
     errors: [IntCounter; 3],
 }
@@ -264,6 +277,13 @@ impl ServiceMetrics {
 
     pub fn error(&self, kind: UpstreamErrorKind) {
         self.errors[kind as usize].inc();
+    }
+
+    /// Counts one discovery lookup (off the request path).
+    pub fn discovery(&self, result: &str) {
+        self.discovery
+            .with_label_values(&[&*self.service, result])
+            .inc();
     }
 
     /// The success and failure counters of one endpoint, resolved once when it is built.

@@ -79,6 +79,11 @@ impl Endpoint {
         })
     }
 
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight.max(1);
+        self
+    }
+
     /// Healthy by active checks and not ejected by outlier detection.
     pub fn available(&self) -> bool {
         if !self.healthy.load(Ordering::Relaxed) {

@@ -12,6 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 
 use super::endpoint::Endpoint;
+use super::table::EndpointTable;
 use crate::body::{req_full, ReqBody};
 use crate::config::HealthCheckConfig;
 
@@ -25,8 +26,7 @@ impl Drop for TaskGuard {
 }
 
 pub fn spawn(
-    service: Arc<str>,
-    endpoints: Vec<Arc<Endpoint>>,
+    table: Arc<EndpointTable>,
     client: Client<HttpConnector, ReqBody>,
     cfg: HealthCheckConfig,
 ) -> Option<TaskGuard> {
@@ -36,9 +36,13 @@ pub fn spawn(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let checks = endpoints
+            // Check whatever discovery lists now.
+            let set = table.snapshot();
+            let service = &*table.service;
+            let checks = set
+                .endpoints
                 .iter()
-                .map(|ep| check(&service, ep, &client, &cfg));
+                .map(|ep| check(service, ep, &client, &cfg));
             futures_util::future::join_all(checks).await;
         }
     })))

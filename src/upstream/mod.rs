@@ -1,12 +1,15 @@
-//! A named backend service: its endpoints and their live state, the choice of endpoint per
-//! request (`balance`), active health checks (`health`) and passive outlier detection
-//! (`endpoint`), and its pooled HTTP client. An `Upstream` outlives config snapshots: `compile`
-//! reuses it when the service's config is unchanged, so pooled connections, endpoint health and
-//! ejections survive a reload.
+//! A named backend service: where its endpoints come from (`discovery`, or a static list), its
+//! live endpoint set (`table`), the choice of endpoint per request (`balance`), active health
+//! checks (`health`), passive outlier detection (`endpoint`), and its pooled HTTP client. An
+//! `Upstream` outlives config snapshots: `compile` reuses it when its definition is unchanged,
+//! so pooled connections, endpoint health and ejections survive a reload. Its background tasks
+//! end when it is dropped.
 
 pub mod balance;
+pub mod discovery;
 pub mod endpoint;
 pub mod health;
+pub mod table;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,30 +21,41 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use balance::{Balancer, HashKey};
 pub use endpoint::Endpoint;
+pub use table::{EndpointSet, EndpointTable};
 
 use crate::body::ReqBody;
-use crate::config::{AllUnhealthy, ServiceConfig, UpstreamProtocol};
+use crate::config::{AllUnhealthy, DnsConfig, ServiceConfig, UpstreamProtocol};
 use crate::observe::metrics::ServiceMetrics;
+
+/// Where a service's endpoints come from, as compiled.
+pub enum Source {
+    Static(Vec<Endpoint>),
+    Dns {
+        resolver: Box<hickory_resolver::TokioResolver>,
+        target: discovery::DnsTarget,
+    },
+}
 
 pub struct Upstream {
     pub name: Arc<str>,
     /// The definition this was built from; compared by value on reload.
     pub config: ServiceConfig,
-    endpoints: Box<[Arc<Endpoint>]>,
-    balancer: Balancer,
+    /// `[dns]` as it was when this was built (matters for DNS discovery).
+    pub dns: DnsConfig,
+    table: Arc<EndpointTable>,
     pub client: Client<HttpConnector, ReqBody>,
     /// Per attempt, until the response head arrives.
     pub timeout: Option<Duration>,
     pub version: Version,
-    pub metrics: ServiceMetrics,
-    _health: Option<health::TaskGuard>,
+    _tasks: Vec<health::TaskGuard>,
 }
 
 impl Upstream {
     pub fn new(
         name: &str,
         config: ServiceConfig,
-        endpoints: Vec<Endpoint>,
+        dns: DnsConfig,
+        source: Source,
         hash_key: Option<HashKey>,
         metrics: ServiceMetrics,
     ) -> Self {
@@ -57,49 +71,65 @@ impl Upstream {
             .timer(TokioTimer::new())
             .http2_only(http2)
             .build(connector);
-        let endpoints: Vec<Arc<Endpoint>> = endpoints
-            .into_iter()
-            .map(|e| {
-                let _ = e.counters.set(metrics.endpoint_counters(&e.url));
-                Arc::new(e)
-            })
-            .collect();
         let name: Arc<str> = Arc::from(name);
-        let balancer = Balancer::new(config.load_balancing, hash_key, &endpoints);
-        let health = config.health_check.as_ref().and_then(|hc| {
-            health::spawn(
-                name.clone(),
-                endpoints.clone(),
+        let (initial, dns_source) = match source {
+            Source::Static(list) => (list, None),
+            Source::Dns { resolver, target } => (Vec::new(), Some((resolver, target))),
+        };
+        let table = Arc::new(EndpointTable::new(
+            name.clone(),
+            config.load_balancing,
+            hash_key,
+            metrics,
+            initial,
+        ));
+        let mut tasks = Vec::new();
+        if let Some((resolver, target)) = dns_source {
+            tasks.extend(discovery::spawn_dns(
+                table.clone(),
+                resolver,
+                target,
+                dns.clone(),
+            ));
+        }
+        if let Some(hc) = &config.health_check {
+            tasks.extend(health::spawn(
+                table.clone(),
                 client.clone(),
                 hc.get_ref().clone(),
-            )
-        });
+            ));
+        }
         Upstream {
             name,
             timeout: config.timeout.map(|d| d.get()),
-            endpoints: endpoints.into_boxed_slice(),
-            balancer,
+            table,
             client,
             version: if http2 {
                 Version::HTTP_2
             } else {
                 Version::HTTP_11
             },
-            metrics,
             config,
-            _health: health,
+            dns,
+            _tasks: tasks,
         }
+    }
+
+    pub fn metrics(&self) -> &ServiceMetrics {
+        &self.table.metrics
     }
 
     /// The endpoint for the next request: an available one chosen by the balancer, or, when
     /// none is available and `all_unhealthy = "use_all"`, any.
-    pub fn pick(&self, headers: &HeaderMap) -> Option<&Arc<Endpoint>> {
-        self.balancer
-            .pick(&self.endpoints, headers, Endpoint::available)
+    pub fn pick(&self, headers: &HeaderMap) -> Option<Arc<Endpoint>> {
+        let set = self.table.current();
+        set.balancer
+            .pick(&set.endpoints, headers, Endpoint::available)
             .or_else(|| match self.config.all_unhealthy {
-                AllUnhealthy::UseAll => self.balancer.pick(&self.endpoints, headers, |_| true),
+                AllUnhealthy::UseAll => set.balancer.pick(&set.endpoints, headers, |_| true),
                 AllUnhealthy::Reject => None,
             })
+            .cloned()
     }
 
     /// Records a request's outcome on its endpoint (for outlier detection and metrics).
@@ -118,11 +148,17 @@ impl Upstream {
         }
     }
 
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
+    /// The current endpoint set.
+    pub fn endpoints(&self) -> Arc<EndpointSet> {
+        self.table.snapshot()
     }
 
     pub fn available_endpoints(&self) -> usize {
-        self.endpoints.iter().filter(|e| e.available()).count()
+        self.table
+            .current()
+            .endpoints
+            .iter()
+            .filter(|e| e.available())
+            .count()
     }
 }

@@ -2,6 +2,7 @@
 
 mod balance;
 mod check;
+mod dns;
 mod errors;
 mod process;
 mod protocols;

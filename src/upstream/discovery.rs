@@ -1,0 +1,133 @@
+//! Discovery: background tasks that find a service's endpoints and publish them to its
+//! `EndpointTable`. DNS A/AAAA (`dns`) and SRV (`dns_srv`) are re-resolved when their TTL runs
+//! out, bounded by `[dns] min_refresh` and `max_refresh`. A failed lookup or an empty answer
+//! never empties a service: the last good set stays, and the failure is logged and counted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::xfer::Protocol;
+use hickory_resolver::TokioResolver;
+
+use super::health::TaskGuard;
+use super::table::EndpointTable;
+use crate::config::DnsConfig;
+
+/// A resolver for `[dns]`: its servers, or the system's.
+pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
+    let mut builder = if cfg.servers.is_empty() {
+        TokioResolver::builder_tokio().map_err(|e| format!("system resolver: {e}"))?
+    } else {
+        let mut rc = ResolverConfig::new();
+        for s in &cfg.servers {
+            rc.add_name_server(NameServerConfig::new(*s, Protocol::Udp));
+            rc.add_name_server(NameServerConfig::new(*s, Protocol::Tcp));
+        }
+        TokioResolver::builder_with_config(rc, TokioConnectionProvider::default())
+    };
+    let opts = builder.options_mut();
+    // Cached answers never outlive max_refresh, so each refresh sees the server's current data.
+    opts.positive_max_ttl = Some(cfg.max_refresh.get());
+    opts.negative_max_ttl = Some(cfg.min_refresh.get());
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 2;
+    Ok(builder.build())
+}
+
+/// What a DNS discovery task resolves.
+#[derive(Debug, Clone)]
+pub enum DnsTarget {
+    /// A/AAAA records, each an endpoint `scheme://ip:port`.
+    Host {
+        name: String,
+        port: u16,
+        scheme: String,
+    },
+    /// SRV records: the targets of the lowest priority, with their ports and weights.
+    Srv { name: String, scheme: String },
+}
+
+pub fn spawn_dns(
+    table: Arc<EndpointTable>,
+    resolver: TokioResolver,
+    target: DnsTarget,
+    cfg: DnsConfig,
+) -> Option<TaskGuard> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    Some(TaskGuard(handle.spawn(async move {
+        loop {
+            let wait = match resolve(&resolver, &target).await {
+                Ok((list, valid_until)) => {
+                    match table.publish(list) {
+                        Ok(true) => {
+                            let n = table.snapshot().endpoints.len();
+                            tracing::info!(service = &*table.service, endpoints = n, "discovery: endpoints updated");
+                            table.metrics.discovery("updated");
+                        }
+                        Ok(false) => table.metrics.discovery("unchanged"),
+                        Err(msg) => {
+                            tracing::warn!(service = &*table.service, "discovery: {msg}");
+                            table.metrics.discovery("empty");
+                        }
+                    }
+                    valid_until.saturating_duration_since(Instant::now())
+                }
+                Err(e) => {
+                    tracing::warn!(service = &*table.service, error = %e, "discovery: lookup failed; keeping the previous endpoints");
+                    table.metrics.discovery("error");
+                    cfg.min_refresh.get()
+                }
+            };
+            tokio::time::sleep(wait.clamp(cfg.min_refresh.get(), cfg.max_refresh.get())).await;
+        }
+    })))
+}
+
+/// A lookup's outcome: endpoints (possibly none, for "no such records") and until when they
+/// hold; or the error of a lookup that failed.
+async fn resolve(
+    resolver: &TokioResolver,
+    target: &DnsTarget,
+) -> Result<(Vec<(String, u32)>, Instant), String> {
+    let no_records =
+        |e: &hickory_resolver::ResolveError| e.is_no_records_found() || e.is_nx_domain();
+    match target {
+        DnsTarget::Host { name, port, scheme } => {
+            let lookup = match resolver.lookup_ip(name.as_str()).await {
+                Ok(l) => l,
+                Err(e) if no_records(&e) => return Ok((Vec::new(), Instant::now())),
+                Err(e) => return Err(e.to_string()),
+            };
+            let list = lookup
+                .iter()
+                .map(|ip| (format!("{scheme}://{}", SocketAddr::new(ip, *port)), 1))
+                .collect();
+            Ok((list, lookup.valid_until()))
+        }
+        DnsTarget::Srv { name, scheme } => {
+            let srv = match resolver.srv_lookup(name.as_str()).await {
+                Ok(l) => l,
+                Err(e) if no_records(&e) => return Ok((Vec::new(), Instant::now())),
+                Err(e) => return Err(e.to_string()),
+            };
+            let mut valid_until = srv.as_lookup().valid_until();
+            let best = srv.iter().map(|r| r.priority()).min();
+            let mut list = Vec::new();
+            for r in srv.iter().filter(|r| Some(r.priority()) == best) {
+                let ips = resolver
+                    .lookup_ip(r.target().clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                valid_until = valid_until.min(ips.valid_until());
+                for ip in ips.iter() {
+                    let url = format!("{scheme}://{}", SocketAddr::new(ip, r.port()));
+                    list.push((url, u32::from(r.weight()).max(1)));
+                }
+            }
+            Ok((list, valid_until))
+        }
+    }
+}

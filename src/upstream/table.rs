@@ -1,0 +1,147 @@
+//! A service's current endpoint set, swapped as a whole when discovery publishes a new list.
+//! Endpoints that stay in the list keep their state (health, in-flight count, ejection), so a
+//! re-listing never resets what the gateway learned about them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::balance::{Balancer, HashKey};
+use super::endpoint::Endpoint;
+use crate::config::LoadBalancing;
+use crate::observe::metrics::ServiceMetrics;
+
+/// One published endpoint list with the balancer built for it.
+pub struct EndpointSet {
+    pub endpoints: Box<[Arc<Endpoint>]>,
+    pub balancer: Balancer,
+}
+
+pub struct EndpointTable {
+    pub service: Arc<str>,
+    set: ArcSwap<EndpointSet>,
+    kind: LoadBalancing,
+    key: Option<HashKey>,
+    pub metrics: ServiceMetrics,
+}
+
+impl EndpointTable {
+    pub fn new(
+        service: Arc<str>,
+        kind: LoadBalancing,
+        key: Option<HashKey>,
+        metrics: ServiceMetrics,
+        initial: Vec<Endpoint>,
+    ) -> Self {
+        let endpoints: Vec<Arc<Endpoint>> = initial
+            .into_iter()
+            .map(|e| {
+                let _ = e.counters.set(metrics.endpoint_counters(&e.url));
+                Arc::new(e)
+            })
+            .collect();
+        let balancer = Balancer::new(kind, key.clone(), &endpoints);
+        EndpointTable {
+            service,
+            set: ArcSwap::from_pointee(EndpointSet {
+                endpoints: endpoints.into_boxed_slice(),
+                balancer,
+            }),
+            kind,
+            key,
+            metrics,
+        }
+    }
+
+    /// The set in use (lock-free).
+    pub fn current(&self) -> arc_swap::Guard<Arc<EndpointSet>> {
+        self.set.load()
+    }
+
+    pub fn snapshot(&self) -> Arc<EndpointSet> {
+        self.set.load_full()
+    }
+
+    /// Publishes a new list of `(url, weight)`. Known endpoints keep their state. An empty list
+    /// is refused: discovery keeps the last good set rather than emptying a service. Returns
+    /// whether the set changed.
+    pub fn publish(&self, mut list: Vec<(String, u32)>) -> Result<bool, String> {
+        if list.is_empty() {
+            return Err("empty endpoint list; keeping the previous one".into());
+        }
+        list.sort();
+        list.dedup();
+        let old = self.snapshot();
+        let unchanged = old.endpoints.len() == list.len()
+            && old
+                .endpoints
+                .iter()
+                .zip(&list)
+                .all(|(e, (url, w))| &*e.url == url && e.weight == *w);
+        if unchanged {
+            return Ok(false);
+        }
+        let known: HashMap<&str, &Arc<Endpoint>> =
+            old.endpoints.iter().map(|e| (&*e.url, e)).collect();
+        let mut endpoints = Vec::with_capacity(list.len());
+        for (url, weight) in &list {
+            match known.get(url.as_str()) {
+                Some(e) if e.weight == *weight => endpoints.push(Arc::clone(e)),
+                _ => {
+                    let e = Endpoint::parse(url)?.with_weight(*weight);
+                    let _ = e.counters.set(self.metrics.endpoint_counters(&e.url));
+                    endpoints.push(Arc::new(e));
+                }
+            }
+        }
+        let balancer = Balancer::new(self.kind, self.key.clone(), &endpoints);
+        self.set.store(Arc::new(EndpointSet {
+            endpoints: endpoints.into_boxed_slice(),
+            balancer,
+        }));
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relisting_keeps_endpoint_state() {
+        let m = crate::observe::metrics::Metrics::new();
+        let t = EndpointTable::new(
+            Arc::from("svc"),
+            LoadBalancing::RoundRobin,
+            None,
+            m.service("svc"),
+            vec![Endpoint::parse("http://10.0.0.1:80").unwrap()],
+        );
+        let first = t.snapshot().endpoints[0].clone();
+        let _busy = first.start();
+        assert!(t
+            .publish(vec![
+                ("http://10.0.0.2:80".into(), 1),
+                ("http://10.0.0.1:80".into(), 1)
+            ])
+            .unwrap());
+        let set = t.snapshot();
+        assert_eq!(set.endpoints.len(), 2);
+        let again = set
+            .endpoints
+            .iter()
+            .find(|e| &*e.url == "http://10.0.0.1:80")
+            .unwrap();
+        assert!(Arc::ptr_eq(again, &first));
+        assert_eq!(again.in_flight(), 1);
+        assert!(!t
+            .publish(vec![
+                ("http://10.0.0.1:80".into(), 1),
+                ("http://10.0.0.2:80".into(), 1)
+            ])
+            .unwrap());
+        assert!(t.publish(Vec::new()).is_err());
+        assert_eq!(t.snapshot().endpoints.len(), 2);
+    }
+}
