@@ -195,7 +195,10 @@ fn discovery_source(
         return fail("etcd discovery is not built yet".into());
     };
     match discovery::resolver(dns) {
-        Ok(resolver) => Some(Source::Dns { resolver: Box::new(resolver), target }),
+        Ok(resolver) => Some(Source::Dns {
+            resolver: Box::new(resolver),
+            target,
+        }),
         Err(msg) => fail(msg),
     }
 }

@@ -87,7 +87,7 @@ impl Upstream {
         if let Some((resolver, target)) = dns_source {
             tasks.extend(discovery::spawn_dns(
                 table.clone(),
-                resolver,
+                *resolver,
                 target,
                 dns.clone(),
             ));
