@@ -192,7 +192,17 @@ fn discovery_source(
             scheme,
         }
     } else {
-        return fail("etcd discovery is not built yet".into());
+        let urls = dc.etcd.clone().unwrap_or_default();
+        let Some(prefix) = dc.prefix.clone().filter(|p| !p.is_empty()) else {
+            return fail("`etcd` needs `prefix`, like \"/services/NAME/\"".into());
+        };
+        if urls.is_empty() {
+            return fail("`etcd` needs at least one URL".into());
+        }
+        if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
+            return fail(format!("etcd URL `{bad}` must be http://host:port"));
+        }
+        return Some(Source::Etcd { urls, prefix });
     };
     match discovery::resolver(dns) {
         Ok(resolver) => Some(Source::Dns {

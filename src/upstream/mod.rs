@@ -8,6 +8,7 @@
 pub mod balance;
 pub mod discovery;
 pub mod endpoint;
+pub mod etcd;
 pub mod health;
 pub mod table;
 
@@ -33,6 +34,10 @@ pub enum Source {
     Dns {
         resolver: Box<hickory_resolver::TokioResolver>,
         target: discovery::DnsTarget,
+    },
+    Etcd {
+        urls: Vec<String>,
+        prefix: String,
     },
 }
 
@@ -72,9 +77,10 @@ impl Upstream {
             .http2_only(http2)
             .build(connector);
         let name: Arc<str> = Arc::from(name);
-        let (initial, dns_source) = match source {
-            Source::Static(list) => (list, None),
-            Source::Dns { resolver, target } => (Vec::new(), Some((resolver, target))),
+        let (initial, dns_source, etcd_source) = match source {
+            Source::Static(list) => (list, None, None),
+            Source::Dns { resolver, target } => (Vec::new(), Some((resolver, target)), None),
+            Source::Etcd { urls, prefix } => (Vec::new(), None, Some((urls, prefix))),
         };
         let table = Arc::new(EndpointTable::new(
             name.clone(),
@@ -91,6 +97,9 @@ impl Upstream {
                 target,
                 dns.clone(),
             ));
+        }
+        if let Some((urls, prefix)) = etcd_source {
+            tasks.extend(etcd::spawn(table.clone(), urls, prefix));
         }
         if let Some(hc) = &config.health_check {
             tasks.extend(health::spawn(

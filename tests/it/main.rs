@@ -4,6 +4,7 @@ mod balance;
 mod check;
 mod dns;
 mod errors;
+mod etcd;
 mod process;
 mod protocols;
 mod proxy;
