@@ -237,6 +237,24 @@ pub struct ServiceConfig {
     pub all_unhealthy: AllUnhealthy,
     pub health_check: Option<Spanned<HealthCheckConfig>>,
     pub outlier_detection: Option<Spanned<OutlierDetectionConfig>>,
+    /// TLS to `https` endpoints; without it, the system's roots are trusted.
+    pub tls: Option<Spanned<UpstreamTlsConfig>>,
+}
+
+/// `[services.NAME.tls]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// CA certificates (PEM) to trust instead of the system's roots.
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain and key (PEM) for mutual TLS.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name to send (SNI) and to verify, instead of the endpoint's host.
+    pub server_name: Option<String>,
+    /// Accept any server certificate. For tests and development only.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -20,7 +20,7 @@ use crate::route;
 use crate::routing::template::{route_params, UpstreamPath};
 use crate::routing::{RouteFilter, RouteSpec, Router};
 use crate::upstream::discovery::{self, DnsTarget};
-use crate::upstream::{Endpoint, HashKey, Source, Upstream};
+use crate::upstream::{self, Endpoint, HashKey, Source, TlsSettings, Upstream};
 
 pub fn compile(
     loaded: LoadedConfig,
@@ -130,19 +130,64 @@ fn compile_services(
             }
         };
         let hash_key = check_balancing(gfile, name, cfg, spanned.span(), errors);
-        if let (Some(source), true) = (source, errors.0.len() == before) {
+        let tls = upstream_tls(loaded, name, cfg, spanned.span(), errors);
+        if let (Some(source), Some(tls), true) = (source, tls, errors.0.len() == before) {
             let up = Upstream::new(
                 name,
                 cfg.clone(),
                 dns.clone(),
                 source,
                 hash_key,
+                tls,
                 metrics.service(name),
             );
             out.insert(name.clone(), Arc::new(up));
         }
     }
     out
+}
+
+/// Builds the TLS client settings of a service (https endpoints, mutual TLS).
+fn upstream_tls(
+    loaded: &LoadedConfig,
+    name: &str,
+    cfg: &crate::config::ServiceConfig,
+    span: Range<usize>,
+    errors: &mut ConfigErrors,
+) -> Option<TlsSettings> {
+    let gfile = &loaded.gateway_file;
+    let span = cfg.tls.as_ref().map_or(span, |t| t.span());
+    let tls = cfg.tls.as_ref().map(|t| t.get_ref());
+    let config = match upstream::tls::client_config(tls, |p| loaded.resolve(p), &[]) {
+        Ok(c) => c,
+        Err(msg) => {
+            errors.push(gfile.error_at(span, format!("service `{name}`: {msg}")));
+            return None;
+        }
+    };
+    let server_name = match tls.and_then(|t| t.server_name.clone()) {
+        None => None,
+        Some(n) => match rustls::pki_types::ServerName::try_from(n.clone()) {
+            Ok(sn) => Some(sn),
+            Err(_) => {
+                let msg = format!(
+                    "service `{name}`: tls.server_name `{n}` is not a DNS name or IP address"
+                );
+                errors.push(gfile.error_at(span, msg));
+                return None;
+            }
+        },
+    };
+    if tls.is_some_and(|t| t.insecure_skip_verify) {
+        tracing::warn!(
+            service = name,
+            "tls.insecure_skip_verify: server certificates of this service are NOT verified"
+        );
+    }
+    Some(TlsSettings {
+        config,
+        server_name,
+    })
 }
 
 /// Checks a `discovery` table and builds what its task needs.
@@ -163,10 +208,8 @@ fn discovery_source(
         return fail("give exactly one of `dns`, `dns_srv` or `etcd`".into());
     }
     let scheme = dc.scheme.clone().unwrap_or_else(|| "http".into());
-    if scheme != "http" {
-        return fail(format!(
-            "scheme `{scheme}`: only http is supported (upstream TLS is not built yet)"
-        ));
+    if scheme != "http" && scheme != "https" {
+        return fail(format!("scheme `{scheme}` must be http or https"));
     }
     if dns.min_refresh.get() > dns.max_refresh.get() {
         return fail(format!(

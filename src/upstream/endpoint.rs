@@ -46,13 +46,8 @@ impl Endpoint {
             .scheme()
             .cloned()
             .ok_or_else(|| format!("endpoint `{url}` needs a scheme, like `http://{url}`"))?;
-        if scheme == Scheme::HTTPS {
-            return Err(format!(
-                "endpoint `{url}`: https endpoints are not supported yet (upstream TLS is not built); use http"
-            ));
-        }
-        if scheme != Scheme::HTTP {
-            return Err(format!("endpoint `{url}`: scheme must be http"));
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(format!("endpoint `{url}`: scheme must be http or https"));
         }
         let authority = uri
             .authority()
@@ -176,6 +171,7 @@ mod tests {
             .unwrap_err()
             .contains("path"));
         assert!(Endpoint::parse("ftp://h:1").is_err());
+        assert!(Endpoint::parse("https://h:1").is_ok());
         assert!(Endpoint::parse("http://h:1/").is_ok());
     }
 

@@ -8,12 +8,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Uri};
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 
 use super::endpoint::Endpoint;
 use super::table::EndpointTable;
-use crate::body::{req_full, ReqBody};
+use super::HttpClient;
+use crate::body::req_full;
 use crate::config::HealthCheckConfig;
 
 /// Aborts the task when dropped.
@@ -27,7 +26,7 @@ impl Drop for TaskGuard {
 
 pub fn spawn(
     table: Arc<EndpointTable>,
-    client: Client<HttpConnector, ReqBody>,
+    client: HttpClient,
     cfg: HealthCheckConfig,
 ) -> Option<TaskGuard> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
@@ -48,12 +47,7 @@ pub fn spawn(
     })))
 }
 
-async fn check(
-    service: &str,
-    ep: &Endpoint,
-    client: &Client<HttpConnector, ReqBody>,
-    cfg: &HealthCheckConfig,
-) {
+async fn check(service: &str, ep: &Endpoint, client: &HttpClient, cfg: &HealthCheckConfig) {
     let ok = probe(ep, client, cfg).await;
     if ok {
         ep.check_failures.store(0, Ordering::Relaxed);
@@ -75,11 +69,7 @@ async fn check(
     }
 }
 
-async fn probe(
-    ep: &Endpoint,
-    client: &Client<HttpConnector, ReqBody>,
-    cfg: &HealthCheckConfig,
-) -> bool {
+async fn probe(ep: &Endpoint, client: &HttpClient, cfg: &HealthCheckConfig) -> bool {
     let uri = Uri::builder()
         .scheme(ep.scheme.clone())
         .authority(ep.authority.clone())

@@ -11,6 +11,7 @@ pub mod endpoint;
 pub mod etcd;
 pub mod health;
 pub mod table;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +42,15 @@ pub enum Source {
     },
 }
 
+/// A service's HTTP client: pooled, http or https.
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ReqBody>;
+
+/// TLS settings of a service, compiled.
+pub struct TlsSettings {
+    pub config: rustls::ClientConfig,
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+}
+
 pub struct Upstream {
     pub name: Arc<str>,
     /// The definition this was built from; compared by value on reload.
@@ -48,7 +58,7 @@ pub struct Upstream {
     /// `[dns]` as it was when this was built (matters for DNS discovery).
     pub dns: DnsConfig,
     table: Arc<EndpointTable>,
-    pub client: Client<HttpConnector, ReqBody>,
+    pub client: HttpClient,
     /// Per attempt, until the response head arrives.
     pub timeout: Option<Duration>,
     pub version: Version,
@@ -62,13 +72,29 @@ impl Upstream {
         dns: DnsConfig,
         source: Source,
         hash_key: Option<HashKey>,
+        tls: TlsSettings,
         metrics: ServiceMetrics,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout.get()));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(config.connect_timeout.get()));
+        http.set_nodelay(true);
+        http.enforce_http(false);
         let http2 = config.protocol == UpstreamProtocol::Http2;
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.config)
+            .https_or_http();
+        let builder = match tls.server_name {
+            Some(name) => {
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+            }
+            None => builder,
+        };
+        // ALPN offers what the service speaks: h2 for `protocol = "http2"`, else http/1.1.
+        let connector = if http2 {
+            builder.enable_http2().wrap_connector(http)
+        } else {
+            builder.enable_http1().wrap_connector(http)
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout.get())
             .pool_max_idle_per_host(config.pool_max_idle_per_endpoint)

@@ -12,3 +12,4 @@ mod reload;
 mod shutdown;
 mod streaming;
 mod support;
+mod upstream_tls;

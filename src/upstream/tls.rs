@@ -1,0 +1,147 @@
+//! TLS to upstreams: the client configuration of a service's `https` endpoints — the system's
+//! root certificates or a configured CA, an optional client certificate (mutual TLS), and for
+//! tests only, a verification override. Built when the config is compiled, so file errors are
+//! config errors.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::config::UpstreamTlsConfig;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The system's roots (read once per process).
+fn system_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut store = RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _) = store.add_parsable_certificates(found.certs);
+        if added == 0 {
+            tracing::warn!(
+                "no system root certificates found; https endpoints need [services.X.tls] ca"
+            );
+        }
+        store
+    })
+}
+
+/// Builds the client configuration. `resolve` makes config paths absolute.
+pub fn client_config(
+    tls: Option<&UpstreamTlsConfig>,
+    resolve: impl Fn(&Path) -> std::path::PathBuf,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, String> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match tls {
+        Some(t) if t.insecure_skip_verify => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider()))),
+        Some(UpstreamTlsConfig { ca: Some(ca), .. }) => {
+            let path = resolve(ca);
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
+                .and_then(|it| it.collect())
+                .map_err(|e| {
+                    format!(
+                        "tls.ca {}: cannot read PEM certificates: {e}",
+                        path.display()
+                    )
+                })?;
+            let mut store = RootCertStore::empty();
+            let (added, _) = store.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!(
+                    "tls.ca {}: no usable CA certificate",
+                    path.display()
+                ));
+            }
+            builder.with_root_certificates(store)
+        }
+        _ => builder.with_root_certificates(system_roots().clone()),
+    };
+    let mut config = match tls.map(|t| (&t.cert, &t.key)) {
+        Some((Some(cert), Some(key))) => {
+            let (cp, kp) = (resolve(cert), resolve(key));
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cp)
+                .and_then(|it| it.collect())
+                .map_err(|e| {
+                    format!(
+                        "tls.cert {}: cannot read PEM certificates: {e}",
+                        cp.display()
+                    )
+                })?;
+            let key = PrivateKeyDer::from_pem_file(&kp).map_err(|e| {
+                format!(
+                    "tls.key {}: cannot read a PEM private key: {e}",
+                    kp.display()
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("tls.cert and tls.key do not form a usable pair: {e}"))?
+        }
+        Some((None, None)) | None => builder.with_no_client_auth(),
+        Some(_) => return Err("tls.cert and tls.key go together (mutual TLS)".into()),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// Accepts any server certificate (signatures are still checked). Only for tests and
+/// development: `insecure_skip_verify = true`.
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
