@@ -93,6 +93,14 @@ async fn services(State(live): State<Arc<Live>>) -> Response {
                 .collect();
             json!({
                 "name": &*u.name,
+                "circuit": u.breaker.as_ref().map(|b| json!({
+                    "state": b.state_name(),
+                    "open_for_ms": b.open_for_ms(),
+                })),
+                "bulkhead": u.bulkhead.as_ref().zip(u.config.max_concurrent_requests.as_ref()).map(|(b, m)| json!({
+                    "max_concurrent_requests": m.get_ref(),
+                    "in_use": b.in_use(*m.get_ref()),
+                })),
                 "load_balancing": u.config.load_balancing,
                 "required": u.config.required,
                 "available_endpoints": u.available_endpoints(),
@@ -124,6 +132,12 @@ async fn metrics(State(live): State<Arc<Live>>) -> Response {
             .with_label_values(&[&*u.name, "unhealthy"])
             .set(unhealthy);
         gauge.with_label_values(&[&*u.name, "ejected"]).set(ejected);
+        if let Some(b) = &u.breaker {
+            live.metrics
+                .circuit_state
+                .with_label_values(&[&*u.name])
+                .set(i64::from(b.state()));
+        }
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

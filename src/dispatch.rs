@@ -76,7 +76,16 @@ impl Dispatcher {
         };
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let (result, metrics) = self.route_and_call(&gw, trusted, &request_id, req).await;
+        // The gateway's own limit: beyond it, 503 at once, before any work.
+        let global_permit = match &self.live.request_limit {
+            None => None,
+            Some(sem) => sem.clone().try_acquire_owned().ok(),
+        };
+        let (result, metrics) = if self.live.request_limit.is_some() && global_permit.is_none() {
+            (Err(GatewayError::Overloaded.into()), gw.unmatched.clone())
+        } else {
+            self.route_and_call(&gw, trusted, &request_id, req).await
+        };
         let mut resp = result.unwrap_or_else(|e| {
             let problem = classify(&*e);
             if problem.status.is_server_error() {
@@ -84,7 +93,7 @@ impl Dispatcher {
             }
             problem_response(&problem, &request_id)
         });
-        let upstream = resp.extensions_mut().remove::<UpstreamUsed>().map(|u| u.0);
+        let upstream = resp.extensions_mut().remove::<UpstreamUsed>();
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), request_id.clone());
         let record = Record {
@@ -94,6 +103,7 @@ impl Dispatcher {
             status: resp.status(),
             request_id,
             upstream,
+            global_permit,
             start,
             log: gw.settings.access_log,
         };

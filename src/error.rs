@@ -29,6 +29,10 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("the service has no endpoint to send to")]
     NoHealthyEndpoint,
+    #[error("the service's circuit is open")]
+    CircuitOpen { retry_after_secs: u64 },
+    #[error("too many requests in flight")]
+    Overloaded,
 }
 
 /// What a client is told about an error.
@@ -38,6 +42,8 @@ pub struct Problem {
     pub code: &'static str,
     pub title: &'static str,
     pub allow: Option<HeaderValue>,
+    /// Seconds for `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 impl Problem {
@@ -47,6 +53,7 @@ impl Problem {
             code,
             title,
             allow: None,
+            retry_after: None,
         }
     }
 }
@@ -96,6 +103,22 @@ impl GatewayError {
                 "no_healthy_endpoint",
                 "No healthy endpoint for the backend service",
             ),
+            CircuitOpen { retry_after_secs } => Problem {
+                retry_after: Some(*retry_after_secs),
+                ..Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "circuit_open",
+                    "The backend service is failing; its circuit is open",
+                )
+            },
+            Overloaded => Problem {
+                retry_after: Some(1),
+                ..Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "Too many requests in flight; try again shortly",
+                )
+            },
         }
     }
 }
@@ -152,6 +175,9 @@ pub fn problem_response(problem: &Problem, request_id: &HeaderValue) -> Response
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(allow) = &problem.allow {
         h.insert(header::ALLOW, allow.clone());
+    }
+    if let Some(secs) = problem.retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod error;
 pub mod gateway;
+pub mod layers;
 pub mod observe;
 pub mod route;
 pub mod routing;

@@ -213,12 +213,25 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
+        let max = live.max_connections;
+        if max > 0 && live.connections.load(std::sync::atomic::Ordering::Relaxed) >= max {
+            // Over [server] max_connections: close at once rather than queue.
+            tracing::debug!(%peer, max, "connection refused: max_connections reached");
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
         let live = live.clone();
         let builder = builder.clone();
+        live.connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
+            let counted = live.clone();
             serve_connection(stream, peer, live, &builder, watcher).await;
+            counted
+                .connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
 }

@@ -1,7 +1,11 @@
-//! `proxy = { service, path }`: forwards the request to one endpoint of a service and streams
+//! `proxy = { service, path }`: forwards the request to an endpoint of a service and streams
 //! both bodies through. The dispatcher has already set the upstream path and the forwarding
-//! headers; here the endpoint is chosen, hop-by-hop headers are removed in both directions, and
-//! WebSocket (or any HTTP/1.1) upgrades are spliced into a byte tunnel.
+//! headers. Here, per request: the service's bulkhead slot; per attempt: the circuit breaker,
+//! the endpoint (a retry prefers one not tried yet), the per-attempt timeout, outcome reporting
+//! (outlier detection, breaker, metrics); between attempts: the retry decision (policy, retry
+//! budget) and jittered backoff. A body is buffered only when it may be sent again (small, of
+//! known size, on a retryable request); otherwise it streams once. Hop-by-hop headers are
+//! removed both ways, and WebSocket (any HTTP/1.1) upgrades become a byte tunnel.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,23 +18,46 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Either;
 use hyper_util::rt::TokioIo;
 
-use crate::body::{ReqBody, RespBody};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{req_full, ReqBody, RespBody};
 use crate::error::{chain_has, BoxError, GatewayError};
 use crate::observe::access::UpstreamUsed;
-use crate::observe::metrics::UpstreamErrorKind;
-use crate::upstream::Upstream;
+use crate::observe::metrics::{Resilience, UpstreamErrorKind};
+use tower::retry::budget::Budget as _;
+
+use crate::upstream::retry::{method_allows_retry, Failure, RetryPolicy};
+use crate::upstream::{Endpoint, Upstream};
+
+/// Per-route settings of a proxy backend.
+#[derive(Clone, Default)]
+pub struct ProxyOptions {
+    pub preserve_host: bool,
+    /// The route's retry policy (its own, or its service's).
+    pub retry: Option<RetryPolicy>,
+    /// The route allows retrying POST and PATCH.
+    pub idempotent: bool,
+    /// The route's total deadline, sent to gRPC services as `grpc-timeout`.
+    pub deadline: Option<Duration>,
+}
 
 #[derive(Clone)]
 pub struct Proxy {
     upstream: Arc<Upstream>,
-    preserve_host: bool,
+    opts: Arc<ProxyOptions>,
 }
 
 impl Proxy {
-    pub fn new(upstream: Arc<Upstream>, preserve_host: bool) -> Self {
+    pub fn new(upstream: Arc<Upstream>, opts: ProxyOptions) -> Self {
         Proxy {
             upstream,
-            preserve_host,
+            opts: Arc::new(opts),
         }
     }
 }
@@ -50,17 +77,156 @@ impl tower::Service<Request<ReqBody>> for Proxy {
     }
 }
 
+/// The outcome of one attempt.
+enum Attempt {
+    Response(Response<Incoming>),
+    Failed(GatewayError, Option<Failure>),
+}
+
 impl Proxy {
     async fn forward(self, mut req: Request<ReqBody>) -> Result<Response<RespBody>, BoxError> {
+        let started = Instant::now();
         let up = &*self.upstream;
-        let ep = up
-            .pick(req.headers())
-            .ok_or(GatewayError::NoHealthyEndpoint)?;
-        let _in_flight = ep.start();
+        // The bulkhead slot is held for the whole request, retries included, and released
+        // when the response body ends (it travels with the response to the access record).
+        let slot = match &up.bulkhead {
+            Some(b) => match b.acquire().await {
+                Some(p) => Some(p),
+                None => {
+                    up.metrics().resilience(Resilience::Overloaded);
+                    return Err(GatewayError::Overloaded.into());
+                }
+            },
+            None => None,
+        };
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-        let (mut parts, body) = req.into_parts();
+        let policy = self.opts.retry.as_ref().filter(|p| {
+            p.attempts > 1
+                && !upgrade
+                && method_allows_retry(req.method(), req.headers(), self.opts.idempotent)
+        });
+        let (parts, body) = req.into_parts();
+        // A retryable request needs its body again: buffer it if it is small and of known size.
+        let (body, policy) = match policy {
+            None => (Some(body), None),
+            Some(p) => match buffered_len(&parts.headers, &body, p.max_body_buffer) {
+                None => (Some(body), None),
+                Some(_) => {
+                    let bytes = body.collect().await.map_err(|e| -> BoxError {
+                        if chain_has::<http_body_util::LengthLimitError>(&*e) {
+                            GatewayError::BodyTooLarge.into()
+                        } else {
+                            GatewayError::BadRequest("request body").into()
+                        }
+                    })?;
+                    (Some(req_full(bytes.to_bytes())), Some(p))
+                }
+            },
+        };
+        let buffered = policy.map(|_| match &body {
+            Some(Either::Right(full)) => full.clone(),
+            _ => Full::new(Bytes::new()),
+        });
+        if policy.is_some() {
+            up.budget.deposit();
+        }
+        let attempts = policy.map_or(1, |p| p.attempts);
+        let mut body = body;
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        let mut n = 0;
+        loop {
+            n += 1;
+            let permit = match &up.breaker {
+                Some(b) => match b.try_acquire() {
+                    Ok(p) => Some(p),
+                    Err(rej) => {
+                        up.metrics().resilience(Resilience::CircuitOpen);
+                        return Err(GatewayError::CircuitOpen {
+                            retry_after_secs: rej.retry_after_ms.div_ceil(1000).max(1),
+                        }
+                        .into());
+                    }
+                },
+                None => None,
+            };
+            let Some(ep) = up.pick_untried(&parts.headers, &tried) else {
+                if let (Some(b), Some(p)) = (&up.breaker, permit) {
+                    b.record(p, None);
+                }
+                return Err(GatewayError::NoHealthyEndpoint.into());
+            };
+            let this_body = match (&buffered, body.take()) {
+                (Some(full), _) => Either::Right(full.clone()),
+                (None, Some(b)) => b,
+                (None, None) => unreachable!("an unbuffered body is sent once"),
+            };
+            let req = self.request_for(&parts, &ep, this_body, started);
+            let outcome = self.attempt(&ep, req).await;
+            let failure = match &outcome {
+                Attempt::Response(r) if r.status().is_server_error() => {
+                    Some(Failure::Status(r.status().as_u16()))
+                }
+                Attempt::Response(_) => None,
+                Attempt::Failed(_, f) => *f,
+            };
+            if let (Some(b), Some(p)) = (&up.breaker, permit) {
+                let verdict = match (&outcome, failure) {
+                    (Attempt::Failed(_, None), _) => None,
+                    (Attempt::Response(_), Some(_)) if !b.config().count_5xx => Some(true),
+                    (_, f) => Some(f.is_none()),
+                };
+                b.record(p, verdict);
+            }
+            let retry = match (policy, failure) {
+                (Some(p), Some(f)) if n < attempts && p.retries(f) => {
+                    if up.budget.withdraw() {
+                        true
+                    } else {
+                        up.metrics().resilience(Resilience::BudgetExhausted);
+                        false
+                    }
+                }
+                _ => false,
+            };
+            if retry {
+                up.metrics().resilience(Resilience::Retry);
+                tried.push(ep);
+                if let Some(p) = policy {
+                    tokio::time::sleep(p.backoff(n)).await;
+                }
+                continue;
+            }
+            let mut resp = match outcome {
+                Attempt::Response(r) => r,
+                Attempt::Failed(e, _) => return Err(e.into()),
+            };
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            if switching {
+                if let Some(client_side) = client_upgrade {
+                    let upstream_side = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(tunnel(client_side, upstream_side));
+                }
+            }
+            strip_hop_by_hop(resp.headers_mut(), switching);
+            resp.extensions_mut().insert(UpstreamUsed {
+                url: ep.url.clone(),
+                attempts: n,
+                permit: slot.map(Arc::new),
+            });
+            return Ok(resp.map(Either::Left));
+        }
+    }
+
+    /// The request for one attempt at `ep`.
+    fn request_for(
+        &self,
+        parts: &http::request::Parts,
+        ep: &Endpoint,
+        body: ReqBody,
+        started: Instant,
+    ) -> Request<ReqBody> {
         let mut uri = uri::Parts::default();
         uri.scheme = Some(ep.scheme.clone());
         uri.authority = Some(ep.authority.clone());
@@ -71,67 +237,120 @@ impl Proxy {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         );
-        parts.uri = Uri::from_parts(uri).map_err(|_| GatewayError::BadRequest("request target"))?;
-        parts.version = up.version;
-        strip_hop_by_hop(&mut parts.headers, upgrade);
-        if !self.preserve_host {
-            parts.headers.remove(header::HOST);
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        // The parts come from a valid request, so these parts form a valid URI.
+        *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+        *req.version_mut() = self.upstream.version;
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers, wants_upgrade(&parts.headers));
+        if !self.opts.preserve_host {
+            headers.remove(header::HOST);
         }
+        if let Some(deadline) = self.opts.deadline {
+            grpc_timeout(&mut headers, deadline.saturating_sub(started.elapsed()));
+        }
+        *req.headers_mut() = headers;
+        req
+    }
 
-        let sent = up.client.request(Request::from_parts(parts, body));
+    async fn attempt(&self, ep: &Endpoint, req: Request<ReqBody>) -> Attempt {
+        let up = &*self.upstream;
+        let _in_flight = ep.start();
+        let sent = up.client.request(req);
         let result = match up.timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,
                 Err(_) => {
                     up.metrics().error(UpstreamErrorKind::Timeout);
-                    up.report(&ep, false);
-                    return Err(GatewayError::UpstreamTimeout.into());
+                    up.report(ep, false);
+                    return Attempt::Failed(GatewayError::UpstreamTimeout, Some(Failure::Timeout));
                 }
             },
             None => sent.await,
         };
-        let mut resp = match result {
-            Ok(r) => r,
-            Err(e) => {
-                let err = classify_client_error(up, e);
-                // A body over the limit is the client's fault, not the endpoint's.
-                if !matches!(
-                    err.downcast_ref::<GatewayError>(),
-                    Some(GatewayError::BodyTooLarge)
-                ) {
-                    up.report(&ep, false);
-                }
-                return Err(err);
+        match result {
+            Ok(r) => {
+                up.metrics().response(r.status());
+                up.report(ep, !r.status().is_server_error());
+                Attempt::Response(r)
             }
-        };
-        up.metrics().response(resp.status());
-        up.report(&ep, !resp.status().is_server_error());
-
-        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if switching {
-            if let Some(client_side) = client_upgrade {
-                let upstream_side = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(client_side, upstream_side));
+            Err(e) => {
+                let (err, failure) = classify_client_error(up, e);
+                // A body over the limit is the client's doing, not the endpoint's.
+                if failure.is_some() {
+                    up.report(ep, false);
+                }
+                Attempt::Failed(err, failure)
             }
         }
-        strip_hop_by_hop(resp.headers_mut(), switching);
-        resp.extensions_mut().insert(UpstreamUsed(ep.url.clone()));
-        Ok(resp.map(Either::Left))
     }
 }
 
-fn classify_client_error(up: &Upstream, e: hyper_util::client::legacy::Error) -> BoxError {
+/// The body length if it can be buffered for retries: known and at most `max`.
+fn buffered_len(headers: &HeaderMap, body: &ReqBody, max: u64) -> Option<u64> {
+    if body.is_end_stream() {
+        return Some(0);
+    }
+    let len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())?;
+    (len <= max).then_some(len)
+}
+
+/// Sets `grpc-timeout` on gRPC requests to what is left of the route's deadline (or keeps the
+/// client's, if shorter).
+fn grpc_timeout(h: &mut HeaderMap, left: Duration) {
+    let grpc = h
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        return;
+    }
+    let ms = left.as_millis().max(1) as u64;
+    let client_ms = h
+        .get("grpc-timeout")
+        .and_then(|v| parse_grpc_timeout(v.as_bytes()));
+    let ms = client_ms.map_or(ms, |c| c.min(ms));
+    h.insert(
+        "grpc-timeout",
+        HeaderValue::from_str(&format!("{ms}m")).unwrap_or(HeaderValue::from_static("1m")),
+    );
+}
+
+fn parse_grpc_timeout(v: &[u8]) -> Option<u64> {
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = std::str::from_utf8(num).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => n * 3_600_000,
+        b"M" => n * 60_000,
+        b"S" => n * 1000,
+        b"m" => n,
+        b"u" => n / 1000,
+        b"n" => n / 1_000_000,
+        _ => return None,
+    })
+}
+
+fn classify_client_error(
+    up: &Upstream,
+    e: hyper_util::client::legacy::Error,
+) -> (GatewayError, Option<Failure>) {
     if chain_has::<http_body_util::LengthLimitError>(&e) {
-        return GatewayError::BodyTooLarge.into();
+        return (GatewayError::BodyTooLarge, None);
     }
     if e.is_connect() {
         up.metrics().error(UpstreamErrorKind::Connect);
         tracing::debug!(service = &*up.name, error = %e, "upstream connect failed");
-        GatewayError::UpstreamConnect(e.into()).into()
+        (
+            GatewayError::UpstreamConnect(e.into()),
+            Some(Failure::Connect),
+        )
     } else {
         up.metrics().error(UpstreamErrorKind::Reset);
         tracing::debug!(service = &*up.name, error = %e, "upstream request failed");
-        GatewayError::UpstreamFailed(e.into()).into()
+        (GatewayError::UpstreamFailed(e.into()), Some(Failure::Reset))
     }
 }
 

@@ -58,6 +58,12 @@ pub struct ServerConfig {
     /// Bodies larger than this get 413.
     #[serde(default = "default_max_body")]
     pub max_request_body: Size,
+    /// Requests in flight across the gateway; beyond it, 503 `overloaded` at once. 0: no limit.
+    #[serde(default)]
+    pub max_concurrent_requests: usize,
+    /// Open client connections; beyond it, new connections are closed at once. 0: no limit.
+    #[serde(default)]
+    pub max_connections: usize,
     /// Peers whose X-Forwarded-* and X-Request-Id headers are believed.
     #[serde(default)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -77,6 +83,8 @@ impl Default for ServerConfig {
             request_timeout: d_30s(),
             max_request_body: default_max_body(),
             trusted_proxies: Vec::new(),
+            max_concurrent_requests: 0,
+            max_connections: 0,
             header_read_timeout: d_10s(),
             shutdown_grace: d_30s(),
         }
@@ -239,6 +247,83 @@ pub struct ServiceConfig {
     pub outlier_detection: Option<Spanned<OutlierDetectionConfig>>,
     /// TLS to `https` endpoints; without it, the system's roots are trusted.
     pub tls: Option<Spanned<UpstreamTlsConfig>>,
+    /// Bulkhead: requests in flight to this service; beyond it (and the queue), 503 `overloaded`.
+    pub max_concurrent_requests: Option<Spanned<usize>>,
+    /// Requests that may wait for a bulkhead slot, each at most `queue_timeout`.
+    #[serde(default)]
+    pub max_queued_requests: usize,
+    #[serde(default = "d_100ms")]
+    pub queue_timeout: Duration,
+    pub retry: Option<Spanned<RetryConfig>>,
+    pub circuit_breaker: Option<Spanned<CircuitBreakerConfig>>,
+}
+
+/// `[services.NAME.retry]`, and a route's `retry` override.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Total attempts, the first included.
+    #[serde(default = "three")]
+    pub attempts: u32,
+    /// Base of exponential backoff with full jitter.
+    #[serde(default = "d_25ms")]
+    pub backoff: Duration,
+    #[serde(default = "d_250ms")]
+    pub max_backoff: Duration,
+    /// `connect-failure`, `reset`, `timeout`, or a status code like `"503"`.
+    #[serde(default = "default_retry_on")]
+    pub retry_on: Vec<String>,
+    /// Retries add at most this percentage to the original requests (per service; a route's
+    /// override cannot change it).
+    #[serde(default = "twenty")]
+    pub budget_percent: u32,
+    /// Retries allowed per second even when the percentage would allow none.
+    #[serde(default = "ten")]
+    pub min_retries_per_second: u32,
+    /// Bodies up to this size are buffered so they can be sent again; larger ones (and bodies
+    /// of unknown length) are sent once and never retried.
+    #[serde(default = "d_64kib")]
+    pub max_body_buffer: Size,
+}
+
+/// `[services.NAME.circuit_breaker]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    #[serde(default = "five")]
+    pub consecutive_failures: u32,
+    /// Opens when this share of requests in `window` failed, once `min_requests` were seen.
+    #[serde(default = "half")]
+    pub failure_rate: f64,
+    #[serde(default = "twenty")]
+    pub min_requests: u32,
+    #[serde(default = "d_10s")]
+    pub window: Duration,
+    /// How long it stays open the first time; doubles on each reopening, up to `max_open_for`.
+    #[serde(default = "d_5s")]
+    pub open_for: Duration,
+    #[serde(default = "d_60s")]
+    pub max_open_for: Duration,
+    /// Probe requests let through while half-open; that many successes close it.
+    #[serde(default = "one")]
+    pub half_open_requests: u32,
+    /// Whether 5xx responses count as failures (connect errors, resets and timeouts always do;
+    /// 4xx never).
+    #[serde(default = "yes")]
+    pub count_5xx: bool,
+}
+
+/// `fallback = { … }`: the response a route serves when its backend fails.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    #[serde(default = "default_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 /// `[services.NAME.tls]`.
@@ -341,8 +426,15 @@ pub struct RouteConfig {
     /// Request headers that must be present with exactly these values.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// Total deadline; overrides the frontend's and the server's.
+    /// Total deadline; overrides the frontend's and the server's. It bounds all retries.
     pub timeout: Option<Duration>,
+    /// Overrides the service's retry policy for this route.
+    pub retry: Option<Spanned<RetryConfig>>,
+    /// Allows retrying POST and PATCH on this route.
+    #[serde(default)]
+    pub idempotent: bool,
+    /// Served when the backend fails (502, 503, 504).
+    pub fallback: Option<Spanned<FallbackConfig>>,
     pub proxy: Option<Spanned<ProxyConfig>>,
     pub respond: Option<Spanned<RespondConfig>>,
 }
@@ -413,6 +505,39 @@ fn d_5s() -> Duration {
 }
 fn d_300s() -> Duration {
     Duration::from_secs(300)
+}
+fn default_retry_on() -> Vec<String> {
+    ["connect-failure", "reset", "timeout", "502", "503", "504"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+fn one() -> u32 {
+    1
+}
+fn ten() -> u32 {
+    10
+}
+fn twenty() -> u32 {
+    20
+}
+fn half() -> f64 {
+    0.5
+}
+fn d_25ms() -> Duration {
+    Duration::from_millis(25)
+}
+fn d_100ms() -> Duration {
+    Duration::from_millis(100)
+}
+fn d_250ms() -> Duration {
+    Duration::from_millis(250)
+}
+fn d_60s() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_64kib() -> Size {
+    Size(64 * 1024)
 }
 fn d_1s() -> Duration {
     Duration::from_secs(1)

@@ -12,7 +12,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use super::{Gateway, Route, Settings};
-use crate::backend::{proxy::Proxy, respond::Respond};
+use crate::backend::proxy::{Proxy, ProxyOptions};
+use crate::backend::respond::Respond;
 use crate::config::LoadBalancing;
 use crate::config::{ConfigErrors, FrontendFile, LoadedConfig, SourceFile};
 use crate::observe::metrics::Metrics;
@@ -20,6 +21,7 @@ use crate::route;
 use crate::routing::template::{route_params, UpstreamPath};
 use crate::routing::{RouteFilter, RouteSpec, Router};
 use crate::upstream::discovery::{self, DnsTarget};
+use crate::upstream::retry::RetryPolicy;
 use crate::upstream::{self, Endpoint, HashKey, Source, TlsSettings, Upstream};
 
 pub fn compile(
@@ -131,6 +133,7 @@ fn compile_services(
         };
         let hash_key = check_balancing(gfile, name, cfg, spanned.span(), errors);
         let tls = upstream_tls(loaded, name, cfg, spanned.span(), errors);
+        let retry = check_resilience(gfile, name, cfg, spanned.span(), errors);
         if let (Some(source), Some(tls), true) = (source, tls, errors.0.len() == before) {
             let up = Upstream::new(
                 name,
@@ -139,6 +142,7 @@ fn compile_services(
                 source,
                 hash_key,
                 tls,
+                retry,
                 metrics.service(name),
             );
             out.insert(name.clone(), Arc::new(up));
@@ -254,6 +258,67 @@ fn discovery_source(
         }),
         Err(msg) => fail(msg),
     }
+}
+
+/// Checks retry, circuit breaker and bulkhead settings; returns the service's retry policy.
+fn check_resilience(
+    gfile: &SourceFile,
+    name: &str,
+    cfg: &crate::config::ServiceConfig,
+    span: Range<usize>,
+    errors: &mut ConfigErrors,
+) -> Option<RetryPolicy> {
+    let retry = cfg
+        .retry
+        .as_ref()
+        .and_then(|r| match RetryPolicy::parse(r.get_ref()) {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                errors.push(gfile.error_at(r.span(), format!("service `{name}` retry: {msg}")));
+                None
+            }
+        });
+    if let Some(cb) = &cfg.circuit_breaker {
+        let c = cb.get_ref();
+        let mut bad = |msg: String| {
+            errors.push(gfile.error_at(
+                cb.span(),
+                format!("service `{name}` circuit_breaker: {msg}"),
+            ))
+        };
+        if c.consecutive_failures == 0 || c.min_requests == 0 || c.half_open_requests == 0 {
+            bad(
+                "consecutive_failures, min_requests and half_open_requests must be at least 1"
+                    .into(),
+            );
+        }
+        if !(c.failure_rate > 0.0 && c.failure_rate <= 1.0) {
+            bad(format!(
+                "failure_rate = {} must be above 0 and at most 1",
+                c.failure_rate
+            ));
+        }
+        if c.open_for.get() > c.max_open_for.get() {
+            bad(format!(
+                "open_for ({}) must not exceed max_open_for ({})",
+                c.open_for, c.max_open_for
+            ));
+        }
+    }
+    if let Some(m) = &cfg.max_concurrent_requests {
+        if *m.get_ref() == 0 {
+            errors.push(gfile.error_at(
+                m.span(),
+                format!("service `{name}`: max_concurrent_requests must be at least 1"),
+            ));
+        }
+    } else if cfg.max_queued_requests > 0 {
+        errors.push(gfile.error_at(
+            span,
+            format!("service `{name}`: max_queued_requests needs max_concurrent_requests"),
+        ));
+    }
+    retry
 }
 
 /// Checks load balancing, health check and outlier detection settings; returns the hash key.
@@ -539,6 +604,32 @@ fn compile_frontend(
                 "route `{rname}` must have exactly one backend: `proxy` or `respond` (it has {backend_count})"
             ));
         }
+        let route_retry = rc
+            .retry
+            .as_ref()
+            .and_then(|r| match RetryPolicy::parse(r.get_ref()) {
+                Ok(p) => Some(p),
+                Err(msg) => {
+                    fail(r.span(), format!("route `{rname}` retry: {msg}"));
+                    None
+                }
+            });
+        let fallback = rc.fallback.as_ref().and_then(|f| {
+            let fc = f.get_ref();
+            let as_respond = crate::config::RespondConfig {
+                status: fc.status,
+                body: fc.body.clone(),
+                content_type: fc.content_type.clone(),
+                headers: fc.headers.clone(),
+            };
+            match respond_backend(&as_respond) {
+                Ok(r) => Some(r),
+                Err(msg) => {
+                    fail(f.span(), format!("route `{rname}` fallback: {msg}"));
+                    None
+                }
+            }
+        });
         let mut built = None;
         if let Some(p) = &rc.proxy {
             let pc = p.get_ref();
@@ -567,13 +658,19 @@ fn compile_frontend(
                     ),
                 );
             } else if let (Some(up), Some(path)) = (services.get(sname), upstream_path) {
-                let svc = route::stack(Proxy::new(up.clone(), pc.preserve_host), timeout);
+                let opts = ProxyOptions {
+                    preserve_host: pc.preserve_host,
+                    retry: route_retry.clone().or_else(|| up.retry.clone()),
+                    idempotent: rc.idempotent,
+                    deadline: Some(timeout),
+                };
+                let svc = route::stack(Proxy::new(up.clone(), opts), timeout, fallback.clone());
                 built = Some((svc, Some(path), pc.forward_query));
             }
         }
         if let Some(r) = &rc.respond {
             match respond_backend(r.get_ref()) {
-                Ok(b) => built = Some((route::stack(b, timeout), None, false)),
+                Ok(b) => built = Some((route::stack(b, timeout, fallback.clone()), None, false)),
                 Err(msg) => fail(r.span(), format!("route `{rname}`: {msg}")),
             }
         }

@@ -100,6 +100,7 @@ struct StartupSettings {
     shutdown_grace: Duration,
     routes_dir: PathBuf,
     watch: bool,
+    limits: (usize, usize),
 }
 
 impl StartupSettings {
@@ -113,6 +114,7 @@ impl StartupSettings {
             shutdown_grace: g.server.shutdown_grace.get(),
             routes_dir: c.routes_dir(),
             watch: g.routes.watch,
+            limits: (g.server.max_concurrent_requests, g.server.max_connections),
         }
     }
 
@@ -140,6 +142,11 @@ impl StartupSettings {
             "routes.dir (for file watching)",
         );
         check(self.watch != other.watch, "routes.watch");
+        check(
+            self.limits.0 != other.limits.0,
+            "server.max_concurrent_requests",
+        );
+        check(self.limits.1 != other.limits.1, "server.max_connections");
         out
     }
 }
@@ -166,6 +173,11 @@ pub struct Live {
     reload_lock: tokio::sync::Mutex<()>,
     /// Set once the listeners are up.
     pub ready: AtomicBool,
+    /// `[server] max_concurrent_requests` (fixed at start).
+    pub request_limit: Option<Arc<tokio::sync::Semaphore>>,
+    /// `[server] max_connections` (fixed at start) and the connections open now.
+    pub max_connections: usize,
+    pub connections: std::sync::atomic::AtomicUsize,
 }
 
 impl Live {
@@ -176,6 +188,10 @@ impl Live {
         metrics: Arc<Metrics>,
     ) -> Result<Live, ConfigErrors> {
         let startup = StartupSettings::of(&loaded);
+        let server = &loaded.gateway.server;
+        let request_limit = (server.max_concurrent_requests > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(server.max_concurrent_requests)));
+        let max_connections = server.max_connections;
         let gateway = compile(loaded, None, &metrics, 1)?;
         metrics.config_generation.set(1);
         Ok(Live {
@@ -193,6 +209,9 @@ impl Live {
             }),
             reload_lock: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
+            request_limit,
+            max_connections,
+            connections: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 

@@ -15,9 +15,14 @@ use http_body::{Body, Frame, SizeHint};
 use super::metrics::RouteMetrics;
 use crate::body::RespBody;
 
-/// Which endpoint answered; put in the response extensions by a backend.
+/// Which endpoint answered, after how many attempts; put in the response extensions by a
+/// backend. A bulkhead slot travels with it so it is held until the response body ends.
 #[derive(Debug, Clone)]
-pub struct UpstreamUsed(pub Arc<str>);
+pub struct UpstreamUsed {
+    pub url: Arc<str>,
+    pub attempts: u32,
+    pub permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+}
 
 /// What the access log says about one request.
 pub struct Record {
@@ -26,7 +31,9 @@ pub struct Record {
     pub uri: Uri,
     pub status: StatusCode,
     pub request_id: HeaderValue,
-    pub upstream: Option<Arc<str>>,
+    pub upstream: Option<UpstreamUsed>,
+    /// A global concurrency slot, released when the body ends.
+    pub global_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     pub start: Instant,
     pub log: bool,
 }
@@ -88,7 +95,8 @@ impl Drop for ObservedBody {
                 method = r.method.as_str(),
                 path = r.uri.path(),
                 status = r.status.as_u16(),
-                upstream = r.upstream.as_deref().unwrap_or("-"),
+                upstream = r.upstream.as_ref().map_or("-", |u| &*u.url),
+                attempts = r.upstream.as_ref().map_or(0, |u| u.attempts),
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 bytes = self.bytes,
                 request_id = r.request_id.to_str().unwrap_or("-"),

@@ -19,6 +19,9 @@ pub struct Metrics {
     upstream_requests_total: IntCounterVec,
     endpoint_requests_total: IntCounterVec,
     discovery_total: IntCounterVec,
+    resilience_total: IntCounterVec,
+    /// Circuit state per service (0 closed, 1 open, 2 half-open); set when /metrics is scraped.
+    pub circuit_state: prometheus::IntGaugeVec,
     /// Endpoints per service and state; set when /metrics is scraped.
     pub upstream_endpoints: prometheus::IntGaugeVec,
     pub config_reloads_total: IntCounterVec,
@@ -80,6 +83,22 @@ impl Metrics {
             &["service", "result"],
         )
         .expect("static metric definition is valid");
+        let resilience_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_upstream_resilience_total",
+                "Resilience events per service: retry, retry_budget_exhausted, circuit_open (refused), overloaded (refused)",
+            ),
+            &["service", "event"],
+        )
+        .expect("static metric definition is valid");
+        let circuit_state = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_circuit_state",
+                "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            ),
+            &["service"],
+        )
+        .expect("static metric definition is valid");
         let config_reloads_total = IntCounterVec::new(
             Opts::new("gatehouse_config_reloads_total", "Config reloads by result"),
             &["result"],
@@ -96,6 +115,8 @@ impl Metrics {
             Box::new(upstream_requests_total.clone()),
             Box::new(endpoint_requests_total.clone()),
             Box::new(discovery_total.clone()),
+            Box::new(resilience_total.clone()),
+            Box::new(circuit_state.clone()),
             Box::new(upstream_endpoints.clone()),
             Box::new(config_reloads_total.clone()),
             Box::new(config_generation.clone()),
@@ -114,6 +135,8 @@ impl Metrics {
             upstream_requests_total,
             endpoint_requests_total,
             discovery_total,
+            resilience_total,
+            circuit_state,
             upstream_endpoints,
             config_reloads_total,
             config_generation,
@@ -137,6 +160,10 @@ impl Metrics {
             family: self.upstream_requests_total.clone(),
             endpoints: self.endpoint_requests_total.clone(),
             discovery: self.discovery_total.clone(),
+            resilience: std::array::from_fn(|i| {
+                self.resilience_total
+                    .with_label_values(&[service, Resilience::ALL[i].label()])
+            }),
             counters: std::array::from_fn(|_| OnceLock::new()),
             errors: std::array::from_fn(|i| {
                 self.upstream_requests_total
@@ -250,11 +277,38 @@ impl UpstreamErrorKind {
     }
 }
 
+/// Resilience events, counted per service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resilience {
+    Retry,
+    BudgetExhausted,
+    CircuitOpen,
+    Overloaded,
+}
+
+impl Resilience {
+    const ALL: [Resilience; 4] = [
+        Self::Retry,
+        Self::BudgetExhausted,
+        Self::CircuitOpen,
+        Self::Overloaded,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            Self::Retry => "retry",
+            Self::BudgetExhausted => "retry_budget_exhausted",
+            Self::CircuitOpen => "circuit_open",
+            Self::Overloaded => "overloaded",
+        }
+    }
+}
+
 pub struct ServiceMetrics {
     service: Box<str>,
     family: IntCounterVec,
     endpoints: IntCounterVec,
     discovery: IntCounterVec,
+    resilience: [IntCounter; 4],
     counters: [OnceLock<IntCounter>; STATUSES.len()],
     errors: [IntCounter; 3],
 }
@@ -277,6 +331,10 @@ impl ServiceMetrics {
 
     pub fn error(&self, kind: UpstreamErrorKind) {
         self.errors[kind as usize].inc();
+    }
+
+    pub fn resilience(&self, event: Resilience) {
+        self.resilience[event as usize].inc();
     }
 
     /// Counts one discovery lookup (off the request path).

@@ -4,17 +4,21 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::uri::{Authority, Scheme};
 use http::Uri;
 
 use crate::config::OutlierDetectionConfig;
 
-/// Milliseconds since the process started (never 0, so 0 can mean "not set").
+/// Milliseconds since the process started (never 0, so 0 can mean "not set"). Tokio's clock,
+/// so tests can pause and advance it.
 pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    let start = *START.get_or_init(Instant::now);
+    Instant::now().saturating_duration_since(start).as_millis() as u64 + 1
 }
 
 #[derive(Debug)]

@@ -6,10 +6,13 @@
 //! end when it is dropped.
 
 pub mod balance;
+pub mod breaker;
+pub mod bulkhead;
 pub mod discovery;
 pub mod endpoint;
 pub mod etcd;
 pub mod health;
+pub mod retry;
 pub mod table;
 pub mod tls;
 
@@ -62,6 +65,12 @@ pub struct Upstream {
     /// Per attempt, until the response head arrives.
     pub timeout: Option<Duration>,
     pub version: Version,
+    /// The service's retry policy (a route may override it).
+    pub retry: Option<retry::RetryPolicy>,
+    /// Bounds retries to a share of the original requests.
+    pub budget: tower::retry::budget::TpsBudget,
+    pub breaker: Option<breaker::Breaker>,
+    pub bulkhead: Option<bulkhead::Bulkhead>,
     _tasks: Vec<health::TaskGuard>,
 }
 
@@ -73,6 +82,7 @@ impl Upstream {
         source: Source,
         hash_key: Option<HashKey>,
         tls: TlsSettings,
+        retry: Option<retry::RetryPolicy>,
         metrics: ServiceMetrics,
     ) -> Self {
         let mut http = HttpConnector::new();
@@ -134,7 +144,33 @@ impl Upstream {
                 hc.get_ref().clone(),
             ));
         }
+        let (percent, min_per_sec) = config.retry.as_ref().map_or((20, 10), |r| {
+            (
+                r.get_ref().budget_percent,
+                r.get_ref().min_retries_per_second,
+            )
+        });
+        let budget = tower::retry::budget::TpsBudget::new(
+            Duration::from_secs(10),
+            min_per_sec,
+            percent as f32 / 100.0,
+        );
+        let breaker = config
+            .circuit_breaker
+            .as_ref()
+            .map(|c| breaker::Breaker::new(c.get_ref().clone()));
+        let bulkhead = config.max_concurrent_requests.as_ref().map(|m| {
+            bulkhead::Bulkhead::new(
+                *m.get_ref(),
+                config.max_queued_requests,
+                config.queue_timeout.get(),
+            )
+        });
         Upstream {
+            retry,
+            budget,
+            breaker,
+            bulkhead,
             name,
             timeout: config.timeout.map(|d| d.get()),
             table,
@@ -165,6 +201,26 @@ impl Upstream {
                 AllUnhealthy::Reject => None,
             })
             .cloned()
+    }
+
+    /// Like `pick`, but avoids the endpoints already tried when another one is available.
+    pub fn pick_untried(
+        &self,
+        headers: &HeaderMap,
+        tried: &[Arc<Endpoint>],
+    ) -> Option<Arc<Endpoint>> {
+        if tried.is_empty() {
+            return self.pick(headers);
+        }
+        let set = self.table.current();
+        let fresh = |e: &Endpoint| e.available() && !tried.iter().any(|t| std::ptr::eq(&**t, e));
+        match set.balancer.pick(&set.endpoints, headers, fresh) {
+            Some(e) => Some(e.clone()),
+            None => {
+                drop(set);
+                self.pick(headers)
+            }
+        }
     }
 
     /// Records a request's outcome on its endpoint (for outlier detection and metrics).

@@ -1,0 +1,3 @@
+//! Layers of a route's stack (see `route.rs` for their order).
+
+pub mod fallback;

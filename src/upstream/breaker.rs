@@ -1,0 +1,373 @@
+//! The circuit breaker of a service. Closed: requests pass, outcomes are counted. Open: requests
+//! fail at once with 503 `circuit_open` and `Retry-After`, without touching the service. After
+//! `open_for` it turns half-open and lets `half_open_requests` probes through: their success
+//! closes it, a failure opens it again for twice as long (up to `max_open_for`).
+//!
+//! It opens on `consecutive_failures` in a row, or when the failure rate over `window` (counted
+//! in ten rotating buckets) reaches `failure_rate` once `min_requests` were seen. All state is
+//! atomics: a request reads one word to learn the state.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use super::endpoint::now_ms;
+use crate::config::CircuitBreakerConfig;
+
+pub const CLOSED: u8 = 0;
+pub const OPEN: u8 = 1;
+pub const HALF_OPEN: u8 = 2;
+
+const BUCKETS: usize = 10;
+
+/// Why a request was not let through, and for how long the circuit stays open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejected {
+    pub retry_after_ms: u64,
+}
+
+/// Permission to send one request; report its outcome with `Breaker::record`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permit {
+    Normal,
+    Probe,
+}
+
+struct Bucket {
+    /// Which slice of time this bucket counts (now / bucket width).
+    epoch: AtomicU64,
+    ok: AtomicU32,
+    failed: AtomicU32,
+}
+
+pub struct Breaker {
+    cfg: CircuitBreakerConfig,
+    state: AtomicU8,
+    open_until_ms: AtomicU64,
+    /// Consecutive openings, for the growing `open_for`.
+    openings: AtomicU32,
+    consecutive: AtomicU32,
+    probes_in_flight: AtomicU32,
+    probe_successes: AtomicU32,
+    buckets: [Bucket; BUCKETS],
+    bucket_ms: u64,
+}
+
+impl Breaker {
+    pub fn new(cfg: CircuitBreakerConfig) -> Self {
+        let bucket_ms = (cfg.window.get().as_millis() as u64 / BUCKETS as u64).max(1);
+        Breaker {
+            cfg,
+            state: AtomicU8::new(CLOSED),
+            open_until_ms: AtomicU64::new(0),
+            openings: AtomicU32::new(0),
+            consecutive: AtomicU32::new(0),
+            probes_in_flight: AtomicU32::new(0),
+            probe_successes: AtomicU32::new(0),
+            buckets: std::array::from_fn(|_| Bucket {
+                epoch: AtomicU64::new(0),
+                ok: AtomicU32::new(0),
+                failed: AtomicU32::new(0),
+            }),
+            bucket_ms,
+        }
+    }
+
+    pub fn config(&self) -> &CircuitBreakerConfig {
+        &self.cfg
+    }
+
+    /// `CLOSED`, `OPEN` or `HALF_OPEN`, as it stands now.
+    pub fn state(&self) -> u8 {
+        let s = self.state.load(Ordering::Acquire);
+        if s == OPEN && now_ms() >= self.open_until_ms.load(Ordering::Acquire) {
+            HALF_OPEN
+        } else {
+            s
+        }
+    }
+
+    pub fn state_name(&self) -> &'static str {
+        match self.state() {
+            CLOSED => "closed",
+            OPEN => "open",
+            _ => "half_open",
+        }
+    }
+
+    /// Asks to send a request.
+    pub fn try_acquire(&self) -> Result<Permit, Rejected> {
+        match self.state.load(Ordering::Acquire) {
+            CLOSED => Ok(Permit::Normal),
+            OPEN => {
+                let until = self.open_until_ms.load(Ordering::Acquire);
+                let now = now_ms();
+                if now < until {
+                    return Err(Rejected {
+                        retry_after_ms: until - now,
+                    });
+                }
+                // Time is up: one caller moves it to half-open; everyone then asks for a probe.
+                if self
+                    .state
+                    .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.probes_in_flight.store(0, Ordering::Release);
+                    self.probe_successes.store(0, Ordering::Release);
+                    tracing::info!("circuit half-open: letting probe requests through");
+                }
+                self.try_probe()
+            }
+            _ => self.try_probe(),
+        }
+    }
+
+    fn try_probe(&self) -> Result<Permit, Rejected> {
+        let max = self.cfg.half_open_requests;
+        let got = self
+            .probes_in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if got {
+            Ok(Permit::Probe)
+        } else {
+            Err(Rejected {
+                retry_after_ms: self.bucket_ms.max(1000),
+            })
+        }
+    }
+
+    /// Records the outcome of a request that was let through. `None` means the request ended
+    /// without an outcome that says anything about the service (a client error, say).
+    pub fn record(&self, permit: Permit, success: Option<bool>) {
+        match (permit, success) {
+            (Permit::Probe, Some(true)) => {
+                let n = self.probe_successes.fetch_add(1, Ordering::AcqRel) + 1;
+                if n >= self.cfg.half_open_requests
+                    && self.state.load(Ordering::Acquire) == HALF_OPEN
+                {
+                    self.close();
+                }
+            }
+            (Permit::Probe, Some(false)) => self.open(),
+            (Permit::Probe, None) => {
+                self.probes_in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+            (Permit::Normal, Some(ok)) => self.count(ok),
+            (Permit::Normal, None) => {}
+        }
+    }
+
+    fn count(&self, ok: bool) {
+        let now = now_ms();
+        let epoch = now / self.bucket_ms;
+        let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
+        let seen = b.epoch.load(Ordering::Acquire);
+        if seen != epoch
+            && b.epoch
+                .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            b.ok.store(0, Ordering::Release);
+            b.failed.store(0, Ordering::Release);
+        }
+        if ok {
+            b.ok.fetch_add(1, Ordering::AcqRel);
+            self.consecutive.store(0, Ordering::Release);
+            return;
+        }
+        b.failed.fetch_add(1, Ordering::AcqRel);
+        let consecutive = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
+        if consecutive >= self.cfg.consecutive_failures {
+            self.open();
+            return;
+        }
+        let (mut total, mut failed) = (0u64, 0u64);
+        for b in &self.buckets {
+            if epoch.saturating_sub(b.epoch.load(Ordering::Acquire)) < BUCKETS as u64 {
+                let f = b.failed.load(Ordering::Acquire) as u64;
+                total += b.ok.load(Ordering::Acquire) as u64 + f;
+                failed += f;
+            }
+        }
+        if total >= self.cfg.min_requests as u64
+            && failed as f64 >= self.cfg.failure_rate * total as f64
+        {
+            self.open();
+        }
+    }
+
+    fn open(&self) {
+        let prev = self.state.swap(OPEN, Ordering::AcqRel);
+        if prev == OPEN {
+            return;
+        }
+        let n = self.openings.fetch_add(1, Ordering::AcqRel).min(16);
+        let base = self.cfg.open_for.get().as_millis() as u64;
+        let open_for = base
+            .saturating_mul(1 << n)
+            .min(self.cfg.max_open_for.get().as_millis() as u64);
+        self.open_until_ms
+            .store(now_ms() + open_for, Ordering::Release);
+        self.consecutive.store(0, Ordering::Release);
+        for b in &self.buckets {
+            b.ok.store(0, Ordering::Release);
+            b.failed.store(0, Ordering::Release);
+        }
+        tracing::warn!(open_for_ms = open_for, "circuit opened");
+    }
+
+    fn close(&self) {
+        self.state.store(CLOSED, Ordering::Release);
+        self.openings.store(0, Ordering::Release);
+        self.consecutive.store(0, Ordering::Release);
+        tracing::info!("circuit closed");
+    }
+
+    /// Milliseconds until an open circuit turns half-open.
+    pub fn open_for_ms(&self) -> u64 {
+        if self.state.load(Ordering::Acquire) == OPEN {
+            self.open_until_ms
+                .load(Ordering::Acquire)
+                .saturating_sub(now_ms())
+        } else {
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Duration;
+    use std::time::Duration as StdDuration;
+
+    fn cfg() -> CircuitBreakerConfig {
+        CircuitBreakerConfig {
+            consecutive_failures: 3,
+            failure_rate: 0.5,
+            min_requests: 10,
+            window: Duration::from_secs(10),
+            open_for: Duration::from_secs(5),
+            max_open_for: Duration::from_secs(12),
+            half_open_requests: 2,
+            count_5xx: true,
+        }
+    }
+
+    fn fail(b: &Breaker) {
+        let p = b.try_acquire().unwrap();
+        b.record(p, Some(false));
+    }
+
+    fn succeed(b: &Breaker) {
+        let p = b.try_acquire().unwrap();
+        b.record(p, Some(true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_on_consecutive_failures_and_recovers_through_half_open() {
+        let b = Breaker::new(cfg());
+        fail(&b);
+        fail(&b);
+        succeed(&b); // resets the run
+        fail(&b);
+        fail(&b);
+        assert_eq!(b.state(), CLOSED);
+        fail(&b);
+        assert_eq!(b.state(), OPEN);
+        let r = b.try_acquire().unwrap_err();
+        assert!(r.retry_after_ms > 4000 && r.retry_after_ms <= 5000);
+
+        tokio::time::advance(StdDuration::from_millis(5001)).await;
+        assert_eq!(b.state(), HALF_OPEN);
+        let p1 = b.try_acquire().unwrap();
+        let p2 = b.try_acquire().unwrap();
+        assert_eq!((p1, p2), (Permit::Probe, Permit::Probe));
+        assert!(
+            b.try_acquire().is_err(),
+            "only half_open_requests probes at a time"
+        );
+        b.record(p1, Some(true));
+        assert_eq!(b.state(), HALF_OPEN);
+        b.record(p2, Some(true));
+        assert_eq!(b.state(), CLOSED);
+        assert_eq!(b.try_acquire(), Ok(Permit::Normal));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens_for_longer_up_to_the_cap() {
+        let b = Breaker::new(cfg());
+        for _ in 0..3 {
+            fail(&b);
+        }
+        assert!(b.open_for_ms() <= 5000);
+        tokio::time::advance(StdDuration::from_millis(5001)).await;
+        let p = b.try_acquire().unwrap();
+        b.record(p, Some(false));
+        assert_eq!(b.state(), OPEN);
+        assert!(
+            b.open_for_ms() > 9000 && b.open_for_ms() <= 10000,
+            "{}",
+            b.open_for_ms()
+        );
+        tokio::time::advance(StdDuration::from_millis(10001)).await;
+        let p = b.try_acquire().unwrap();
+        b.record(p, Some(false));
+        assert!(
+            b.open_for_ms() > 11000 && b.open_for_ms() <= 12000,
+            "capped: {}",
+            b.open_for_ms()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_on_failure_rate_once_enough_requests_were_seen() {
+        let mut c = cfg();
+        c.consecutive_failures = 100;
+        let b = Breaker::new(c);
+        // Alternate: a 50% failure rate, never three failures in a row.
+        for i in 0..9 {
+            if i % 2 == 0 {
+                fail(&b)
+            } else {
+                succeed(&b)
+            }
+        }
+        assert_eq!(b.state(), CLOSED, "fewer than min_requests");
+        fail(&b);
+        assert_eq!(b.state(), OPEN);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_outcomes_leave_the_window() {
+        let mut c = cfg();
+        c.consecutive_failures = 100;
+        let b = Breaker::new(c);
+        for _ in 0..4 {
+            fail(&b);
+            tokio::time::advance(StdDuration::from_millis(10)).await;
+        }
+        tokio::time::advance(StdDuration::from_secs(11)).await;
+        for _ in 0..9 {
+            succeed(&b);
+        }
+        fail(&b);
+        assert_eq!(
+            b.state(),
+            CLOSED,
+            "the early failures are out of the window"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outcomes_that_say_nothing_do_not_count() {
+        let b = Breaker::new(cfg());
+        for _ in 0..10 {
+            let p = b.try_acquire().unwrap();
+            b.record(p, None);
+        }
+        assert_eq!(b.state(), CLOSED);
+    }
+}
