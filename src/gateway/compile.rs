@@ -22,7 +22,7 @@ use crate::routing::template::{route_params, UpstreamPath};
 use crate::routing::{RouteFilter, RouteSpec, Router};
 use crate::upstream::discovery::{self, DnsTarget};
 use crate::upstream::retry::RetryPolicy;
-use crate::upstream::{self, Endpoint, HashKey, Source, TlsSettings, Upstream};
+use crate::upstream::{self, Endpoint, HashKey, Parts, Source, TlsSettings, Upstream};
 
 pub fn compile(
     loaded: LoadedConfig,
@@ -135,16 +135,13 @@ fn compile_services(
         let tls = upstream_tls(loaded, name, cfg, spanned.span(), errors);
         let retry = check_resilience(gfile, name, cfg, spanned.span(), errors);
         if let (Some(source), Some(tls), true) = (source, tls, errors.0.len() == before) {
-            let up = Upstream::new(
-                name,
-                cfg.clone(),
-                dns.clone(),
+            let parts = Parts {
                 source,
                 hash_key,
                 tls,
                 retry,
-                metrics.service(name),
-            );
+            };
+            let up = Upstream::new(name, cfg.clone(), dns.clone(), parts, metrics.service(name));
             out.insert(name.clone(), Arc::new(up));
         }
     }

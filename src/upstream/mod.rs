@@ -54,6 +54,14 @@ pub struct TlsSettings {
     pub server_name: Option<rustls::pki_types::ServerName<'static>>,
 }
 
+/// What `compile` checked and built for a service.
+pub struct Parts {
+    pub source: Source,
+    pub hash_key: Option<HashKey>,
+    pub tls: TlsSettings,
+    pub retry: Option<retry::RetryPolicy>,
+}
+
 pub struct Upstream {
     pub name: Arc<str>,
     /// The definition this was built from; compared by value on reload.
@@ -79,12 +87,15 @@ impl Upstream {
         name: &str,
         config: ServiceConfig,
         dns: DnsConfig,
-        source: Source,
-        hash_key: Option<HashKey>,
-        tls: TlsSettings,
-        retry: Option<retry::RetryPolicy>,
+        parts: Parts,
         metrics: ServiceMetrics,
     ) -> Self {
+        let Parts {
+            source,
+            hash_key,
+            tls,
+            retry,
+        } = parts;
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(config.connect_timeout.get()));
         http.set_nodelay(true);

@@ -9,6 +9,7 @@ mod process;
 mod protocols;
 mod proxy;
 mod reload;
+mod resilience;
 mod shutdown;
 mod streaming;
 mod support;
