@@ -37,6 +37,10 @@ SCENARIOS = {
     "1m": dict(title="1 MiB responses, 16 connections (throughput)", path="/1m", conns=16),
     "c2000": dict(title="2000 concurrent keep-alive connections, GET ~200 B JSON", path="/json", conns=2000),
     "post16k": dict(title="POST with a 16 KiB body, 64 connections", path="/post", conns=64, script="post.lua"),
+    # gatehouse only: a service whose circuit is open; every answer is 503 circuit_open, counted
+    # by wrk as a non-2xx "error". It measures what a request costs when the breaker sheds it.
+    "circuit_open": dict(title="Circuit open: 503 answered by the breaker, 64 connections", path="/dead/x",
+                         conns=64, only=["gatehouse"]),
 }
 
 
@@ -66,7 +70,9 @@ class Contender:
 
     def start(self):
         if self.cmd:
-            self.proc = subprocess.Popen(pinned(self.cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            # Logs go to a file: a pipe nobody reads would fill up and stall the server.
+            log = open(WORK / f"{self.name}.log", "wb")
+            self.proc = subprocess.Popen(pinned(self.cmd), stdout=subprocess.DEVNULL, stderr=log)
         wait_port(self.port)
 
     def pids(self):
@@ -216,10 +222,23 @@ filter = "warn"
 access_log = false
 [services.up]
 endpoints = ["http://127.0.0.1:{UP_PORT}"]
+
+# Nothing listens on port 1: the first failure opens the circuit for an hour.
+[services.dead]
+endpoints = ["http://127.0.0.1:1"]
+[services.dead.circuit_breaker]
+consecutive_failures = 1
+open_for = "1h"
+max_open_for = "1h"
 """)
     (WORK / "routes" / "bench.toml").write_text("""
 [frontend]
 name = "bench"
+
+[[route]]
+name = "dead"
+path = "/dead/{*rest}"
+proxy = { service = "dead" }
 
 [[route]]
 name = "all"
@@ -331,12 +350,15 @@ def main():
         results = {}
         for sname in [s for s in args.scenarios.split(",") if s]:
             sc = SCENARIOS[sname]
+            these = [c for c in contenders if c.name in sc.get("only", names)]
+            if not these:
+                continue
             print(f"\n## {sc['title']}", flush=True)
-            for c in contenders:  # warm-up: connections, pools, caches
+            for c in these:  # warm-up: connections, pools, caches
                 run_wrk(c, sc, 2)
-            runs = {c.name: [] for c in contenders}
+            runs = {c.name: [] for c in these}
             for rep in range(args.reps):
-                for c in contenders:
+                for c in these:
                     sample = args.duration / 2 if sname == "c2000" else None
                     r = run_wrk(c, sc, args.duration, sample_rss_at=sample)
                     runs[c.name].append(r)
@@ -390,7 +412,7 @@ def render(args, names, results, idle_rss, idle):
         lines += [f"## {sc['title']}", "",
                   "| contender | req/s | MiB/s | p50 | p99 | errors | CPU µs/req | req/s ÷ nginx | CPU ÷ nginx |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for n in names:
+        for n in [n for n in names if n in res]:
             r = res[n]
             ratio = f"{r['rps'] / base['rps']:.2f}" if base and base["rps"] else "—"
             cratio = f"{r['cpu_us'] / base['cpu_us']:.2f}" if base and base["cpu_us"] and n != "direct" else "—"
@@ -398,7 +420,9 @@ def render(args, names, results, idle_rss, idle):
                          f"{r['errors']:.0f} | {r['cpu_us']:.1f} | {ratio} | {cratio} |")
         if sname == "c2000":
             lines += ["", "RSS under this load: " + ", ".join(
-                f"{n} {res[n]['rss'] / 1024:.1f} MiB" for n in names if res[n].get("rss"))]
+                f"{n} {res[n]['rss'] / 1024:.1f} MiB" for n in names if n in res and res[n].get("rss"))]
+        if sname == "circuit_open":
+            lines += ["", "Every answer here is a 503 from the open breaker, so `errors` counts all of them."]
         lines.append("")
     lines += ["## Memory", "", "| contender | RSS idle | idle keep-alive connections held | RSS with them |", "|---|---:|---:|---:|"]
     for n in names:

@@ -1,7 +1,8 @@
 //! The admin listener (default 127.0.0.1:9901), separate from traffic: `/healthz` (the process
-//! is alive), `/readyz` (config loaded, listeners up), `/metrics` (Prometheus text),
-//! `GET /admin/config` (the effective config, secrets redacted, and the last reload's outcome)
-//! and `POST /admin/reload`.
+//! is alive), `/readyz` (config loaded, listeners up, required services have an endpoint),
+//! `/metrics` (Prometheus text), `GET /admin/config` (the effective config, secrets redacted,
+//! and the last reload's outcome), `GET /admin/services` (endpoints, health, circuits) and
+//! `POST /admin/reload`.
 
 use std::sync::Arc;
 

@@ -88,8 +88,12 @@ impl Dispatcher {
         };
         let mut resp = result.unwrap_or_else(|e| {
             let problem = classify(&*e);
-            if problem.status.is_server_error() {
-                tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), route = metrics.route(), error = %e, code = problem.code, "request failed");
+            // Failures of backends are expected events, recorded by the access log and metrics;
+            // only a failure of the gateway itself is worth a warning.
+            if problem.code == "internal_error" {
+                tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), route = metrics.route(), error = %e, "request failed inside the gateway");
+            } else {
+                tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), route = metrics.route(), error = %e, code = problem.code, "request failed");
             }
             problem_response(&problem, &request_id)
         });

@@ -108,7 +108,8 @@ async fn run(path: &Path, demo: bool) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    gatehouse::observe::logging::init(&loaded.gateway.log).map_err(anyhow::Error::msg)?;
+    let _log_guard =
+        gatehouse::observe::logging::init(&loaded.gateway.log).map_err(anyhow::Error::msg)?;
     let samples = if demo {
         gatehouse::demo::start_samples(&loaded.gateway)
             .await

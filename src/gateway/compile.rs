@@ -98,7 +98,11 @@ fn compile_services(
         let cfg = spanned.get_ref();
         let dns = &loaded.gateway.dns;
         if let Some(prev) = previous.and_then(|p| p.services.get(name)) {
-            if prev.config == *cfg && (cfg.discovery.is_none() || prev.dns == *dns) {
+            let uses_dns = cfg
+                .discovery
+                .as_ref()
+                .is_some_and(|d| d.get_ref().etcd.is_none());
+            if prev.config == *cfg && (!uses_dns || prev.dns == *dns) {
                 out.insert(name.clone(), prev.clone());
                 continue;
             }
@@ -135,7 +139,18 @@ fn compile_services(
         let tls = upstream_tls(loaded, name, cfg, spanned.span(), errors);
         let retry = check_resilience(gfile, name, cfg, spanned.span(), errors);
         if let (Some(source), Some(tls), true) = (source, tls, errors.0.len() == before) {
+            // A discovered service rebuilt with the same source starts from what the previous
+            // build knew: no gap until the next answer, and endpoint state kept.
+            let seed = match (&source, previous.and_then(|p| p.services.get(name))) {
+                (Source::Dns { .. } | Source::Etcd { .. }, Some(prev))
+                    if prev.config.discovery == cfg.discovery =>
+                {
+                    prev.endpoints().endpoints.to_vec()
+                }
+                _ => Vec::new(),
+            };
             let parts = Parts {
+                seed,
                 source,
                 hash_key,
                 tls,
@@ -159,7 +174,13 @@ fn upstream_tls(
     let gfile = &loaded.gateway_file;
     let span = cfg.tls.as_ref().map_or(span, |t| t.span());
     let tls = cfg.tls.as_ref().map(|t| t.get_ref());
-    let config = match upstream::tls::client_config(tls, |p| loaded.resolve(p), &[]) {
+    if tls.is_some_and(|t| t.insecure_skip_verify && t.ca.is_some()) {
+        let msg =
+            format!("service `{name}`: tls.ca has no effect with insecure_skip_verify; remove one");
+        errors.push(gfile.error_at(span, msg));
+        return None;
+    }
+    let config = match upstream::tls::client_config(tls, |p| loaded.resolve(p)) {
         Ok(c) => c,
         Err(msg) => {
             errors.push(gfile.error_at(span, format!("service `{name}`: {msg}")));
@@ -212,11 +233,22 @@ fn discovery_source(
     if scheme != "http" && scheme != "https" {
         return fail(format!("scheme `{scheme}` must be http or https"));
     }
-    if dns.min_refresh.get() > dns.max_refresh.get() {
+    if dc.etcd.is_none() && dns.min_refresh.get() > dns.max_refresh.get() {
         return fail(format!(
             "[dns] min_refresh ({}) is longer than max_refresh ({})",
             dns.min_refresh, dns.max_refresh
         ));
+    }
+    if dc.etcd.is_none() && dc.prefix.is_some() {
+        return fail("`prefix` goes with `etcd`".into());
+    }
+    if dc.etcd.is_some() && (dc.port.is_some() || dc.scheme.is_some()) {
+        return fail(
+            "`port` and `scheme` come from each registered instance's url with `etcd`".into(),
+        );
+    }
+    if dc.port == Some(0) {
+        return fail("`port` must not be 0".into());
     }
     let target = if let Some(host) = &dc.dns {
         let Some(port) = dc.port else {

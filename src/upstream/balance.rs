@@ -3,7 +3,6 @@
 //! header, a cookie or the client address), each honoring weights and skipping endpoints that
 //! are unhealthy or ejected.
 
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -63,10 +62,9 @@ impl HashKey {
 const VNODES_PER_WEIGHT: u32 = 100;
 
 fn hash(bytes: &[u8]) -> u64 {
-    // SipHash with fixed keys: the same key maps to the same endpoint in every gateway of a fleet.
-    let mut h = std::hash::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
+    // XXH64 with seed 0: a fixed, well-mixed algorithm, so every gateway of a fleet, whatever
+    // its build, maps a key to the same endpoint.
+    twox_hash::XxHash64::oneshot(0, bytes)
 }
 
 pub enum Balancer {

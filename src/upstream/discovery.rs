@@ -116,18 +116,26 @@ async fn resolve(
             let mut valid_until = srv.as_lookup().valid_until();
             let best = srv.iter().map(|r| r.priority()).min();
             let mut list = Vec::new();
+            let mut last_err = None;
             for r in srv.iter().filter(|r| Some(r.priority()) == best) {
-                let ips = resolver
-                    .lookup_ip(r.target().clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                // A target that does not resolve is skipped; the others still count.
+                let ips = match resolver.lookup_ip(r.target().clone()).await {
+                    Ok(ips) => ips,
+                    Err(e) => {
+                        last_err = Some(format!("SRV target {}: {e}", r.target()));
+                        continue;
+                    }
+                };
                 valid_until = valid_until.min(ips.valid_until());
                 for ip in ips.iter() {
                     let url = format!("{scheme}://{}", SocketAddr::new(ip, r.port()));
                     list.push((url, u32::from(r.weight()).max(1)));
                 }
             }
-            Ok((list, valid_until))
+            match (list.is_empty(), last_err) {
+                (true, Some(e)) => Err(e),
+                _ => Ok((list, valid_until)),
+            }
         }
     }
 }

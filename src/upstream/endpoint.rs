@@ -134,8 +134,12 @@ impl Endpoint {
             return None;
         }
         let od = od?;
+        if self.ejected_for_ms() > 0 {
+            // Already out; failures of requests still in flight do not count towards the next one.
+            return None;
+        }
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < od.consecutive_failures || self.ejected_for_ms() > 0 {
+        if failures < od.consecutive_failures {
             return None;
         }
         self.consecutive_failures.store(0, Ordering::Relaxed);

@@ -57,6 +57,9 @@ pub struct TlsSettings {
 /// What `compile` checked and built for a service.
 pub struct Parts {
     pub source: Source,
+    /// For discovered services: the endpoints the previous build of this service knew, so a
+    /// reload neither empties the service until the next answer nor forgets endpoint state.
+    pub seed: Vec<Arc<Endpoint>>,
     pub hash_key: Option<HashKey>,
     pub tls: TlsSettings,
     pub retry: Option<retry::RetryPolicy>,
@@ -92,6 +95,7 @@ impl Upstream {
     ) -> Self {
         let Parts {
             source,
+            seed,
             hash_key,
             tls,
             retry,
@@ -110,7 +114,8 @@ impl Upstream {
             }
             None => builder,
         };
-        // ALPN offers what the service speaks: h2 for `protocol = "http2"`, else http/1.1.
+        // `protocol = "http2"` offers h2 through ALPN; HTTP/1.1 offers no ALPN, which servers
+        // take as HTTP/1.1.
         let connector = if http2 {
             builder.enable_http2().wrap_connector(http)
         } else {
@@ -136,6 +141,7 @@ impl Upstream {
             metrics,
             initial,
         ));
+        table.seed(seed);
         let mut tasks = Vec::new();
         if let Some((resolver, target)) = dns_source {
             tasks.extend(discovery::spawn_dns(

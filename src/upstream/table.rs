@@ -18,6 +18,9 @@ pub struct EndpointSet {
     pub balancer: Balancer,
 }
 
+/// Weights above this are capped (they size the round-robin schedule and the hash ring).
+pub const MAX_WEIGHT: u32 = 1000;
+
 pub struct EndpointTable {
     pub service: Arc<str>,
     set: ArcSwap<EndpointSet>,
@@ -54,6 +57,18 @@ impl EndpointTable {
         }
     }
 
+    /// Starts with endpoints shared with a previous table, keeping their state.
+    pub fn seed(&self, endpoints: Vec<Arc<Endpoint>>) {
+        if endpoints.is_empty() {
+            return;
+        }
+        let balancer = Balancer::new(self.kind, self.key.clone(), &endpoints);
+        self.set.store(Arc::new(EndpointSet {
+            endpoints: endpoints.into_boxed_slice(),
+            balancer,
+        }));
+    }
+
     /// The set in use (lock-free).
     pub fn current(&self) -> arc_swap::Guard<Arc<EndpointSet>> {
         self.set.load()
@@ -86,14 +101,25 @@ impl EndpointTable {
             old.endpoints.iter().map(|e| (&*e.url, e)).collect();
         let mut endpoints = Vec::with_capacity(list.len());
         for (url, weight) in &list {
+            let weight = (*weight).clamp(1, MAX_WEIGHT);
             match known.get(url.as_str()) {
-                Some(e) if e.weight == *weight => endpoints.push(Arc::clone(e)),
-                _ => {
-                    let e = Endpoint::parse(url)?.with_weight(*weight);
-                    let _ = e.counters.set(self.metrics.endpoint_counters(&e.url));
-                    endpoints.push(Arc::new(e));
-                }
+                Some(e) if e.weight == weight => endpoints.push(Arc::clone(e)),
+                _ => match Endpoint::parse(url) {
+                    Ok(e) => {
+                        let e = e.with_weight(weight);
+                        let _ = e.counters.set(self.metrics.endpoint_counters(&e.url));
+                        endpoints.push(Arc::new(e));
+                    }
+                    // One bad entry does not block the others.
+                    Err(msg) => tracing::warn!(
+                        service = &*self.service,
+                        "discovery: skipping an endpoint: {msg}"
+                    ),
+                },
             }
+        }
+        if endpoints.is_empty() {
+            return Err("no valid endpoint in the list; keeping the previous one".into());
         }
         let balancer = Balancer::new(self.kind, self.key.clone(), &endpoints);
         self.set.store(Arc::new(EndpointSet {

@@ -37,7 +37,6 @@ fn system_roots() -> &'static RootCertStore {
 pub fn client_config(
     tls: Option<&UpstreamTlsConfig>,
     resolve: impl Fn(&Path) -> std::path::PathBuf,
-    alpn: &[&[u8]],
 ) -> Result<ClientConfig, String> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -68,7 +67,7 @@ pub fn client_config(
         }
         _ => builder.with_root_certificates(system_roots().clone()),
     };
-    let mut config = match tls.map(|t| (&t.cert, &t.key)) {
+    let config = match tls.map(|t| (&t.cert, &t.key)) {
         Some((Some(cert), Some(key))) => {
             let (cp, kp) = (resolve(cert), resolve(key));
             let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cp)
@@ -92,7 +91,7 @@ pub fn client_config(
         Some((None, None)) | None => builder.with_no_client_auth(),
         Some(_) => return Err("tls.cert and tls.key go together (mutual TLS)".into()),
     };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // ALPN is left to hyper-rustls, which sets it from the protocols the connector enables.
     Ok(config)
 }
 
