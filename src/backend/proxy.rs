@@ -107,7 +107,7 @@ impl Proxy {
                 && !upgrade
                 && method_allows_retry(req.method(), req.headers(), self.opts.idempotent)
         });
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         // A retryable request needs its body again: buffer it if it is small and of known size.
         let (body, policy) = match policy {
             None => (Some(body), None),
@@ -162,7 +162,13 @@ impl Proxy {
                 (None, Some(b)) => b,
                 (None, None) => unreachable!("an unbuffered body is sent once"),
             };
-            let req = self.request_for(&parts, &ep, this_body, started);
+            // Headers are cloned only when the request may be sent again; else they move.
+            let headers = if buffered.is_some() {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            let req = self.request_for(&parts, headers, upgrade, &ep, this_body, started);
             let outcome = self.attempt(&ep, req).await;
             let failure = match &outcome {
                 Attempt::Response(r) if r.status().is_server_error() => {
@@ -223,6 +229,8 @@ impl Proxy {
     fn request_for(
         &self,
         parts: &http::request::Parts,
+        mut headers: HeaderMap,
+        upgrade: bool,
         ep: &Endpoint,
         body: ReqBody,
         started: Instant,
@@ -242,8 +250,7 @@ impl Proxy {
         // The parts come from a valid request, so these parts form a valid URI.
         *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
         *req.version_mut() = self.upstream.version;
-        let mut headers = parts.headers.clone();
-        strip_hop_by_hop(&mut headers, wants_upgrade(&parts.headers));
+        strip_hop_by_hop(&mut headers, upgrade);
         if !self.opts.preserve_host {
             headers.remove(header::HOST);
         }
