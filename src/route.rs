@@ -36,3 +36,45 @@ where
             .service(backend),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::{full, req_full};
+    use crate::error::classify;
+    use tower::ServiceExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_total_deadline_cuts_a_slow_backend_with_504() {
+        let slow = tower::service_fn(|_req: Request<ReqBody>| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, BoxError>(Response::new(full("late")))
+        });
+        let svc = stack(slow, Duration::from_secs(2), None);
+        let call = tokio::spawn(svc.oneshot(Request::new(req_full(bytes::Bytes::new()))));
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(!call.is_finished());
+        tokio::time::advance(Duration::from_millis(2)).await;
+        let err = call.await.unwrap().unwrap_err();
+        let p = classify(&*err);
+        assert_eq!((p.status.as_u16(), p.code), (504, "upstream_timeout"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fallback_answers_for_the_deadline() {
+        let slow = tower::service_fn(|_req: Request<ReqBody>| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, BoxError>(Response::new(full("late")))
+        });
+        let fallback = Respond::new(
+            http::StatusCode::OK,
+            http::HeaderMap::new(),
+            bytes::Bytes::from("fallback"),
+        );
+        let svc = stack(slow, Duration::from_secs(1), Some(fallback));
+        let call = tokio::spawn(svc.oneshot(Request::new(req_full(bytes::Bytes::new()))));
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        let resp = call.await.unwrap().unwrap();
+        assert_eq!(resp.headers()["x-gatehouse-fallback"], "upstream_timeout");
+    }
+}

@@ -32,6 +32,7 @@ use crate::observe::access::UpstreamUsed;
 use crate::observe::metrics::{Resilience, UpstreamErrorKind};
 use tower::retry::budget::Budget as _;
 
+use crate::upstream::breaker::Permit;
 use crate::upstream::retry::{method_allows_retry, Failure, RetryPolicy};
 use crate::upstream::{Endpoint, Upstream};
 
@@ -169,7 +170,17 @@ impl Proxy {
                 std::mem::take(&mut parts.headers)
             };
             let req = self.request_for(&parts, headers, upgrade, &ep, this_body, started);
+            // If the route's deadline cancels this attempt, the guard records it as a failure
+            // (for the breaker — a probe must not keep its slot — and for outlier detection).
+            let mut cancelled = Cancelled {
+                up,
+                ep: &ep,
+                permit,
+                armed: true,
+            };
             let outcome = self.attempt(&ep, req).await;
+            cancelled.armed = false;
+            drop(cancelled);
             let failure = match &outcome {
                 Attempt::Response(r) if r.status().is_server_error() => {
                     Some(Failure::Status(r.status().as_u16()))
@@ -291,6 +302,26 @@ impl Proxy {
                 Attempt::Failed(err, failure)
             }
         }
+    }
+}
+
+/// Reports an attempt that was dropped before it finished (the route's total deadline passed).
+struct Cancelled<'a> {
+    up: &'a Upstream,
+    ep: &'a Endpoint,
+    permit: Option<Permit>,
+    armed: bool,
+}
+
+impl Drop for Cancelled<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let (Some(b), Some(p)) = (&self.up.breaker, self.permit) {
+            b.record(p, Some(false));
+        }
+        self.up.report(self.ep, false);
     }
 }
 

@@ -81,13 +81,19 @@ pub fn spawn_dns(
                     cfg.min_refresh.get()
                 }
             };
-            tokio::time::sleep(wait.clamp(cfg.min_refresh.get(), cfg.max_refresh.get())).await;
+            tokio::time::sleep(refresh_after(wait, &cfg)).await;
         }
     })))
 }
 
 /// A lookup's outcome: endpoints (possibly none, for "no such records") and until when they
 /// hold; or the error of a lookup that failed.
+/// How long to wait before the next lookup: the answer's TTL, bounded by `[dns] min_refresh`
+/// and `max_refresh`.
+fn refresh_after(ttl: Duration, cfg: &DnsConfig) -> Duration {
+    ttl.clamp(cfg.min_refresh.get(), cfg.max_refresh.get())
+}
+
 async fn resolve(
     resolver: &TokioResolver,
     target: &DnsTarget,
@@ -137,5 +143,31 @@ async fn resolve(
                 _ => Ok((list, valid_until)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_is_respected_within_the_bounds() {
+        let cfg = DnsConfig {
+            servers: Vec::new(),
+            min_refresh: crate::config::Duration::from_secs(1),
+            max_refresh: crate::config::Duration::from_secs(30),
+        };
+        assert_eq!(
+            refresh_after(Duration::from_secs(10), &cfg),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            refresh_after(Duration::from_millis(10), &cfg),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            refresh_after(Duration::from_secs(3600), &cfg),
+            Duration::from_secs(30)
+        );
     }
 }

@@ -123,3 +123,81 @@ fn demo_serves_the_shipped_config_with_sample_services() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test]
+async fn health_command_probes_the_admin_listener() {
+    let up = echo_upstream().await;
+    let gw = TestGateway::start(
+        &gateway_toml(
+            "",
+            &format!("[services.svc]\nendpoints = [\"{}\"]\n", up.url()),
+        ),
+        &[("web.toml", ROUTES)],
+    )
+    .await;
+    let admin = gw.admin.to_string();
+    let healthy = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(["health", "--admin", &admin])
+            .status()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(healthy.success());
+    let closed = closed_port().await.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(["health", "--admin", &closed])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unhealthy"));
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_closed() {
+    let up = echo_upstream().await;
+    let gw = TestGateway::start(
+        &gateway_toml(
+            "max_connections = 1",
+            &format!("[services.svc]\nendpoints = [\"{}\"]\n", up.url()),
+        ),
+        &[("web.toml", ROUTES)],
+    )
+    .await;
+    // The first connection is served and stays open (keep-alive).
+    let mut first = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    first
+        .write_all(b"GET /web/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    // A second one is closed at once.
+    let mut second = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let _ = second
+        .write_all(b"GET /web/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), second.read_to_end(&mut rest))
+        .await
+        .expect("the second connection was neither served nor closed");
+    assert!(
+        n.map_or(true, |_| rest.is_empty()),
+        "the second connection was served"
+    );
+    drop(first);
+    // With the first one gone, a new connection is served again.
+    eventually(10, "a connection slot is free again", || async {
+        client()
+            .get(gw.url("/web/a").parse().unwrap())
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}

@@ -387,3 +387,33 @@ async fn grpc_requests_carry_the_remaining_deadline() {
         .unwrap();
     assert_eq!(send(req).await.json()["headers"]["grpc-timeout"], "2000m");
 }
+
+#[tokio::test]
+async fn attempts_cut_by_the_route_deadline_count_as_failures_and_free_their_probe() {
+    // The upstream never answers; the service has no per-attempt timeout, only the route's
+    // total deadline cuts the attempts.
+    let up = Upstream::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        text(200, "never")
+    })
+    .await;
+    let extra = "[services.svc.circuit_breaker]\nconsecutive_failures = 1\nopen_for = \"200ms\"\nmax_open_for = \"400ms\"\n";
+    let routes = ROUTES.replace("proxy = {", "timeout = \"300ms\"\nproxy = {");
+    let gw = TestGateway::start(
+        &gateway_toml("", &svc(&[up.url()], extra)),
+        &[("web.toml", &routes)],
+    )
+    .await;
+    assert_problem(&get(&gw.url("/x")).await, 504, "upstream_timeout");
+    assert_problem(&get(&gw.url("/x")).await, 503, "circuit_open");
+    assert_eq!(up.requests(), 1);
+    // Each half-open probe that the deadline cuts reopens the circuit; the next probe is let
+    // through later (the circuit is never stuck half-open with no probe allowed).
+    for expected in [2, 3] {
+        eventually(10, "a probe reaches the upstream", || async {
+            let _ = get(&gw.url("/x")).await;
+            up.requests() == expected
+        })
+        .await;
+    }
+}
