@@ -77,7 +77,10 @@ impl Server {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(server_cfg.header_read_timeout.get())
-            .keep_alive(true);
+            .keep_alive(true)
+            // Flattening head and small bodies into one buffer measured ~4% less CPU per
+            // request than vectored writes (bench/README.md).
+            .writev(false);
         builder
             .http2()
             .timer(TokioTimer::new())

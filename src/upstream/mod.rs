@@ -127,6 +127,8 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(http2)
+            // Flattened writes measured cheaper than vectored ones (see server.rs).
+            .http1_writev(false)
             .build(connector);
         let name: Arc<str> = Arc::from(name);
         let (initial, dns_source, etcd_source) = match source {
