@@ -94,7 +94,11 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 pub fn spawn(table: Arc<EndpointTable>, urls: Vec<String>, prefix: String) -> Option<TaskGuard> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
-    let client: EtcdClient = Client::builder(TokioExecutor::new()).build_http();
+    // TCP keepalive, so a watch whose connection silently died is noticed and re-established.
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_keepalive(Some(Duration::from_secs(15)));
+    http.set_connect_timeout(Some(Duration::from_secs(3)));
+    let client: EtcdClient = Client::builder(TokioExecutor::new()).build(http);
     Some(TaskGuard(handle.spawn(async move {
         let mut attempt = 0usize;
         loop {
