@@ -4,6 +4,7 @@
 //! on the config they started with.
 
 mod compile;
+mod services;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

@@ -93,17 +93,6 @@ async fn upstreams_on(ips: &[&str]) -> (u16, Vec<Upstream>) {
     (port, ups)
 }
 
-async fn seen(gw: &TestGateway, n: usize) -> HashSet<String> {
-    let mut out = HashSet::new();
-    for _ in 0..n {
-        let r = get(&gw.url("/x")).await;
-        if r.status == 200 {
-            out.insert(r.text());
-        }
-    }
-    out
-}
-
 const ROUTES: &str = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

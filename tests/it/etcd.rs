@@ -127,17 +127,6 @@ impl Etcd {
     }
 }
 
-async fn seen(gw: &TestGateway, n: usize) -> HashSet<String> {
-    let mut out = HashSet::new();
-    for _ in 0..n {
-        let r = get(&gw.url("/x")).await;
-        if r.status == 200 {
-            out.insert(r.text());
-        }
-    }
-    out
-}
-
 fn set(names: &[&str]) -> HashSet<String> {
     names.iter().map(|s| s.to_string()).collect()
 }

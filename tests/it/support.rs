@@ -402,3 +402,15 @@ impl Drop for GatewayProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The distinct bodies of `n` successful GETs of `/x` (which instance answered).
+pub async fn seen(gw: &TestGateway, n: usize) -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
+    for _ in 0..n {
+        let r = get(&gw.url("/x")).await;
+        if r.status == 200 {
+            out.insert(r.text());
+        }
+    }
+    out
+}

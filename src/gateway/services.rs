@@ -1,0 +1,359 @@
+//! Compiling `[services.*]`: endpoints or discovery, load balancing, health checks, outlier
+//! detection, upstream TLS and resilience settings are checked (every mistake located in
+//! gateway.toml) and turned into `Upstream`s. A service whose definition is unchanged is taken
+//! over from the previous snapshot, with its pools, endpoint state and breaker.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::Gateway;
+use crate::config::{ConfigErrors, LoadBalancing, LoadedConfig, SourceFile};
+use crate::observe::metrics::Metrics;
+use crate::upstream::discovery::{self, DnsTarget};
+use crate::upstream::retry::RetryPolicy;
+use crate::upstream::{self, Endpoint, HashKey, Parts, Source, TlsSettings, Upstream};
+
+pub(super) fn compile_services(
+    loaded: &LoadedConfig,
+    previous: Option<&Gateway>,
+    metrics: &Metrics,
+    errors: &mut ConfigErrors,
+) -> BTreeMap<String, Arc<Upstream>> {
+    let gfile = &loaded.gateway_file;
+    let mut out = BTreeMap::new();
+    for (name, spanned) in &loaded.gateway.services {
+        let cfg = spanned.get_ref();
+        let dns = &loaded.gateway.dns;
+        if let Some(prev) = previous.and_then(|p| p.services.get(name)) {
+            let uses_dns = cfg
+                .discovery
+                .as_ref()
+                .is_some_and(|d| d.get_ref().etcd.is_none());
+            if prev.config == *cfg && (!uses_dns || prev.dns == *dns) {
+                out.insert(name.clone(), prev.clone());
+                continue;
+            }
+        }
+        let before = errors.0.len();
+        let source = match (&cfg.discovery, cfg.endpoints.is_empty()) {
+            (Some(d), false) => {
+                errors.push(gfile.error_at(
+                    d.span(),
+                    format!("service `{name}` has both `endpoints` and `discovery`; give one"),
+                ));
+                None
+            }
+            (None, true) => {
+                errors.push(gfile.error_at(
+                    spanned.span(),
+                    format!("service `{name}` has no `endpoints` (or `discovery`)"),
+                ));
+                None
+            }
+            (Some(d), true) => discovery_source(gfile, name, d, dns, errors),
+            (None, false) => {
+                let mut endpoints = Vec::new();
+                for e in &cfg.endpoints {
+                    match Endpoint::parse(e.get_ref()) {
+                        Ok(ep) => endpoints.push(ep),
+                        Err(msg) => errors.push(gfile.error_at(e.span(), msg)),
+                    }
+                }
+                Some(Source::Static(endpoints))
+            }
+        };
+        let hash_key = check_balancing(gfile, name, cfg, spanned.span(), errors);
+        let tls = upstream_tls(loaded, name, cfg, spanned.span(), errors);
+        let retry = check_resilience(gfile, name, cfg, spanned.span(), errors);
+        if let (Some(source), Some(tls), true) = (source, tls, errors.0.len() == before) {
+            // A discovered service rebuilt with the same source starts from what the previous
+            // build knew: no gap until the next answer, and endpoint state kept.
+            let seed = match (&source, previous.and_then(|p| p.services.get(name))) {
+                (Source::Dns { .. } | Source::Etcd { .. }, Some(prev))
+                    if prev.config.discovery == cfg.discovery =>
+                {
+                    prev.endpoints().endpoints.to_vec()
+                }
+                _ => Vec::new(),
+            };
+            let parts = Parts {
+                seed,
+                source,
+                hash_key,
+                tls,
+                retry,
+            };
+            let up = Upstream::new(name, cfg.clone(), dns.clone(), parts, metrics.service(name));
+            out.insert(name.clone(), Arc::new(up));
+        }
+    }
+    out
+}
+
+/// Builds the TLS client settings of a service (https endpoints, mutual TLS).
+fn upstream_tls(
+    loaded: &LoadedConfig,
+    name: &str,
+    cfg: &crate::config::ServiceConfig,
+    span: Range<usize>,
+    errors: &mut ConfigErrors,
+) -> Option<TlsSettings> {
+    let gfile = &loaded.gateway_file;
+    let span = cfg.tls.as_ref().map_or(span, |t| t.span());
+    let tls = cfg.tls.as_ref().map(|t| t.get_ref());
+    if tls.is_some_and(|t| t.insecure_skip_verify && t.ca.is_some()) {
+        let msg =
+            format!("service `{name}`: tls.ca has no effect with insecure_skip_verify; remove one");
+        errors.push(gfile.error_at(span, msg));
+        return None;
+    }
+    let config = match upstream::tls::client_config(tls, |p| loaded.resolve(p)) {
+        Ok(c) => c,
+        Err(msg) => {
+            errors.push(gfile.error_at(span, format!("service `{name}`: {msg}")));
+            return None;
+        }
+    };
+    let server_name = match tls.and_then(|t| t.server_name.clone()) {
+        None => None,
+        Some(n) => match rustls::pki_types::ServerName::try_from(n.clone()) {
+            Ok(sn) => Some(sn),
+            Err(_) => {
+                let msg = format!(
+                    "service `{name}`: tls.server_name `{n}` is not a DNS name or IP address"
+                );
+                errors.push(gfile.error_at(span, msg));
+                return None;
+            }
+        },
+    };
+    if tls.is_some_and(|t| t.insecure_skip_verify) {
+        tracing::warn!(
+            service = name,
+            "tls.insecure_skip_verify: server certificates of this service are NOT verified"
+        );
+    }
+    Some(TlsSettings {
+        config,
+        server_name,
+    })
+}
+
+/// Checks a `discovery` table and builds what its task needs.
+fn discovery_source(
+    gfile: &SourceFile,
+    name: &str,
+    d: &toml::Spanned<crate::config::DiscoveryConfig>,
+    dns: &crate::config::DnsConfig,
+    errors: &mut ConfigErrors,
+) -> Option<Source> {
+    let dc = d.get_ref();
+    let mut fail = |msg: String| {
+        errors.push(gfile.error_at(d.span(), format!("service `{name}` discovery: {msg}")));
+        None
+    };
+    let kinds = dc.dns.is_some() as u8 + dc.dns_srv.is_some() as u8 + dc.etcd.is_some() as u8;
+    if kinds != 1 {
+        return fail("give exactly one of `dns`, `dns_srv` or `etcd`".into());
+    }
+    let scheme = dc.scheme.clone().unwrap_or_else(|| "http".into());
+    if scheme != "http" && scheme != "https" {
+        return fail(format!("scheme `{scheme}` must be http or https"));
+    }
+    if dc.etcd.is_none() && dns.min_refresh.get() > dns.max_refresh.get() {
+        return fail(format!(
+            "[dns] min_refresh ({}) is longer than max_refresh ({})",
+            dns.min_refresh, dns.max_refresh
+        ));
+    }
+    if dc.etcd.is_none() && dc.prefix.is_some() {
+        return fail("`prefix` goes with `etcd`".into());
+    }
+    if dc.etcd.is_some() && (dc.port.is_some() || dc.scheme.is_some()) {
+        return fail(
+            "`port` and `scheme` come from each registered instance's url with `etcd`".into(),
+        );
+    }
+    if dc.port == Some(0) {
+        return fail("`port` must not be 0".into());
+    }
+    let target = if let Some(host) = &dc.dns {
+        let Some(port) = dc.port else {
+            return fail(format!("`dns = \"{host}\"` needs `port`"));
+        };
+        DnsTarget::Host {
+            name: host.clone(),
+            port,
+            scheme,
+        }
+    } else if let Some(srv) = &dc.dns_srv {
+        if dc.port.is_some() {
+            return fail("`port` comes from the SRV records; leave it out".into());
+        }
+        DnsTarget::Srv {
+            name: srv.clone(),
+            scheme,
+        }
+    } else {
+        let urls = dc.etcd.clone().unwrap_or_default();
+        let Some(prefix) = dc.prefix.clone().filter(|p| !p.is_empty()) else {
+            return fail("`etcd` needs `prefix`, like \"/services/NAME/\"".into());
+        };
+        if urls.is_empty() {
+            return fail("`etcd` needs at least one URL".into());
+        }
+        if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
+            return fail(format!("etcd URL `{bad}` must be http://host:port"));
+        }
+        return Some(Source::Etcd { urls, prefix });
+    };
+    match discovery::resolver(dns) {
+        Ok(resolver) => Some(Source::Dns {
+            resolver: Box::new(resolver),
+            target,
+        }),
+        Err(msg) => fail(msg),
+    }
+}
+
+/// Checks retry, circuit breaker and bulkhead settings; returns the service's retry policy.
+fn check_resilience(
+    gfile: &SourceFile,
+    name: &str,
+    cfg: &crate::config::ServiceConfig,
+    span: Range<usize>,
+    errors: &mut ConfigErrors,
+) -> Option<RetryPolicy> {
+    let retry = cfg
+        .retry
+        .as_ref()
+        .and_then(|r| match RetryPolicy::parse(r.get_ref()) {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                errors.push(gfile.error_at(r.span(), format!("service `{name}` retry: {msg}")));
+                None
+            }
+        });
+    if let Some(cb) = &cfg.circuit_breaker {
+        let c = cb.get_ref();
+        let mut bad = |msg: String| {
+            errors.push(gfile.error_at(
+                cb.span(),
+                format!("service `{name}` circuit_breaker: {msg}"),
+            ))
+        };
+        if c.consecutive_failures == 0 || c.min_requests == 0 || c.half_open_requests == 0 {
+            bad(
+                "consecutive_failures, min_requests and half_open_requests must be at least 1"
+                    .into(),
+            );
+        }
+        if !(c.failure_rate > 0.0 && c.failure_rate <= 1.0) {
+            bad(format!(
+                "failure_rate = {} must be above 0 and at most 1",
+                c.failure_rate
+            ));
+        }
+        if c.open_for.get() > c.max_open_for.get() {
+            bad(format!(
+                "open_for ({}) must not exceed max_open_for ({})",
+                c.open_for, c.max_open_for
+            ));
+        }
+    }
+    if let Some(m) = &cfg.max_concurrent_requests {
+        if *m.get_ref() == 0 {
+            errors.push(gfile.error_at(
+                m.span(),
+                format!("service `{name}`: max_concurrent_requests must be at least 1"),
+            ));
+        }
+    } else if cfg.max_queued_requests > 0 {
+        errors.push(gfile.error_at(
+            span,
+            format!("service `{name}`: max_queued_requests needs max_concurrent_requests"),
+        ));
+    }
+    retry
+}
+
+/// Checks load balancing, health check and outlier detection settings; returns the hash key.
+fn check_balancing(
+    gfile: &SourceFile,
+    name: &str,
+    cfg: &crate::config::ServiceConfig,
+    span: Range<usize>,
+    errors: &mut ConfigErrors,
+) -> Option<HashKey> {
+    let consistent = cfg.load_balancing == LoadBalancing::ConsistentHash;
+    let key = match &cfg.hash_key {
+        Some(k) if !consistent => {
+            errors.push(gfile.error_at(
+                k.span(),
+                format!(
+                "service `{name}`: hash_key applies only to load_balancing = \"consistent_hash\""
+            ),
+            ));
+            None
+        }
+        Some(k) => match HashKey::parse(k.get_ref()) {
+            Ok(key) => Some(key),
+            Err(msg) => {
+                errors.push(gfile.error_at(k.span(), msg));
+                None
+            }
+        },
+        None if consistent => {
+            errors.push(gfile.error_at(span, format!(
+                "service `{name}`: consistent_hash needs hash_key (`header:NAME`, `cookie:NAME` or `ip`)"
+            )));
+            None
+        }
+        None => None,
+    };
+    if let Some(hc) = &cfg.health_check {
+        let h = hc.get_ref();
+        let mut bad = |msg: String| {
+            errors.push(gfile.error_at(hc.span(), format!("service `{name}` health_check: {msg}")))
+        };
+        if !h.path.starts_with('/') {
+            bad(format!("path `{}` must start with `/`", h.path));
+        }
+        if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+            bad("healthy_threshold and unhealthy_threshold must be at least 1".into());
+        }
+        if h.timeout.get() > h.interval.get() {
+            bad(format!(
+                "timeout ({}) must not be longer than interval ({})",
+                h.timeout, h.interval
+            ));
+        }
+        if let Some(s) = h
+            .expected_statuses
+            .iter()
+            .find(|s| !(100..=599).contains(*s))
+        {
+            bad(format!("expected status {s} is not an HTTP status"));
+        }
+    }
+    if let Some(od) = &cfg.outlier_detection {
+        let o = od.get_ref();
+        let mut bad = |msg: String| {
+            errors.push(gfile.error_at(
+                od.span(),
+                format!("service `{name}` outlier_detection: {msg}"),
+            ))
+        };
+        if o.consecutive_failures == 0 {
+            bad("consecutive_failures must be at least 1".into());
+        }
+        if o.base_ejection_time.get() > o.max_ejection_time.get() {
+            bad(format!(
+                "base_ejection_time ({}) must not exceed max_ejection_time ({})",
+                o.base_ejection_time, o.max_ejection_time
+            ));
+        }
+    }
+    key
+}
