@@ -85,8 +85,9 @@ impl EndpointTable {
         if list.is_empty() {
             return Err("empty endpoint list; keeping the previous one".into());
         }
-        list.sort();
-        list.dedup();
+        // One endpoint per URL; if discovery lists a URL twice, its larger weight wins.
+        list.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        list.dedup_by(|later, first| later.0 == first.0);
         let old = self.snapshot();
         let unchanged = old.endpoints.len() == list.len()
             && old
@@ -168,6 +169,15 @@ mod tests {
             ])
             .unwrap());
         assert!(t.publish(Vec::new()).is_err());
+        // The same URL twice is one endpoint, with the larger weight.
+        t.publish(vec![
+            ("http://10.0.0.3:80".into(), 2),
+            ("http://10.0.0.3:80".into(), 5),
+        ])
+        .unwrap();
+        let set = t.snapshot();
+        assert_eq!(set.endpoints.len(), 1);
+        assert_eq!(set.endpoints[0].weight, 5);
         assert_eq!(t.snapshot().endpoints.len(), 2);
     }
 }
