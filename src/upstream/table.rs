@@ -169,6 +169,7 @@ mod tests {
             ])
             .unwrap());
         assert!(t.publish(Vec::new()).is_err());
+        assert_eq!(t.snapshot().endpoints.len(), 2);
         // The same URL twice is one endpoint, with the larger weight.
         t.publish(vec![
             ("http://10.0.0.3:80".into(), 2),
@@ -178,6 +179,5 @@ mod tests {
         let set = t.snapshot();
         assert_eq!(set.endpoints.len(), 1);
         assert_eq!(set.endpoints[0].weight, 5);
-        assert_eq!(t.snapshot().endpoints.len(), 2);
     }
 }
