@@ -6,7 +6,11 @@ COPY src ./src
 RUN cargo build --release --locked --bin gatehouse
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gatehouse
+# System root certificates, for https services that do not name their own CA.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gatehouse
 COPY --from=build /src/target/release/gatehouse /usr/local/bin/gatehouse
 # The shipped demo config; mount your own gateway.toml and routes/ over /etc/gatehouse.
 COPY gateway.toml /etc/gatehouse/gateway.toml
