@@ -169,7 +169,15 @@ impl Proxy {
             } else {
                 std::mem::take(&mut parts.headers)
             };
-            let req = self.request_for(&parts, headers, upgrade, &ep, this_body, started);
+            let req = match self.request_for(&parts, headers, upgrade, &ep, this_body, started) {
+                Ok(r) => r,
+                Err(e) => {
+                    if let (Some(b), Some(p)) = (&up.breaker, permit) {
+                        b.record(p, None);
+                    }
+                    return Err(e.into());
+                }
+            };
             // If the route's deadline cancels this attempt, the guard records it as a failure
             // (for the breaker — a probe must not keep its slot — and for outlier detection).
             let mut cancelled = Cancelled {
@@ -245,7 +253,7 @@ impl Proxy {
         ep: &Endpoint,
         body: ReqBody,
         started: Instant,
-    ) -> Request<ReqBody> {
+    ) -> Result<Request<ReqBody>, GatewayError> {
         let mut uri = uri::Parts::default();
         uri.scheme = Some(ep.scheme.clone());
         uri.authority = Some(ep.authority.clone());
@@ -258,8 +266,8 @@ impl Proxy {
         );
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
-        // The parts come from a valid request, so these parts form a valid URI.
-        *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+        *req.uri_mut() =
+            Uri::from_parts(uri).map_err(|_| GatewayError::BadRequest("request target"))?;
         *req.version_mut() = self.upstream.version;
         strip_hop_by_hop(&mut headers, upgrade);
         if !self.opts.preserve_host {
@@ -269,7 +277,7 @@ impl Proxy {
             grpc_timeout(&mut headers, deadline.saturating_sub(started.elapsed()));
         }
         *req.headers_mut() = headers;
-        req
+        Ok(req)
     }
 
     async fn attempt(&self, ep: &Endpoint, req: Request<ReqBody>) -> Attempt {

@@ -12,6 +12,10 @@ use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType, RrKe
 use hickory_server::store::in_memory::InMemoryAuthority;
 use hickory_server::ServerFuture;
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
 use crate::support::*;
 
 struct Dns {
@@ -141,6 +145,25 @@ async fn dns_discovery_follows_additions_and_removals_and_survives_the_server_go
     dns.task.abort();
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert_eq!(seen(&gw, 4).await, HashSet::from(["127.0.0.3".to_string()]));
+    // A reload that rebuilds the service (its config changed, its discovery did not) starts
+    // from the endpoints the previous build knew: with DNS still down, it keeps serving.
+    let changed = cfg.replace(
+        "[services.svc]\n",
+        "[services.svc]\nload_balancing = \"random\"\n",
+    );
+    assert_ne!(changed, cfg);
+    std::fs::write(gw.dir.path().join("gateway.toml"), changed).unwrap();
+    let r = send(
+        Request::post(gw.admin_url("/admin/reload"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = get(&gw.admin_url("/admin/services")).await.json();
+    assert_eq!(v["services"][0]["load_balancing"], "random");
+    assert_eq!(seen(&gw, 4).await, HashSet::from(["127.0.0.3".to_string()]));
+
     let m = get(&gw.admin_url("/metrics")).await.text();
     assert!(
         m.contains("gatehouse_discovery_updates_total{result=\"updated\",service=\"svc\"}"),
@@ -176,6 +199,13 @@ async fn srv_discovery_uses_targets_ports_and_priorities() {
         vec![
             srv(10, u1.addr.port()),
             srv(10, u2.addr.port()),
+            // A target of the best priority that does not resolve is skipped.
+            RData::SRV(SRV::new(
+                10,
+                10,
+                1,
+                Name::from_str("missing.test.").unwrap(),
+            )),
             srv(20, backup.addr.port()),
         ],
     )

@@ -189,6 +189,20 @@ async fn etcd_registry_is_followed_through_leases_and_watches() {
     );
     assert!(added.elapsed() < Duration::from_secs(5));
 
+    // An instance whose url is not a usable endpoint is skipped; the others keep serving.
+    etcd.register("/services/svc/broken", "10.0.0.9:8080", None)
+        .await;
+    etcd.register("/services/svc/e", &ups[2].url(), None).await;
+    eventually(10, "a valid instance next to a broken one", || async {
+        seen(&gw, 12).await == set(&["a", "b", "c", "d"])
+    })
+    .await;
+    etcd.delete("/services/svc/e").await;
+    eventually(10, "e removed", || async {
+        seen(&gw, 9).await == set(&["a", "b", "d"])
+    })
+    .await;
+
     etcd.delete("/services/svc/b").await;
     eventually(10, "deleted instance removed", || async {
         seen(&gw, 6).await == set(&["a", "d"])

@@ -135,25 +135,8 @@ async fn health_command_probes_the_admin_listener() {
         &[("web.toml", ROUTES)],
     )
     .await;
-    let admin = gw.admin.to_string();
-    let healthy = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-            .args(["health", "--admin", &admin])
-            .status()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(healthy.success());
-    let closed = closed_port().await.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-            .args(["health", "--admin", &closed])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    assert!(health(gw.admin.to_string()).await.status.success());
+    let out = health(closed_port().await.to_string()).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unhealthy"));
 }
@@ -200,4 +183,59 @@ async fn connections_beyond_max_connections_are_closed() {
             .is_ok_and(|r| r.status() == 200)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_consumer_that_stops_reading_does_not_stall_requests() {
+    let up = echo_upstream().await;
+    let dir = write_config(&config(&up.url(), ""), &[("web.toml", ROUTES)]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("gateway.toml"))
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read the log only until the listening address shows, then never again: the pipe fills.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "gateway exited");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["message"] == "listening" {
+            break v["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    // Each request writes an access-log line of ~300 bytes; 2000 of them are far more than a
+    // pipe buffer (64 KiB) holds.
+    let c = client();
+    for i in 0..2000 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.get(format!("http://{addr}/web/a").parse().unwrap()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("request {i} stalled"))
+        .unwrap();
+        assert_eq!(r.status(), 200);
+        read(r).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(stderr);
+}
+
+/// Runs `gatehouse health --admin ADDR` off the async runtime.
+async fn health(admin: String) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(["health", "--admin", &admin])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
 }
