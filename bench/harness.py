@@ -265,6 +265,13 @@ http {{
       proxy_pass http://up;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      # What gatehouse does by default for every proxied request: forwarding headers and a
+      # request id, sent upstream and returned to the client.
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Request-Id $request_id;
+      add_header X-Request-Id $request_id always;
     }}
   }}
 }}
@@ -283,6 +290,13 @@ defaults
   option http-keep-alive
 frontend fe
   bind 127.0.0.1:{HAPROXY_PORT}
+  # What gatehouse does by default: forwarding headers and a request id, both ways.
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  unique-id-format %{{+X}}o%ci%cp%fi%fp%Ts%rt%pid
+  unique-id-header X-Request-Id
+  http-after-response set-header X-Request-Id %[unique-id]
   default_backend be
 backend be
   server s1 127.0.0.1:{UP_PORT}

@@ -20,5 +20,6 @@ pub mod route;
 pub mod routing;
 pub mod server;
 pub mod upstream;
+pub mod worker;
 
 pub use server::{Server, StartError};

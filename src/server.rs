@@ -11,13 +11,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{self, ConfigErrors, LoadedConfig};
 use crate::dispatch::Dispatcher;
 use crate::gateway::Live;
 use crate::observe::metrics::Metrics;
+use crate::worker;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start a worker thread: {0}")]
+    Worker(std::io::Error),
 }
 
 /// A running gateway.
@@ -37,7 +40,11 @@ pub struct Server {
     http_addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
-    accept_tasks: Vec<JoinHandle<()>>,
+    /// Set after the drain: the workers close what is left and end.
+    exit: watch::Sender<bool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    /// One per worker, sent when it has stopped accepting.
+    stopped: Vec<oneshot::Receiver<()>>,
     admin_task: JoinHandle<()>,
     watch_task: Option<JoinHandle<()>>,
     graceful: Arc<GracefulShutdown>,
@@ -58,6 +65,9 @@ impl Server {
         let server_cfg = loaded.gateway.server.clone();
         let admin_listen = loaded.gateway.admin.listen;
         let metrics = Arc::new(Metrics::new());
+        let n_workers = worker::count(server_cfg.workers);
+        // Before any service is built: each gets a connection pool per worker.
+        crate::upstream::client::reserve(n_workers);
         let live = Arc::new(Live::new(config_path, loaded, metrics).map_err(StartError::Config)?);
 
         let mut listeners = Vec::new();
@@ -88,9 +98,10 @@ impl Server {
         let builder = Arc::new(builder);
 
         let (stop, stop_rx) = watch::channel(false);
+        let (exit, exit_rx) = watch::channel(false);
         let graceful = Arc::new(GracefulShutdown::new());
         let mut http_addrs = Vec::new();
-        let mut accept_tasks = Vec::new();
+        let mut std_listeners = Vec::new();
         for listener in listeners {
             let addr = listener.local_addr().map_err(|source| StartError::Bind {
                 addr: admin_listen,
@@ -98,14 +109,39 @@ impl Server {
             })?;
             http_addrs.push(addr);
             tracing::info!(%addr, "listening");
-            accept_tasks.push(tokio::spawn(accept_loop(
-                listener,
-                live.clone(),
-                builder.clone(),
-                graceful.clone(),
-                stop_rx.clone(),
-            )));
+            let l = listener
+                .into_std()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            std_listeners.push((addr, l));
         }
+        let shared = worker::Shared {
+            live: live.clone(),
+            builder,
+            graceful: graceful.clone(),
+            stop: stop_rx.clone(),
+            exit: exit_rx,
+        };
+        let mut workers = Vec::new();
+        let mut stopped = Vec::new();
+        for n in 1..=n_workers {
+            // Visible (at 0) from the start, for every worker.
+            live.metrics
+                .connections_total
+                .with_label_values(&[&n.to_string()]);
+            let mut own = Vec::new();
+            for (addr, l) in &std_listeners {
+                own.push(l.try_clone().map_err(|source| StartError::Bind {
+                    addr: *addr,
+                    source,
+                })?);
+            }
+            let (tx, rx) = oneshot::channel();
+            let handle = worker::spawn(n, own, shared.clone(), tx).map_err(StartError::Worker)?;
+            workers.push(handle);
+            stopped.push(rx);
+        }
+        drop(shared);
+        tracing::info!(workers = n_workers, "workers started");
         let admin_task = tokio::spawn(crate::admin::serve(
             admin_listener,
             live.clone(),
@@ -134,7 +170,9 @@ impl Server {
             http_addrs,
             admin_addr,
             stop,
-            accept_tasks,
+            exit,
+            workers,
+            stopped,
             admin_task,
             watch_task,
             graceful,
@@ -164,8 +202,8 @@ impl Server {
         if let Some(w) = &self.watch_task {
             w.abort();
         }
-        for t in self.accept_tasks {
-            let _ = t.await;
+        for s in self.stopped {
+            let _ = s.await;
         }
         let grace = self.live.startup_shutdown_grace();
         let drained = match Arc::try_unwrap(self.graceful) {
@@ -178,6 +216,14 @@ impl Server {
                 "shutdown grace period over; closing the remaining connections"
             );
         }
+        let _ = self.exit.send(true);
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
         let _ = self.admin_task.await;
         drained
     }
@@ -196,13 +242,18 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     socket.listen(4096).map_err(err)
 }
 
-async fn accept_loop(
+pub(crate) async fn accept_loop(
     listener: TcpListener,
     live: Arc<Live>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Resolved once: counting a connection is then one atomic add.
+    let accepted = live
+        .metrics
+        .connections_total
+        .with_label_values(&[&worker::slot().to_string()]);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -223,6 +274,7 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
+        accepted.inc();
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
         let live = live.clone();

@@ -283,7 +283,7 @@ impl Proxy {
     async fn attempt(&self, ep: &Endpoint, req: Request<ReqBody>) -> Attempt {
         let up = &*self.upstream;
         let _in_flight = ep.start();
-        let sent = up.client.request(req);
+        let sent = up.client.get().request(req);
         let result = match up.timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,

@@ -73,6 +73,10 @@ pub struct ServerConfig {
     /// On SIGTERM, in-flight requests get this long to finish.
     #[serde(default = "d_30s")]
     pub shutdown_grace: Duration,
+    /// Threads that serve client connections, each with its own event loop and upstream
+    /// connection pools. 0: one per CPU the process may run on.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +91,7 @@ impl Default for ServerConfig {
             max_connections: 0,
             header_read_timeout: d_10s(),
             shutdown_grace: d_30s(),
+            workers: 0,
         }
     }
 }

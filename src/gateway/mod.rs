@@ -102,6 +102,7 @@ struct StartupSettings {
     routes_dir: PathBuf,
     watch: bool,
     limits: (usize, usize),
+    workers: usize,
 }
 
 impl StartupSettings {
@@ -116,6 +117,7 @@ impl StartupSettings {
             routes_dir: c.routes_dir(),
             watch: g.routes.watch,
             limits: (g.server.max_concurrent_requests, g.server.max_connections),
+            workers: g.server.workers,
         }
     }
 
@@ -148,6 +150,7 @@ impl StartupSettings {
             "server.max_concurrent_requests",
         );
         check(self.limits.1 != other.limits.1, "server.max_connections");
+        check(self.workers != other.workers, "server.workers");
         out
     }
 }

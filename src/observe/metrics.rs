@@ -26,6 +26,8 @@ pub struct Metrics {
     pub upstream_endpoints: prometheus::IntGaugeVec,
     pub config_reloads_total: IntCounterVec,
     pub config_generation: IntGauge,
+    /// Client connections accepted, by worker thread.
+    pub connections_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -109,8 +111,17 @@ impl Metrics {
             "Generation of the config now serving (1 at start, +1 per successful reload)",
         )
         .expect("static metric definition is valid");
+        let connections_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_connections_total",
+                "Client connections accepted, by worker thread",
+            ),
+            &["worker"],
+        )
+        .expect("static metric definition is valid");
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_total.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_requests_total.clone()),
             Box::new(endpoint_requests_total.clone()),
@@ -130,6 +141,7 @@ impl Metrics {
         config_reloads_total.with_label_values(&["failure"]);
         Metrics {
             registry,
+            connections_total,
             requests_total,
             request_duration,
             upstream_requests_total,

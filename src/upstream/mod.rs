@@ -8,6 +8,7 @@
 pub mod balance;
 pub mod breaker;
 pub mod bulkhead;
+pub mod client;
 pub mod discovery;
 pub mod endpoint;
 pub mod etcd;
@@ -25,6 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use balance::{Balancer, HashKey};
+pub use client::Clients;
 pub use endpoint::Endpoint;
 pub use table::{EndpointSet, EndpointTable};
 
@@ -72,7 +74,8 @@ pub struct Upstream {
     /// `[dns]` as it was when this was built (matters for DNS discovery).
     pub dns: DnsConfig,
     table: Arc<EndpointTable>,
-    pub client: HttpClient,
+    /// Connection pools, one per worker (`client.get()` is the calling thread's).
+    pub client: Clients,
     /// Per attempt, until the response head arrives.
     pub timeout: Option<Duration>,
     pub version: Version,
@@ -121,15 +124,19 @@ impl Upstream {
         } else {
             builder.enable_http1().wrap_connector(http)
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout.get())
-            .pool_max_idle_per_host(config.pool_max_idle_per_endpoint)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(http2)
-            // Flattened writes measured cheaper than vectored ones (see server.rs).
-            .http1_writev(false)
-            .build(connector);
+        let idle = config.pool_idle_timeout.get();
+        let max_idle = config.pool_max_idle_per_endpoint;
+        let client = Clients::new(move || {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(idle)
+                .pool_max_idle_per_host(max_idle)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(http2)
+                // Flattened writes measured cheaper than vectored ones (see server.rs).
+                .http1_writev(false)
+                .build(connector.clone())
+        });
         let name: Arc<str> = Arc::from(name);
         let (initial, dns_source, etcd_source) = match source {
             Source::Static(list) => (list, None, None),
@@ -159,7 +166,7 @@ impl Upstream {
         if let Some(hc) = &config.health_check {
             tasks.extend(health::spawn(
                 table.clone(),
-                client.clone(),
+                client.get().clone(),
                 hc.get_ref().clone(),
             ));
         }

@@ -14,3 +14,4 @@ mod shutdown;
 mod streaming;
 mod support;
 mod upstream_tls;
+mod workers;

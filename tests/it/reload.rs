@@ -137,9 +137,10 @@ async fn reload_under_load_loses_no_request() {
 #[tokio::test]
 async fn pooled_connections_survive_a_reload_of_an_unchanged_service() {
     let up = Upstream::start(|_req| async { text(200, "a") }).await;
+    // One worker: each worker has its own pool, and this counts the connections of one pool.
     let gw = TestGateway::start(
         &gateway_toml(
-            "",
+            "workers = 1",
             &format!("[services.svc]\nendpoints = [\"{}\"]\n", up.url()),
         ),
         &[("web.toml", &routes(""))],
