@@ -30,7 +30,7 @@ RESULTS = ROOT / "bench" / "results"
 SERVER_CPU = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-UP_PORT, GH_PORT, GH_ADMIN, NGINX_PORT, HAPROXY_PORT = 19000, 19080, 19081, 19180, 19280
+UP_PORT, GH_PORT, GH_ADMIN, NGINX_PORT, HAPROXY_PORT, NGINX_BARE_PORT = 19000, 19080, 19081, 19180, 19280, 19190
 
 SCENARIOS = {
     "plain": dict(title="Plain proxy: GET ~200 B JSON, 64 keep-alive connections", path="/json", conns=64),
@@ -64,8 +64,10 @@ def pinned(cmd):
 
 
 class Contender:
-    def __init__(self, name, port, cmd, proc_names=None):
-        self.name, self.port, self.cmd, self.proc_names = name, port, cmd, proc_names
+    def __init__(self, name, port, cmd, scenarios=None, idle=True):
+        self.name, self.port, self.cmd = name, port, cmd
+        # Scenarios this contender runs in (None: all); whether it runs the idle-connections test.
+        self.scenarios, self.idle = scenarios, idle
         self.proc = None
 
     def start(self):
@@ -76,10 +78,9 @@ class Contender:
         wait_port(self.port)
 
     def pids(self):
-        if self.proc_names:
-            out = subprocess.run(["pgrep", "-x", self.proc_names], capture_output=True, text=True).stdout
-            return [int(p) for p in out.split()]
-        return [self.proc.pid]
+        # taskset execs the server, so this is its main process; nginx's workers are its children.
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [self.proc.pid] + [int(p) for p in out.split()]
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -276,6 +277,13 @@ http {{
   }}
 }}
 """)
+    # nginx as a plain reverse proxy, without the forwarding headers and request id: what nginx
+    # costs when it does less than gatehouse does.
+    bare = (WORK / "nginx.conf").read_text()
+    bare = "\n".join(l for l in bare.splitlines() if "X-Forwarded" not in l and "X-Request-Id" not in l)
+    bare = bare.replace(f"listen 127.0.0.1:{NGINX_PORT}", f"listen 127.0.0.1:{NGINX_BARE_PORT}")
+    bare = bare.replace(f"pid {WORK}/nginx.pid", f"pid {WORK}/nginx-bare.pid")
+    (WORK / "nginx-bare.conf").write_text(bare)
     (WORK / "haproxy.cfg").write_text(f"""
 global
   nbthread 1
@@ -330,7 +338,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10, help="seconds per run (default 10)")
     ap.add_argument("--reps", type=int, default=3, help="runs per scenario and contender (default 3)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ",".join(SCENARIOS))
-    ap.add_argument("--contenders", default="gatehouse,nginx,haproxy,direct")
+    ap.add_argument("--contenders", default="gatehouse,nginx,nginx-bare,haproxy,direct")
     ap.add_argument("--idle", type=int, default=10000, help="idle keep-alive connections to hold (0: skip)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/")
     args = ap.parse_args()
@@ -344,8 +352,10 @@ def main():
     upstream = Contender("direct", UP_PORT, [str(ROOT / "target/release/examples/bench_upstream"), f"127.0.0.1:{UP_PORT}"])
     all_contenders = {
         "gatehouse": Contender("gatehouse", GH_PORT, [str(ROOT / "target/release/gatehouse"), "run", "--config", str(WORK / "gateway.toml")]),
-        "nginx": Contender("nginx", NGINX_PORT, [shutil.which("nginx") or "nginx", "-c", str(WORK / "nginx.conf"), "-p", str(WORK)], proc_names="nginx"),
-        "haproxy": Contender("haproxy", HAPROXY_PORT, [shutil.which("haproxy") or "haproxy", "-db", "-f", str(WORK / "haproxy.cfg")], proc_names="haproxy"),
+        "nginx": Contender("nginx", NGINX_PORT, [shutil.which("nginx") or "nginx", "-c", str(WORK / "nginx.conf"), "-p", str(WORK)]),
+        "nginx-bare": Contender("nginx-bare", NGINX_BARE_PORT, [shutil.which("nginx") or "nginx", "-c", str(WORK / "nginx-bare.conf"), "-p", str(WORK)],
+                                scenarios=["plain"], idle=False),
+        "haproxy": Contender("haproxy", HAPROXY_PORT, [shutil.which("haproxy") or "haproxy", "-db", "-f", str(WORK / "haproxy.cfg")]),
         "direct": upstream,
     }
     names = [n for n in args.contenders.split(",") if n]
@@ -364,7 +374,8 @@ def main():
         results = {}
         for sname in [s for s in args.scenarios.split(",") if s]:
             sc = SCENARIOS[sname]
-            these = [c for c in contenders if c.name in sc.get("only", names)]
+            these = [c for c in contenders if c.name in sc.get("only", names)
+                     and (c.scenarios is None or sname in c.scenarios)]
             if not these:
                 continue
             print(f"\n## {sc['title']}", flush=True)
@@ -386,7 +397,7 @@ def main():
 
         idle = {}
         if args.idle:
-            for c in contenders:
+            for c in [c for c in contenders if c.idle]:
                 held, rss = idle_connections_rss(c, args.idle)
                 idle[c.name] = (held, rss)
                 print(f"  {c.name:9} {held} idle connections: RSS {rss / 1024:.1f} MiB", flush=True)
@@ -417,6 +428,9 @@ def render(args, names, results, idle_rss, idle):
         f"- {args.reps} interleaved runs of {args.duration}s per scenario and contender; medians shown. "
         "CPU µs/req is the proxy's own CPU time (user+sys, from /proc) divided by requests served; for "
         "`direct` it is the upstream's.",
+        "- Same work per request: `nginx` and `haproxy` set X-Forwarded-For/-Proto/-Host and a request id "
+        "(to the upstream and back to the client), as gatehouse does by default. `nginx-bare` is nginx "
+        "without them (plain scenario only).",
         f"- Command: `bench/run {' '.join(sys.argv[1:])}`".rstrip(),
         "",
     ]
@@ -439,7 +453,7 @@ def render(args, names, results, idle_rss, idle):
             lines += ["", "Every answer here is a 503 from the open breaker, so `errors` counts all of them."]
         lines.append("")
     lines += ["## Memory", "", "| contender | RSS idle | idle keep-alive connections held | RSS with them |", "|---|---:|---:|---:|"]
-    for n in names:
+    for n in [n for n in names if n in idle_rss]:
         held, rss = idle.get(n, (0, 0))
         lines.append(f"| {n} | {idle_rss[n] / 1024:.1f} MiB | {held} | {rss / 1024:.1f} MiB |" if held else
                      f"| {n} | {idle_rss[n] / 1024:.1f} MiB | — | — |")

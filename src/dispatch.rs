@@ -31,9 +31,12 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// The hyper service of one client connection.
+/// The hyper service of one client connection. Cloned per request: one reference count.
 #[derive(Clone)]
-pub struct Dispatcher {
+pub struct Dispatcher(Arc<Conn>);
+
+/// What the dispatcher knows of its connection.
+pub struct Conn {
     live: Arc<Live>,
     peer: SocketAddr,
     /// The peer's address as a header value, made once per connection.
@@ -45,12 +48,12 @@ impl Dispatcher {
     pub fn new(live: Arc<Live>, peer: SocketAddr, tls: bool) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or(HeaderValue::from_static("unknown"));
-        Dispatcher {
+        Dispatcher(Arc::new(Conn {
             live,
             peer,
             peer_ip,
             tls,
-        }
+        }))
     }
 }
 
@@ -60,12 +63,12 @@ impl hyper::service::Service<Request<Incoming>> for Dispatcher {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
+        let this = self.0.clone();
         Box::pin(async move { Ok(this.dispatch(req).await) })
     }
 }
 
-impl Dispatcher {
+impl Conn {
     async fn dispatch(&self, req: Request<Incoming>) -> Response<ObservedBody> {
         let start = Instant::now();
         let gw = self.live.snapshot();

@@ -14,11 +14,6 @@ use gatehouse::config;
 use gatehouse::observe::metrics::Metrics;
 use gatehouse::Server;
 
-/// mimalloc: per-thread free lists make the request path's small allocations cheaper than
-/// glibc's arenas (bench/README.md has the figures).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "gatehouse",

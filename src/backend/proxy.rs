@@ -271,7 +271,8 @@ impl Proxy {
         *req.version_mut() = self.upstream.version;
         strip_hop_by_hop(&mut headers, upgrade);
         if !self.opts.preserve_host {
-            headers.remove(header::HOST);
+            // Made once per endpoint: the client would otherwise format it per request.
+            headers.insert(header::HOST, ep.host.clone());
         }
         if let Some(deadline) = self.opts.deadline {
             grpc_timeout(&mut headers, deadline.saturating_sub(started.elapsed()));

@@ -27,6 +27,9 @@ pub struct Endpoint {
     pub url: Arc<str>,
     pub scheme: Scheme,
     pub authority: Authority,
+    /// The `Host` header for this endpoint (`host`, or `host:port` unless the port is the
+    /// scheme's default), made once instead of per request.
+    pub host: http::HeaderValue,
     pub weight: u32,
     in_flight: AtomicU32,
     healthy: AtomicBool,
@@ -62,10 +65,18 @@ impl Endpoint {
                 "endpoint `{url}` must not have a path or query; put the path in the route's `proxy.path`"
             ));
         }
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(p) if p != default_port => format!("{}:{p}", authority.host()),
+            _ => authority.host().to_owned(),
+        };
+        let host = http::HeaderValue::from_str(&host)
+            .map_err(|_| format!("endpoint `{url}`: the host is not a valid Host header"))?;
         Ok(Endpoint {
             url: Arc::from(url),
             scheme,
             authority,
+            host,
             weight: 1,
             in_flight: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
@@ -172,6 +183,11 @@ mod tests {
     fn endpoint_urls() {
         let e = Endpoint::parse("http://127.0.0.1:8081").unwrap();
         assert_eq!(e.authority.as_str(), "127.0.0.1:8081");
+        assert_eq!(e.host, "127.0.0.1:8081");
+        let e = Endpoint::parse("https://api.example.com:443").unwrap();
+        assert_eq!(e.host, "api.example.com");
+        let e = Endpoint::parse("http://[::1]:80").unwrap();
+        assert_eq!(e.host, "[::1]");
         assert!(Endpoint::parse("127.0.0.1:8081")
             .unwrap_err()
             .contains("scheme"));
