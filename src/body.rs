@@ -9,8 +9,8 @@ use hyper::body::Incoming;
 /// `[server] max_request_body`, or bytes the gateway holds.
 pub type ReqBody = Either<Limited<Incoming>, Full<Bytes>>;
 
-/// A response body: a backend's stream, or bytes the gateway made.
-pub type RespBody = Either<Incoming, Full<Bytes>>;
+/// A response body: an upstream's stream, or bytes the gateway made.
+pub type RespBody = Either<crate::upstream::UpstreamBody, Full<Bytes>>;
 
 /// A response body the gateway produced itself.
 pub fn full(bytes: impl Into<Bytes>) -> RespBody {

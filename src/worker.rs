@@ -95,6 +95,14 @@ pub fn spawn(
                         }
                     }
                 }
+                // Idle upstream connections of this worker past their timeout get closed.
+                tokio::spawn(async {
+                    let mut every = tokio::time::interval(crate::upstream::pool::SWEEP_EVERY);
+                    loop {
+                        every.tick().await;
+                        crate::upstream::pool::sweep();
+                    }
+                });
                 // The drain needs every handle on `graceful` gone but the server's.
                 drop(graceful);
                 for l in loops {

@@ -23,7 +23,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::{req_full, ReqBody, RespBody};
@@ -34,7 +33,7 @@ use tower::retry::budget::Budget as _;
 
 use crate::upstream::breaker::Permit;
 use crate::upstream::retry::{method_allows_retry, Failure, RetryPolicy};
-use crate::upstream::{Endpoint, Upstream};
+use crate::upstream::{Endpoint, SendError, Upstream, UpstreamBody};
 
 /// Per-route settings of a proxy backend.
 #[derive(Clone, Default)]
@@ -80,7 +79,7 @@ impl tower::Service<Request<ReqBody>> for Proxy {
 
 /// The outcome of one attempt.
 enum Attempt {
-    Response(Response<Incoming>),
+    Response(Response<UpstreamBody>),
     Failed(GatewayError, Option<Failure>),
 }
 
@@ -254,20 +253,23 @@ impl Proxy {
         body: ReqBody,
         started: Instant,
     ) -> Result<Request<ReqBody>, GatewayError> {
-        let mut uri = uri::Parts::default();
-        uri.scheme = Some(ep.scheme.clone());
-        uri.authority = Some(ep.authority.clone());
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
-        *req.uri_mut() =
-            Uri::from_parts(uri).map_err(|_| GatewayError::BadRequest("request target"))?;
+        *req.uri_mut() = if self.upstream.is_http1() {
+            // Origin form: what goes on the wire.
+            Uri::from(path)
+        } else {
+            let mut uri = uri::Parts::default();
+            uri.scheme = Some(ep.scheme.clone());
+            uri.authority = Some(ep.authority.clone());
+            uri.path_and_query = Some(path);
+            Uri::from_parts(uri).map_err(|_| GatewayError::BadRequest("request target"))?
+        };
         *req.version_mut() = self.upstream.version;
         strip_hop_by_hop(&mut headers, upgrade);
         if !self.opts.preserve_host {
@@ -284,7 +286,7 @@ impl Proxy {
     async fn attempt(&self, ep: &Endpoint, req: Request<ReqBody>) -> Attempt {
         let up = &*self.upstream;
         let _in_flight = ep.start();
-        let sent = up.client.get().request(req);
+        let sent = up.send(ep, req);
         let result = match up.timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,
@@ -380,24 +382,21 @@ fn parse_grpc_timeout(v: &[u8]) -> Option<u64> {
     })
 }
 
-fn classify_client_error(
-    up: &Upstream,
-    e: hyper_util::client::legacy::Error,
-) -> (GatewayError, Option<Failure>) {
+fn classify_client_error(up: &Upstream, e: SendError) -> (GatewayError, Option<Failure>) {
     if chain_has::<http_body_util::LengthLimitError>(&e) {
         return (GatewayError::BodyTooLarge, None);
     }
-    if e.is_connect() {
-        up.metrics().error(UpstreamErrorKind::Connect);
-        tracing::debug!(service = &*up.name, error = %e, "upstream connect failed");
-        (
-            GatewayError::UpstreamConnect(e.into()),
-            Some(Failure::Connect),
-        )
-    } else {
-        up.metrics().error(UpstreamErrorKind::Reset);
-        tracing::debug!(service = &*up.name, error = %e, "upstream request failed");
-        (GatewayError::UpstreamFailed(e.into()), Some(Failure::Reset))
+    match e {
+        SendError::Connect(e) => {
+            up.metrics().error(UpstreamErrorKind::Connect);
+            tracing::debug!(service = &*up.name, error = %e, "upstream connect failed");
+            (GatewayError::UpstreamConnect(e), Some(Failure::Connect))
+        }
+        SendError::Request(e) => {
+            up.metrics().error(UpstreamErrorKind::Reset);
+            tracing::debug!(service = &*up.name, error = %e, "upstream request failed");
+            (GatewayError::UpstreamFailed(e), Some(Failure::Reset))
+        }
     }
 }
 

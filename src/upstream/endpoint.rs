@@ -23,6 +23,8 @@ pub fn now_ms() -> u64 {
 
 #[derive(Debug)]
 pub struct Endpoint {
+    /// Unique in the process: with the service's pool id, the key of its pooled connections.
+    pub id: u64,
     /// As configured, for logs, metrics and the admin API.
     pub url: Arc<str>,
     pub scheme: Scheme,
@@ -73,6 +75,7 @@ impl Endpoint {
         let host = http::HeaderValue::from_str(&host)
             .map_err(|_| format!("endpoint `{url}`: the host is not a valid Host header"))?;
         Ok(Endpoint {
+            id: super::pool::next_id(),
             url: Arc::from(url),
             scheme,
             authority,

@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod endpoint;
 pub mod etcd;
 pub mod health;
+pub mod pool;
 pub mod retry;
 pub mod table;
 pub mod tls;
@@ -20,7 +21,7 @@ pub mod tls;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, Version};
+use http::{HeaderMap, Request, Response, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -28,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 pub use balance::{Balancer, HashKey};
 pub use client::Clients;
 pub use endpoint::Endpoint;
+pub use pool::{SendError, UpstreamBody};
 pub use table::{EndpointSet, EndpointTable};
 
 use crate::body::ReqBody;
@@ -47,8 +49,11 @@ pub enum Source {
     },
 }
 
-/// A service's HTTP client: pooled, http or https.
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ReqBody>;
+/// How a service connects to an endpoint: TCP, and TLS for `https` endpoints.
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// hyper-util's pooled client: HTTP/2 services and health checks use it.
+pub type HttpClient = Client<Connector, ReqBody>;
 
 /// TLS settings of a service, compiled.
 pub struct TlsSettings {
@@ -74,8 +79,11 @@ pub struct Upstream {
     /// `[dns]` as it was when this was built (matters for DNS discovery).
     pub dns: DnsConfig,
     table: Arc<EndpointTable>,
-    /// Connection pools, one per worker (`client.get()` is the calling thread's).
+    /// hyper-util clients, one per worker (`client.get()` is the calling thread's): HTTP/2
+    /// requests and health checks.
     pub client: Clients,
+    /// HTTP/1.1 requests (`protocol = "http1"`, the default): per-worker pools.
+    http1: Option<pool::Http1Pool>,
     /// Per attempt, until the response head arrives.
     pub timeout: Option<Duration>,
     pub version: Version,
@@ -126,6 +134,13 @@ impl Upstream {
         };
         let idle = config.pool_idle_timeout.get();
         let max_idle = config.pool_max_idle_per_endpoint;
+        let http1 = (!http2).then(|| {
+            pool::Http1Pool::new(
+                connector.clone(),
+                config.pool_idle_timeout.get(),
+                config.pool_max_idle_per_endpoint,
+            )
+        });
         let client = Clients::new(move || {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(idle)
@@ -201,6 +216,7 @@ impl Upstream {
             timeout: config.timeout.map(|d| d.get()),
             table,
             client,
+            http1,
             version: if http2 {
                 Version::HTTP_2
             } else {
@@ -209,6 +225,28 @@ impl Upstream {
             config,
             dns,
             _tasks: tasks,
+        }
+    }
+
+    /// Whether requests go out as HTTP/1.1 through the per-worker pools (their target in origin
+    /// form), rather than through hyper-util's client (absolute form).
+    pub fn is_http1(&self) -> bool {
+        self.http1.is_some()
+    }
+
+    /// Sends one request to `ep`.
+    pub async fn send(
+        &self,
+        ep: &Endpoint,
+        req: Request<ReqBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        match &self.http1 {
+            Some(pool) => pool.send(ep, req).await,
+            None => match self.client.get().request(req).await {
+                Ok(r) => Ok(r.map(UpstreamBody::plain)),
+                Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
+                Err(e) => Err(SendError::Request(e.into())),
+            },
         }
     }
 
