@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::io::Write as _;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -167,11 +169,13 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)]) {
         })
         .unwrap_or_default();
     let admin = server.admin_addr();
-    println!("\ngatehouse demo is running.");
+    // A closed stdout (`gatehouse demo | head`) must not stop the gateway: errors are ignored.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\ngatehouse demo is running.");
     for (name, addr) in samples {
-        println!("  sample service {name:<8} on http://{addr}");
+        let _ = writeln!(out, "  sample service {name:<8} on http://{addr}");
     }
-    println!("\nTry:");
+    let _ = writeln!(out, "\nTry:");
     for path in [
         "/web/users/1",
         "/web/products",
@@ -181,13 +185,19 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)]) {
         "/web/ping",
         "/web/nope              (404 as application/problem+json)",
     ] {
-        println!("  curl -i {base}{path}");
+        let _ = writeln!(out, "  curl -i {base}{path}");
     }
-    println!("  curl -i -X DELETE {base}/web/users/1   (405 with Allow)");
-    println!("  curl http://{admin}/metrics");
-    println!("  curl http://{admin}/admin/config");
-    println!("  curl -X POST http://{admin}/admin/reload");
-    println!("\nEdit routes/*.toml and the gateway reloads them. Ctrl-C stops.\n");
+    let _ = writeln!(
+        out,
+        "  curl -i -X DELETE {base}/web/users/1   (405 with Allow)"
+    );
+    let _ = writeln!(out, "  curl http://{admin}/metrics");
+    let _ = writeln!(out, "  curl http://{admin}/admin/config");
+    let _ = writeln!(out, "  curl -X POST http://{admin}/admin/reload");
+    let _ = writeln!(
+        out,
+        "\nEdit routes/*.toml and the gateway reloads them. Ctrl-C stops.\n"
+    );
 }
 
 async fn health(admin: SocketAddr) -> anyhow::Result<ExitCode> {

@@ -98,8 +98,9 @@ fn demo_serves_the_shipped_config_with_sample_services() {
         .spawn()
         .unwrap();
     let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = stdout.lines();
     let mut base = None;
-    for line in stdout.lines() {
+    for line in lines.by_ref() {
         let line = line.unwrap();
         if let Some(url) = line
             .trim()
@@ -111,6 +112,8 @@ fn demo_serves_the_shipped_config_with_sample_services() {
         }
     }
     let base = base.expect("demo printed no URL to try");
+    // Keep reading: a closed pipe would make the demo's next print fail.
+    std::thread::spawn(move || lines.for_each(drop));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let r = get(&format!("{base}/web/users/1")).await;
