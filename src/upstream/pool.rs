@@ -15,7 +15,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,8 +41,17 @@ struct Idle {
     expires: Instant,
 }
 
+/// One service's idle connections to one endpoint, in one worker.
+struct Idles {
+    /// Cleared when the service is dropped (a reload changed it): the sweep then closes these.
+    alive: Arc<AtomicBool>,
+    list: Vec<Idle>,
+    /// Used since the last sweep; an entry left empty and unused is removed by the sweep.
+    touched: bool,
+}
+
 thread_local! {
-    static IDLE: RefCell<HashMap<Key, Vec<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<Key, Idles>> = RefCell::new(HashMap::new());
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -65,6 +75,7 @@ pub enum SendError {
 /// One service's HTTP/1.1 pool (its idle connections live in each worker's map).
 pub struct Http1Pool {
     id: u64,
+    alive: Arc<AtomicBool>,
     connector: Connector,
     idle_timeout: Duration,
     max_idle: usize,
@@ -74,6 +85,7 @@ impl Http1Pool {
     pub fn new(connector: Connector, idle_timeout: Duration, max_idle: usize) -> Self {
         Http1Pool {
             id: next_id(),
+            alive: Arc::new(AtomicBool::new(true)),
             connector,
             idle_timeout,
             max_idle,
@@ -89,7 +101,7 @@ impl Http1Pool {
     ) -> Result<Response<UpstreamBody>, SendError> {
         let key = (self.id, ep.id);
         loop {
-            let (mut tx, reused) = match take(key) {
+            let (mut tx, reused) = match take(key, &self.alive) {
                 Some(tx) => (tx, true),
                 None => (self.connect(ep).await?, false),
             };
@@ -143,12 +155,28 @@ impl Http1Pool {
     }
 }
 
+impl Drop for Http1Pool {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Relaxed);
+    }
+}
+
 /// An idle connection of this worker for `key` that can take a request now. Closed and expired
 /// ones met on the way are dropped; one still finishing its last response is left for later.
-fn take(key: Key) -> Option<Tx> {
+fn take(key: Key, alive: &Arc<AtomicBool>) -> Option<Tx> {
     IDLE.with(|m| {
         let mut m = m.borrow_mut();
-        let list = m.get_mut(&key)?;
+        // Made on the first request of this worker to this endpoint, so that `put` finds it.
+        let idles = m.entry(key).or_insert_with(|| Idles {
+            alive: alive.clone(),
+            list: Vec::new(),
+            touched: true,
+        });
+        idles.touched = true;
+        let list = &mut idles.list;
+        if list.is_empty() {
+            return None;
+        }
         let now = Instant::now();
         let mut i = list.len();
         while i > 0 {
@@ -164,14 +192,21 @@ fn take(key: Key) -> Option<Tx> {
     })
 }
 
-/// Drops this worker's idle connections that expired or closed. Each worker runs it every few
-/// seconds, so an idle connection outlives `pool_idle_timeout` by at most that much.
+/// Drops this worker's idle connections that expired or closed, and those of services that no
+/// longer exist. Each worker runs it every few seconds, so an idle connection outlives
+/// `pool_idle_timeout` by at most that much.
 pub fn sweep() {
     IDLE.with(|m| {
         let now = Instant::now();
-        m.borrow_mut().retain(|_, list| {
-            list.retain(|e| !e.tx.is_closed() && e.expires > now);
-            !list.is_empty()
+        m.borrow_mut().retain(|_, idles| {
+            if !idles.alive.load(Ordering::Relaxed) {
+                return false;
+            }
+            idles.list.retain(|e| !e.tx.is_closed() && e.expires > now);
+            // An endpoint nobody asked for since the last sweep (gone from discovery, say).
+            let keep = idles.touched || !idles.list.is_empty();
+            idles.touched = false;
+            keep
         });
     })
 }
@@ -194,13 +229,15 @@ impl Return {
         }
         let expires = Instant::now() + self.idle_timeout;
         IDLE.with(|m| {
-            let mut m = m.borrow_mut();
-            let list = m.entry(self.key).or_default();
-            if list.len() < self.max_idle {
-                list.push(Idle {
-                    tx: self.tx,
-                    expires,
-                });
+            // Missing only when the body ended on another thread than the request started on:
+            // the connection is then closed rather than pooled where it was not made.
+            if let Some(idles) = m.borrow_mut().get_mut(&self.key) {
+                if idles.list.len() < self.max_idle {
+                    idles.list.push(Idle {
+                        tx: self.tx,
+                        expires,
+                    });
+                }
             }
         })
     }

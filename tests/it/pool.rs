@@ -166,3 +166,78 @@ async fn a_body_dropped_half_way_takes_its_connection_with_it() {
         "a connection whose response was cut off was reused"
     );
 }
+
+/// An HTTP/1.1 upstream that counts the connections it opened and the ones that have closed.
+async fn counting_upstream() -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (o, c) = (opened.clone(), closed.clone());
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            o.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(text(200, "ok"))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (format!("http://{addr}"), opened, closed)
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_pool_idle_timeout_without_traffic() {
+    let (url, opened, closed) = counting_upstream().await;
+    let gw = TestGateway::start(
+        &one_worker(&format!(
+            "[services.svc]\nendpoints = [\"{url}\"]\npool_idle_timeout = \"1s\"\n"
+        )),
+        &[("web.toml", ROUTES)],
+    )
+    .await;
+    assert_eq!(get(&gw.url("/a")).await.text(), "ok");
+    assert_eq!(opened.load(Ordering::SeqCst), 1);
+    assert_eq!(closed.load(Ordering::SeqCst), 0);
+    // The worker's sweep (every 5 s) closes it once expired.
+    eventually(15, "the idle connection is closed", || async {
+        closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_service_changed_by_a_reload_closes_its_idle_connections() {
+    let (url, opened, closed) = counting_upstream().await;
+    let service = |extra: &str| format!("[services.svc]\nendpoints = [\"{url}\"]\n{extra}\n");
+    let gw = TestGateway::start(&one_worker(&service("")), &[("web.toml", ROUTES)]).await;
+    assert_eq!(get(&gw.url("/a")).await.text(), "ok");
+    std::fs::write(
+        gw.dir.path().join("gateway.toml"),
+        one_worker(&service("timeout = \"5s\"")),
+    )
+    .unwrap();
+    let r = send(
+        http::Request::post(gw.admin_url("/admin/reload"))
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The changed service has a new pool: a new connection.
+    assert_eq!(get(&gw.url("/a")).await.text(), "ok");
+    assert_eq!(opened.load(Ordering::SeqCst), 2);
+    // The old pool's idle connection is closed by the next sweep, not kept for 90 s.
+    eventually(
+        15,
+        "the old service's idle connection is closed",
+        || async { closed.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+}
