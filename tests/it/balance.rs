@@ -11,7 +11,7 @@ use http_body_util::Full;
 
 use crate::support::*;
 
-const ROUTES: &str = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
+const ROUTES: &str = CATCH_ALL_ROUTES;
 
 fn service(urls: &[String], extra: &str) -> String {
     let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();

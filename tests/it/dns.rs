@@ -12,10 +12,6 @@ use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType, RrKe
 use hickory_server::store::in_memory::InMemoryAuthority;
 use hickory_server::ServerFuture;
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::Full;
-
 use crate::support::*;
 
 struct Dns {
@@ -97,7 +93,7 @@ async fn upstreams_on(ips: &[&str]) -> (u16, Vec<Upstream>) {
     (port, ups)
 }
 
-const ROUTES: &str = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
+const ROUTES: &str = CATCH_ALL_ROUTES;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_discovery_follows_additions_and_removals_and_survives_the_server_going_away() {
@@ -153,12 +149,7 @@ async fn dns_discovery_follows_additions_and_removals_and_survives_the_server_go
     );
     assert_ne!(changed, cfg);
     std::fs::write(gw.dir.path().join("gateway.toml"), changed).unwrap();
-    let r = send(
-        Request::post(gw.admin_url("/admin/reload"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let r = crate::support::admin_reload(&gw).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let v = get(&gw.admin_url("/admin/services")).await.json();
     assert_eq!(v["services"][0]["load_balancing"], "random");

@@ -131,7 +131,7 @@ fn set(names: &[&str]) -> HashSet<String> {
     names.iter().map(|s| s.to_string()).collect()
 }
 
-const ROUTES: &str = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
+const ROUTES: &str = CATCH_ALL_ROUTES;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_registry_is_followed_through_leases_and_watches() {

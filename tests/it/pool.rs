@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
-const ROUTES: &str = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
+const ROUTES: &str = CATCH_ALL_ROUTES;
 
 fn one_worker(service: &str) -> String {
     // One worker: these tests count the connections of one pool.
@@ -223,12 +223,7 @@ async fn a_service_changed_by_a_reload_closes_its_idle_connections() {
         one_worker(&service("timeout = \"5s\"")),
     )
     .unwrap();
-    let r = send(
-        http::Request::post(gw.admin_url("/admin/reload"))
-            .body(Default::default())
-            .unwrap(),
-    )
-    .await;
+    let r = admin_reload(&gw).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // The changed service has a new pool: a new connection.
     assert_eq!(get(&gw.url("/a")).await.text(), "ok");

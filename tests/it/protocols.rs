@@ -195,12 +195,7 @@ async fn tls_termination_with_http1_and_h2_via_alpn() {
 
     // New certificate files take effect on reload, for new connections.
     let new_ca = tls_material(dir.path());
-    let r = crate::support::send(
-        Request::post(gw.admin_url("/admin/reload"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let r = crate::support::admin_reload(&gw).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let tls = tls_connect(gw.addr, &new_ca, b"http/1.1").await;
     let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();

@@ -150,12 +150,7 @@ async fn pooled_connections_survive_a_reload_of_an_unchanged_service() {
     assert_eq!(up.connections(), 1);
 
     gw.write_route("web.toml", &routes(&respond_route("z", "z")));
-    let r = send(
-        http::Request::post(gw.admin_url("/admin/reload"))
-            .body(Default::default())
-            .unwrap(),
-    )
-    .await;
+    let r = admin_reload(&gw).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(get(&gw.url("/web/z")).await.text(), "z");
     for _ in 0..3 {
@@ -185,12 +180,7 @@ async fn admin_reload_reports_errors_and_restart_only_settings() {
         "[frontend]\nname = \"x\"\nbogus = 1\n",
     )
     .unwrap();
-    let r = send(
-        http::Request::post(gw.admin_url("/admin/reload"))
-            .body(Default::default())
-            .unwrap(),
-    )
-    .await;
+    let r = admin_reload(&gw).await;
     assert_eq!(r.status, 422);
     let v = r.json();
     assert_eq!(v["result"], "failure");
@@ -208,12 +198,7 @@ async fn admin_reload_reports_errors_and_restart_only_settings() {
         "listen = \"127.0.0.1:1\"\n\n\n[admin]",
     );
     std::fs::write(gw.dir.path().join("gateway.toml"), cfg).unwrap();
-    let r = send(
-        http::Request::post(gw.admin_url("/admin/reload"))
-            .body(Default::default())
-            .unwrap(),
-    )
-    .await;
+    let r = admin_reload(&gw).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["restart_required"][0], "server.listen");
     assert_eq!(get(&gw.url("/web/a")).await.text(), "a");

@@ -11,7 +11,7 @@ use http_body_util::Full;
 
 use crate::support::*;
 
-const ROUTES: &str = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
+const ROUTES: &str = CATCH_ALL_ROUTES;
 
 /// An upstream that answers 503 to the first `fail` requests, then 200.
 async fn flaky(fail: usize) -> Upstream {

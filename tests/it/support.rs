@@ -159,6 +159,19 @@ pub async fn closed_port() -> SocketAddr {
 }
 
 /// gateway.toml for tests: listeners on port 0, access log off, plus the given text.
+/// One frontend `web` with one route that sends every path to the service `svc`.
+pub const CATCH_ALL_ROUTES: &str = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
+
+/// `POST /admin/reload`.
+pub async fn admin_reload(gw: &TestGateway) -> Resp {
+    send(
+        Request::post(gw.admin_url("/admin/reload"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
 pub fn gateway_toml(server_extra: &str, rest: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\naccess_log = false\n\n{rest}\n"

@@ -88,7 +88,7 @@ async fn mtls_upstream(
     addr
 }
 
-const ROUTES: &str = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
+const ROUTES: &str = CATCH_ALL_ROUTES;
 
 async fn gateway(addr: std::net::SocketAddr, tls: &str) -> TestGateway {
     let cfg = gateway_toml(

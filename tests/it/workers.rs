@@ -3,7 +3,7 @@
 
 use crate::support::*;
 
-const ROUTES: &str = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
+const ROUTES: &str = CATCH_ALL_ROUTES;
 
 /// `gatehouse_connections_total` per worker, from /metrics.
 async fn accepted_per_worker(gw: &TestGateway) -> Vec<(String, u64)> {
