@@ -242,7 +242,8 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, SendError> {
         match &self.http1 {
             Some(pool) => pool.send(ep, req).await,
-            None => match self.client.get().request(req).await {
+            // hyper-util's future is boxed so that it does not size the HTTP/1 path's.
+            None => match Box::pin(self.client.get().request(req)).await {
                 Ok(r) => Ok(r.map(UpstreamBody::plain)),
                 Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
                 Err(e) => Err(SendError::Request(e.into())),

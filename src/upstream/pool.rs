@@ -103,7 +103,9 @@ impl Http1Pool {
         loop {
             let (mut tx, reused) = match take(key, &self.alive) {
                 Some(tx) => (tx, true),
-                None => (self.connect(ep).await?, false),
+                // Boxed: the connect state is large and rare; inline, every request's future
+                // would carry it.
+                None => (Box::pin(self.connect(ep)).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
