@@ -188,19 +188,23 @@ async fn admin_reload_reports_errors_and_restart_only_settings() {
     assert!(e.contains("broken.toml:3:1:") && e.contains("bogus"), "{e}");
     std::fs::remove_file(gw.route_file("broken.toml")).unwrap();
 
-    // Changing the listen address needs a restart: the reload succeeds and says so.
+    // Changing the listen address or the workers needs a restart: the reload succeeds and
+    // says so.
     let cfg = gateway_toml(
-        "",
+        "workers = 3",
         &format!("[services.svc]\nendpoints = [\"{}\"]\n", up.url()),
     )
     .replace(
-        "listen = \"127.0.0.1:0\"\n\n\n[admin]",
-        "listen = \"127.0.0.1:1\"\n\n\n[admin]",
+        "listen = \"127.0.0.1:0\"\nworkers",
+        "listen = \"127.0.0.1:1\"\nworkers",
     );
     std::fs::write(gw.dir.path().join("gateway.toml"), cfg).unwrap();
     let r = admin_reload(&gw).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["restart_required"][0], "server.listen");
+    assert_eq!(
+        r.json()["restart_required"],
+        serde_json::json!(["server.listen", "server.workers"])
+    );
     assert_eq!(get(&gw.url("/web/a")).await.text(), "a");
 
     // The effective config is shown, secrets redacted.
