@@ -50,8 +50,12 @@ struct Idles {
     touched: bool,
 }
 
+/// The keys are ids the process made itself, never client input: a fast hash will do where
+/// std's SipHash would cost two hashings per request.
+type FastHash = std::hash::BuildHasherDefault<twox_hash::XxHash64>;
+
 thread_local! {
-    static IDLE: RefCell<HashMap<Key, Idles>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<Key, Idles, FastHash>> = RefCell::new(HashMap::default());
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);

@@ -125,6 +125,46 @@ fn demo_serves_the_shipped_config_with_sample_services() {
     });
     let _ = child.kill();
     let _ = child.wait();
+
+    // Again with a stdout nobody reads any more (`gatehouse demo | head -1`): printing the
+    // banner fails, and the gateway must keep serving. (In this test, not a second one: the
+    // sample services listen on fixed ports.)
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (closed_reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
+    drop(closed_reader);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["demo", "--config"])
+        .arg(root.join("gateway.toml"))
+        .env("GATEHOUSE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("GATEHOUSE_ADMIN_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            writer,
+        )))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ping = format!("http://127.0.0.1:{port}/web/ping");
+    rt.block_on(async {
+        eventually(15, "the demo answers", || async {
+            client()
+                .request(http::Request::get(&ping).body(Default::default()).unwrap())
+                .await
+                .is_ok()
+        })
+        .await;
+        // The banner is printed right after the listeners start; give a failing print time to
+        // take the process down.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(get(&ping).await.text(), "pong");
+    });
+    let status = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(status.is_none(), "the demo exited: {status:?}");
 }
 
 #[tokio::test]
