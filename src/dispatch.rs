@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -42,6 +43,22 @@ pub struct Conn {
     /// The peer's address as a header value, made once per connection.
     peer_ip: HeaderValue,
     tls: bool,
+    /// Requests started and finished (response body ended or dropped) on this connection: the
+    /// connection driver parks a connection only while they are equal.
+    started: AtomicU32,
+    finished: AtomicU32,
+    /// Set by the connection driver while it takes an idle HTTP/1 connection back from hyper:
+    /// the socket must then stay open (`conn::Io`).
+    pub(crate) parking: AtomicBool,
+}
+
+/// One request in flight on a connection; dropped when its response body ends (or is dropped).
+pub struct InFlight(Arc<Conn>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Dispatcher {
@@ -53,7 +70,14 @@ impl Dispatcher {
             peer,
             peer_ip,
             tls,
+            started: AtomicU32::new(0),
+            finished: AtomicU32::new(0),
+            parking: AtomicBool::new(false),
         }))
+    }
+
+    pub(crate) fn conn(&self) -> &Arc<Conn> {
+        &self.0
     }
 }
 
@@ -63,16 +87,33 @@ impl hyper::service::Service<Request<Incoming>> for Dispatcher {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let this = self.0.clone();
-        Box::pin(async move { Ok(this.dispatch(req).await) })
+        self.0.started.fetch_add(1, Ordering::Relaxed);
+        let in_flight = InFlight(self.0.clone());
+        Box::pin(async move { Ok(Conn::dispatch(in_flight, req).await) })
     }
 }
 
 impl Conn {
-    async fn dispatch(&self, req: Request<Incoming>) -> Response<ObservedBody> {
+    /// `gatehouse_connections_parked`.
+    pub(crate) fn parked_gauge(&self) -> &prometheus::IntGauge {
+        &self.live.metrics.connections_parked
+    }
+
+    /// Requests started on this connection so far (wrapping).
+    pub(crate) fn started(&self) -> u32 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// Whether no request is in flight: every response body has ended or been dropped.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.started.load(Ordering::Relaxed) == self.finished.load(Ordering::Relaxed)
+    }
+
+    async fn dispatch(in_flight: InFlight, req: Request<Incoming>) -> Response<ObservedBody> {
+        let this = &*in_flight.0;
         let start = Instant::now();
-        let gw = self.live.snapshot();
-        let trusted = gw.settings.is_trusted(self.peer.ip());
+        let gw = this.live.snapshot();
+        let trusted = gw.settings.is_trusted(this.peer.ip());
         let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(v) if trusted && valid_request_id(v) => v.clone(),
             _ => new_request_id(),
@@ -80,14 +121,14 @@ impl Conn {
         let method = req.method().clone();
         let uri = req.uri().clone();
         // The gateway's own limit: beyond it, 503 at once, before any work.
-        let global_permit = match &self.live.request_limit {
+        let global_permit = match &this.live.request_limit {
             None => None,
             Some(sem) => sem.clone().try_acquire_owned().ok(),
         };
-        let (result, metrics) = if self.live.request_limit.is_some() && global_permit.is_none() {
+        let (result, metrics) = if this.live.request_limit.is_some() && global_permit.is_none() {
             (Err(GatewayError::Overloaded.into()), gw.unmatched.clone())
         } else {
-            self.route_and_call(&gw, trusted, &request_id, req).await
+            this.route_and_call(&gw, trusted, &request_id, req).await
         };
         let mut resp = result.unwrap_or_else(|e| {
             let problem = classify(&*e);
@@ -113,6 +154,7 @@ impl Conn {
             global_permit,
             start,
             log: gw.settings.access_log,
+            in_flight,
         };
         resp.map(|b| ObservedBody::new(b, record))
     }

@@ -1,6 +1,7 @@
 //! gatehouse: an edge API gateway and backend-for-frontend.
 //!
-//! The request path, top to bottom: `server` (listeners, connections) → `dispatch` (snapshot,
+//! The request path, top to bottom: `server` (listeners) → `conn` (one connection: HTTP/1 or
+//! HTTP/2, parking idle HTTP/1 connections) → `dispatch` (snapshot,
 //! request id, routing, errors, access log) → `routing` (host, path, method) → `route` (the
 //! route's tower stack) → `backend` (proxy, respond) → `upstream` (a service's endpoints and
 //! pooled client). `config` and `gateway` build the immutable snapshot the path reads; `admin`
@@ -10,6 +11,7 @@ pub mod admin;
 pub mod backend;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod dispatch;
 pub mod error;

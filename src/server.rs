@@ -7,14 +7,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{self, ConfigErrors, LoadedConfig};
+use crate::conn::Protocols;
 use crate::dispatch::Dispatcher;
 use crate::gateway::Live;
 use crate::observe::metrics::Metrics;
@@ -47,7 +45,8 @@ pub struct Server {
     stopped: Vec<oneshot::Receiver<()>>,
     admin_task: JoinHandle<()>,
     watch_task: Option<JoinHandle<()>>,
-    graceful: Arc<GracefulShutdown>,
+    /// Set to drain: every connection holds a receiver and drops it when closed.
+    drain: watch::Sender<bool>,
 }
 
 impl Server {
@@ -82,24 +81,14 @@ impl Server {
                 source,
             })?;
 
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(server_cfg.header_read_timeout.get())
-            .keep_alive(true)
-            // Flattening head and small bodies into one buffer measured ~4% less CPU per
-            // request than vectored writes (bench/README.md).
-            .writev(false);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(1024);
-        let builder = Arc::new(builder);
+        let protocols = Arc::new(Protocols::new(
+            server_cfg.header_read_timeout.get(),
+            server_cfg.keep_alive_timeout.get(),
+        ));
 
         let (stop, stop_rx) = watch::channel(false);
         let (exit, exit_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
+        let (drain, drain_rx) = watch::channel(false);
         let mut http_addrs = Vec::new();
         let mut std_listeners = Vec::new();
         for listener in listeners {
@@ -116,8 +105,8 @@ impl Server {
         }
         let shared = worker::Shared {
             live: live.clone(),
-            builder,
-            graceful: graceful.clone(),
+            protocols,
+            drain: drain_rx,
             stop: stop_rx.clone(),
             exit: exit_rx,
         };
@@ -175,7 +164,7 @@ impl Server {
             stopped,
             admin_task,
             watch_task,
-            graceful,
+            drain,
         })
     }
 
@@ -206,10 +195,10 @@ impl Server {
             let _ = s.await;
         }
         let grace = self.live.startup_shutdown_grace();
-        let drained = match Arc::try_unwrap(self.graceful) {
-            Ok(g) => tokio::time::timeout(grace, g.shutdown()).await.is_ok(),
-            Err(_) => false,
-        };
+        let _ = self.drain.send(true);
+        let drained = tokio::time::timeout(grace, self.drain.closed())
+            .await
+            .is_ok();
         if !drained {
             tracing::warn!(
                 ?grace,
@@ -245,8 +234,8 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     live: Arc<Live>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    graceful: Arc<GracefulShutdown>,
+    protocols: Arc<Protocols>,
+    drain: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Resolved once: counting a connection is then one atomic add.
@@ -276,14 +265,14 @@ pub(crate) async fn accept_loop(
         }
         accepted.inc();
         let _ = stream.set_nodelay(true);
-        let watcher = graceful.watcher();
+        let drain = drain.clone();
         let live = live.clone();
-        let builder = builder.clone();
+        let protocols = protocols.clone();
         live.connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let counted = live.clone();
-            serve_connection(stream, peer, live, &builder, watcher).await;
+            serve_connection(stream, peer, live, &protocols, drain).await;
             counted
                 .connections
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -295,39 +284,27 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     live: Arc<Live>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    protocols: &Protocols,
+    drain: watch::Receiver<bool>,
 ) {
-    let tls = live.snapshot().tls.clone();
-    let result =
-        match tls {
-            None => {
-                let svc = Dispatcher::new(live, peer, false);
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                watcher.watch(conn).await
+    let Some(cfg) = live.snapshot().tls.clone() else {
+        let svc = Dispatcher::new(live, peer, false);
+        return crate::conn::serve(stream, svc, protocols, false, drain).await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let tls_stream =
+        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
             }
-            Some(cfg) => {
-                let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-                let tls_stream =
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                let svc = Dispatcher::new(live, peer, true);
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
-                watcher.watch(conn).await
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
             }
         };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
-    }
+    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let svc = Dispatcher::new(live, peer, true);
+    crate::conn::serve(tls_stream, svc, protocols, h2, drain).await;
 }

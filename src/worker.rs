@@ -12,11 +12,9 @@
 use std::cell::Cell;
 use std::sync::Arc;
 
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::{oneshot, watch};
 
+use crate::conn::Protocols;
 use crate::gateway::Live;
 
 thread_local! {
@@ -42,8 +40,9 @@ pub fn count(configured: usize) -> usize {
 #[derive(Clone)]
 pub struct Shared {
     pub live: Arc<Live>,
-    pub builder: Arc<auto::Builder<TokioExecutor>>,
-    pub graceful: Arc<GracefulShutdown>,
+    pub protocols: Arc<Protocols>,
+    /// Turns true to drain; each connection holds a clone until it closes.
+    pub drain: watch::Receiver<bool>,
     /// Set to stop accepting.
     pub stop: watch::Receiver<bool>,
     /// Set (or dropped) to end the worker: its remaining connections are closed.
@@ -75,8 +74,8 @@ pub fn spawn(
             rt.block_on(async move {
                 let Shared {
                     live,
-                    builder,
-                    graceful,
+                    protocols,
+                    drain,
                     stop,
                     mut exit,
                 } = shared;
@@ -86,8 +85,8 @@ pub fn spawn(
                         Ok(l) => loops.push(tokio::spawn(crate::server::accept_loop(
                             l,
                             live.clone(),
-                            builder.clone(),
-                            graceful.clone(),
+                            protocols.clone(),
+                            drain.clone(),
                             stop.clone(),
                         ))),
                         Err(e) => {
@@ -103,8 +102,8 @@ pub fn spawn(
                         crate::upstream::pool::sweep();
                     }
                 });
-                // The drain needs every handle on `graceful` gone but the server's.
-                drop(graceful);
+                // The drain waits for every receiver of `drain` but the connections' to be gone.
+                drop(drain);
                 for l in loops {
                     let _ = l.await;
                 }

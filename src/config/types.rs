@@ -70,6 +70,9 @@ pub struct ServerConfig {
     /// A client must send its complete request head within this time.
     #[serde(default = "d_10s")]
     pub header_read_timeout: Duration,
+    /// An HTTP/1 connection with no request for this long is closed.
+    #[serde(default = "d_75s")]
+    pub keep_alive_timeout: Duration,
     /// On SIGTERM, in-flight requests get this long to finish.
     #[serde(default = "d_30s")]
     pub shutdown_grace: Duration,
@@ -90,6 +93,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 0,
             max_connections: 0,
             header_read_timeout: d_10s(),
+            keep_alive_timeout: d_75s(),
             shutdown_grace: d_30s(),
             workers: 0,
         }
@@ -552,6 +556,9 @@ fn d_10s() -> Duration {
 }
 fn d_30s() -> Duration {
     Duration::from_secs(30)
+}
+fn d_75s() -> Duration {
+    Duration::from_secs(75)
 }
 fn d_90s() -> Duration {
     Duration::from_secs(90)

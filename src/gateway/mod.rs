@@ -98,6 +98,7 @@ struct StartupSettings {
     /// Format and filter; `access_log` is read per request and changes on reload.
     log: (crate::config::LogFormat, String),
     header_read_timeout: Duration,
+    keep_alive_timeout: Duration,
     shutdown_grace: Duration,
     routes_dir: PathBuf,
     watch: bool,
@@ -113,6 +114,7 @@ impl StartupSettings {
             admin: g.admin.listen,
             log: (g.log.format, g.log.filter.get_ref().clone()),
             header_read_timeout: g.server.header_read_timeout.get(),
+            keep_alive_timeout: g.server.keep_alive_timeout.get(),
             shutdown_grace: g.server.shutdown_grace.get(),
             routes_dir: c.routes_dir(),
             watch: g.routes.watch,
@@ -135,6 +137,10 @@ impl StartupSettings {
         check(
             self.header_read_timeout != other.header_read_timeout,
             "server.header_read_timeout",
+        );
+        check(
+            self.keep_alive_timeout != other.keep_alive_timeout,
+            "server.keep_alive_timeout",
         );
         check(
             self.shutdown_grace != other.shutdown_grace,

@@ -36,6 +36,8 @@ pub struct Record {
     pub global_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     pub start: Instant,
     pub log: bool,
+    /// Counts the request as finished on its connection when dropped (with the body).
+    pub in_flight: crate::dispatch::InFlight,
 }
 
 /// The response body as the client receives it.

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     /// Client connections accepted, by worker thread.
     pub connections_total: IntCounterVec,
+    /// Idle HTTP/1 client connections parked without hyper's buffers (`conn.rs`).
+    pub connections_parked: IntGauge,
 }
 
 impl Metrics {
@@ -119,9 +121,15 @@ impl Metrics {
             &["worker"],
         )
         .expect("static metric definition is valid");
+        let connections_parked = IntGauge::new(
+            "gatehouse_connections_parked",
+            "Idle HTTP/1 client connections waiting for their next request without per-connection buffers",
+        )
+        .expect("static metric definition is valid");
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
+            Box::new(connections_parked.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_requests_total.clone()),
             Box::new(endpoint_requests_total.clone()),
@@ -142,6 +150,7 @@ impl Metrics {
         Metrics {
             registry,
             connections_total,
+            connections_parked,
             requests_total,
             request_duration,
             upstream_requests_total,

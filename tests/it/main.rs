@@ -5,6 +5,7 @@ mod check;
 mod dns;
 mod errors;
 mod etcd;
+mod parking;
 mod pool;
 mod process;
 mod protocols;
