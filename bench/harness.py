@@ -31,6 +31,7 @@ SERVER_CPU = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 UP_PORT, GH_PORT, GH_ADMIN, NGINX_PORT, HAPROXY_PORT, NGINX_BARE_PORT = 19000, 19080, 19081, 19180, 19280, 19190
+BASE_PORT, BASE_ADMIN = 19380, 19381
 
 SCENARIOS = {
     "plain": dict(title="Plain proxy: GET ~200 B JSON, 64 keep-alive connections", path="/json", conns=64),
@@ -199,7 +200,9 @@ async def drain_response(reader):
 def idle_connections_rss(c, n):
     async def go():
         conns, answered = await hold_idle(c.port, n)
-        await asyncio.sleep(1.0)
+        # Idle for 3 s before measuring: gatehouse parks a connection after 1–2 s without a
+        # request (docs/CONFIG.md, "Connections"); nginx and haproxy free theirs at once.
+        await asyncio.sleep(3.0)
         rss = rss_kib(c.pids())
         for _, w in conns:
             w.close()
@@ -341,6 +344,8 @@ def main():
     ap.add_argument("--contenders", default="gatehouse,nginx,nginx-bare,haproxy,direct")
     ap.add_argument("--idle", type=int, default=10000, help="idle keep-alive connections to hold (0: skip)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/")
+    ap.add_argument("--baseline", metavar="BIN", help="another gatehouse binary (e.g. a build of main) to run as contender "
+                    "`baseline`, on the same config, for A/B comparisons of a change")
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -358,6 +363,14 @@ def main():
         "haproxy": Contender("haproxy", HAPROXY_PORT, [shutil.which("haproxy") or "haproxy", "-db", "-f", str(WORK / "haproxy.cfg")]),
         "direct": upstream,
     }
+    if args.baseline:
+        cfg = (WORK / "gateway.toml").read_text()
+        cfg = cfg.replace(f"127.0.0.1:{GH_PORT}", f"127.0.0.1:{BASE_PORT}").replace(f"127.0.0.1:{GH_ADMIN}", f"127.0.0.1:{BASE_ADMIN}")
+        (WORK / "gateway-baseline.toml").write_text(cfg)
+        all_contenders["baseline"] = Contender("baseline", BASE_PORT, [args.baseline, "run", "--config", str(WORK / "gateway-baseline.toml")],
+                                               scenarios=["plain", "1m", "c2000", "post16k"])
+        if "baseline" not in args.contenders.split(","):
+            args.contenders += ",baseline"
     names = [n for n in args.contenders.split(",") if n]
     contenders = [all_contenders[n] for n in names]
     started = []

@@ -15,6 +15,9 @@
 //! lets one gateway hold tens of thousands of them (bench/README.md). A new connection starts
 //! parked too: hyper's buffers are only allocated once the client sends something.
 //!
+//! Shutdown: a parked connection closes at once; an active one is told to finish (hyper's
+//! graceful shutdown) within `park_after`.
+//!
 //! Timeouts: a parked connection is closed after `keep_alive_timeout` (before its first request:
 //! after `header_read_timeout`); a request head must be complete within `header_read_timeout`
 //! (hyper's timer; a connection is never parked in the middle of a request head).
@@ -158,7 +161,7 @@ pub async fn serve<T>(
         conn: svc.conn().clone(),
     };
     if h2 {
-        return serve_h2(io, svc, protocols, drain).await;
+        return Box::pin(serve_h2(io, svc, protocols, drain)).await;
     }
     // Before the first request: the client has header_read_timeout to start it.
     if let Wake::Closed = park(&mut io, protocols.header_read_timeout, &mut drain).await {
@@ -168,7 +171,7 @@ pub async fn serve<T>(
         return close(io).await;
     }
     if io.pre.starts_with(H2_PREFACE) {
-        return serve_h2(io, svc, protocols, drain).await;
+        return Box::pin(serve_h2(io, svc, protocols, drain)).await;
     }
     let mut svc = svc;
     loop {
@@ -177,7 +180,7 @@ pub async fn serve<T>(
             .http1
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
-        let parts = match run_http1(Box::new(conn), &state, protocols, &mut drain).await {
+        let parts = match run_http1(Box::new(conn), &state, protocols, &drain).await {
             Some(parked) => parked,
             None => return,
         };
@@ -204,20 +207,19 @@ async fn run_http1<T>(
     mut conn: Box<http1::UpgradeableConnection<TokioIo<Io<T>>, Dispatcher>>,
     state: &Conn,
     protocols: &Protocols,
-    drain: &mut watch::Receiver<bool>,
+    drain: &watch::Receiver<bool>,
 ) -> Option<http1::Parts<TokioIo<Io<T>>, Dispatcher>>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let first = state.started();
     let mut seen = first;
+    // The drain is looked at on this tick, not awaited: a watch's `changed()` would take the
+    // channel's lock each time the connection is polled, on every worker.
     let tick = tokio::time::sleep(protocols.park_after);
     tokio::pin!(tick);
     let mut parking = false;
-    let mut draining = *drain.borrow();
-    if draining {
-        Pin::new(&mut *conn).graceful_shutdown();
-    }
+    let mut draining = false;
     loop {
         tokio::select! {
             biased;
@@ -231,9 +233,12 @@ where
             }
             _ = &mut tick, if !parking && !draining => {
                 let now = state.started();
-                // Only between requests is hyper's connection idle (before its first request
-                // it would not close but answer that request with `Connection: close`).
-                if now == seen && now != first && state.is_idle() {
+                if *drain.borrow() {
+                    draining = true;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                } else if now == seen && now != first && state.is_idle() {
+                    // Only between requests is hyper's connection idle (before its first
+                    // request it would not close but answer it with `Connection: close`).
                     // hyper closes an idle connection at once; `Io` keeps the socket open.
                     parking = true;
                     state.parking.store(true, Ordering::Relaxed);
@@ -243,12 +248,6 @@ where
                     tick.as_mut().reset(Instant::now() + protocols.park_after);
                 }
             }
-            _ = drain.changed(), if !draining => {
-                draining = true;
-                parking = false;
-                state.parking.store(false, Ordering::Relaxed);
-                Pin::new(&mut *conn).graceful_shutdown();
-            }
         }
     }
 }
@@ -257,27 +256,32 @@ async fn serve_h2<T>(
     io: Io<T>,
     svc: Dispatcher,
     protocols: &Protocols,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = protocols.http2.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let mut draining = *drain.borrow();
-    if draining {
-        conn.as_mut().graceful_shutdown();
-    }
+    // As for HTTP/1: the drain is looked at on a tick.
+    let tick = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(tick);
+    let mut draining = false;
     loop {
         tokio::select! {
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
                 }
                 return;
             }
-            _ = drain.changed(), if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
+            _ = &mut tick, if !draining => {
+                if *drain.borrow() {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                } else {
+                    tick.as_mut().reset(Instant::now() + protocols.park_after);
+                }
             }
         }
     }

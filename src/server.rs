@@ -287,10 +287,25 @@ async fn serve_connection(
     protocols: &Protocols,
     drain: watch::Receiver<bool>,
 ) {
-    let Some(cfg) = live.snapshot().tls.clone() else {
-        let svc = Dispatcher::new(live, peer, false);
-        return crate::conn::serve(stream, svc, protocols, false, drain).await;
-    };
+    match live.snapshot().tls.clone() {
+        None => {
+            let svc = Dispatcher::new(live, peer, false);
+            crate::conn::serve(stream, svc, protocols, false, drain).await
+        }
+        // Boxed: a plain connection's task (which lives as long as the connection, parked or
+        // not) should not be sized for a TLS handshake and session.
+        Some(cfg) => Box::pin(serve_tls(stream, peer, cfg, live, protocols, drain)).await,
+    }
+}
+
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    cfg: Arc<rustls::ServerConfig>,
+    live: Arc<Live>,
+    protocols: &Protocols,
+    drain: watch::Receiver<bool>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let tls_stream =
         match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
