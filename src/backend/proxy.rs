@@ -435,10 +435,18 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION || n == header::TE || n == header::UPGRADE || HOP_BY_HOP.contains(n)
+}
+
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// including any the `Connection` header names. For an upgrade, `Upgrade` and
 /// `Connection: upgrade` are kept, since they must reach the other side.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    // Most messages have none: one pass over the names instead of a lookup per name.
+    if !upgrade && !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -486,6 +494,29 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-keep"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed() {
+        // One at a time: the early return for messages without any must not miss one.
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("x-keep", HeaderValue::from_static("yes"));
+            h.insert(name, HeaderValue::from_static("x"));
+            strip_hop_by_hop(&mut h, false);
+            let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, ["x-keep"], "{name}");
+        }
     }
 
     #[test]
