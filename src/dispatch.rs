@@ -255,17 +255,23 @@ impl Conn {
                 h.insert(header::HOST, v.clone());
             }
         }
-        let xff = match h.get(&X_FORWARDED_FOR) {
-            Some(prev) if trusted => {
+        // Entries: one lookup per header where a get and an insert would take two.
+        match h.entry(&X_FORWARDED_FOR) {
+            header::Entry::Occupied(mut e) if trusted => {
+                let prev = e.get();
                 let mut v = Vec::with_capacity(prev.len() + 2 + self.peer_ip.len());
                 v.extend_from_slice(prev.as_bytes());
                 v.extend_from_slice(b", ");
                 v.extend_from_slice(self.peer_ip.as_bytes());
-                HeaderValue::from_bytes(&v).unwrap_or_else(|_| self.peer_ip.clone())
+                e.insert(HeaderValue::from_bytes(&v).unwrap_or_else(|_| self.peer_ip.clone()));
             }
-            _ => self.peer_ip.clone(),
-        };
-        h.insert(X_FORWARDED_FOR.clone(), xff);
+            header::Entry::Occupied(mut e) => {
+                e.insert(self.peer_ip.clone());
+            }
+            header::Entry::Vacant(e) => {
+                e.insert(self.peer_ip.clone());
+            }
+        }
         if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
             let proto = if self.tls { "https" } else { "http" };
             h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -280,7 +286,14 @@ impl Conn {
             h.remove(header::FORWARDED);
         }
         h.insert(X_REQUEST_ID.clone(), request_id.clone());
-        let tp = next_traceparent(h.get(&TRACEPARENT));
-        h.insert(TRACEPARENT.clone(), tp);
+        match h.entry(&TRACEPARENT) {
+            header::Entry::Occupied(mut e) => {
+                let tp = next_traceparent(Some(e.get()));
+                e.insert(tp);
+            }
+            header::Entry::Vacant(e) => {
+                e.insert(next_traceparent(None));
+            }
+        }
     }
 }
