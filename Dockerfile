@@ -1,7 +1,13 @@
 # Multi-stage build: compile in the Rust image, ship only the binary on a slim base.
 FROM rust:1-slim-bookworm AS build
+# jemalloc, the binary's allocator, is compiled from source: it needs make.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# Build-time settings: jemalloc's configuration.
+COPY .cargo ./.cargo
 COPY src ./src
 RUN cargo build --release --locked --bin gatehouse
 

@@ -21,7 +21,7 @@ use tower::ServiceExt;
 use crate::body::RespBody;
 use crate::error::{classify, problem_response, BoxError, GatewayError};
 use crate::gateway::{Gateway, Live};
-use crate::observe::access::{ObservedBody, Record, UpstreamUsed};
+use crate::observe::access::{ObservedBody, Record};
 use crate::observe::metrics::RouteMetrics;
 use crate::observe::trace::{new_request_id, next_traceparent, valid_request_id};
 use crate::routing::{normalize, request_host, Found};
@@ -141,7 +141,10 @@ impl Conn {
             }
             problem_response(&problem, &request_id)
         });
-        let upstream = resp.extensions_mut().remove::<UpstreamUsed>();
+        let upstream = match resp.body_mut() {
+            Either::Left(b) => b.used.take(),
+            Either::Right(_) => None,
+        };
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), request_id.clone());
         let record = Record {

@@ -77,7 +77,9 @@ impl tower::Service<Request<ReqBody>> for Proxy {
     }
 }
 
-/// The outcome of one attempt.
+/// The outcome of one attempt. Lives on one attempt's stack and is matched at once, so the size
+/// of the response variant costs nothing (boxing it would cost an allocation per request).
+#[allow(clippy::large_enum_variant)]
 enum Attempt {
     Response(Response<UpstreamBody>),
     Failed(GatewayError, Option<Failure>),
@@ -234,7 +236,7 @@ impl Proxy {
                 }
             }
             strip_hop_by_hop(resp.headers_mut(), switching);
-            resp.extensions_mut().insert(UpstreamUsed {
+            resp.body_mut().used = Some(UpstreamUsed {
                 url: ep.url.clone(),
                 attempts: n,
                 permit: slot.map(Arc::new),

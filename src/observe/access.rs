@@ -15,8 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use super::metrics::RouteMetrics;
 use crate::body::RespBody;
 
-/// Which endpoint answered, after how many attempts; put in the response extensions by a
-/// backend. A bulkhead slot travels with it so it is held until the response body ends.
+/// Which endpoint answered, after how many attempts; put in the upstream response body by the
+/// proxy. A bulkhead slot travels with it so it is held until the response body ends.
 #[derive(Debug, Clone)]
 pub struct UpstreamUsed {
     pub url: Arc<str>,

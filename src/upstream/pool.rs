@@ -255,6 +255,9 @@ pub struct UpstreamBody {
     inner: Incoming,
     back: Option<Return>,
     ended: bool,
+    /// Set by the proxy, taken by the dispatcher for the access record (carried here rather
+    /// than in the response's extensions, which would cost three allocations per request).
+    pub(crate) used: Option<crate::observe::access::UpstreamUsed>,
 }
 
 impl UpstreamBody {
@@ -263,6 +266,7 @@ impl UpstreamBody {
             inner,
             back,
             ended: false,
+            used: None,
         };
         if body.inner.is_end_stream() {
             body.give_back();
@@ -276,6 +280,7 @@ impl UpstreamBody {
             inner,
             back: None,
             ended: false,
+            used: None,
         }
     }
 
