@@ -18,8 +18,8 @@ use gatehouse::Server;
 
 /// jemalloc, configured in `.cargo/config.toml` to give freed pages back to the system within
 /// about a second (from a background thread): after a burst of connections glibc's malloc kept
-/// its peak (~140 MiB after 2000 concurrent connections), jemalloc returns to ~28 MiB. It also
-/// runs the request path in ~9% fewer instructions (bench/README.md).
+/// its peak (~140 MiB after 2000 concurrent connections), jemalloc returns to ~28 MiB. The
+/// request path also runs in ~7% fewer instructions with it (bench/README.md).
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
