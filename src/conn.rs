@@ -190,8 +190,8 @@ pub async fn serve<T>(
         io = parts.io.into_inner();
         svc = parts.service;
         if !parts.read_buf.is_empty() {
-            // The beginning of the next request head: serve it again at once. The new hyper
-            // connection's header-read timer then bounds how long the rest may take.
+            // The beginning of the next request head: serve it again at once. `run_http1`'s
+            // header-read check then bounds how long the rest may take.
             io.pre = join(std::mem::take(&mut io.pre), parts.read_buf);
             continue;
         }
