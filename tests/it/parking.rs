@@ -90,6 +90,13 @@ async fn assert_closed_within(s: &mut TcpStream, secs: u64, what: &str) {
     assert!(r.is_ok(), "{what}: the connection is still open");
 }
 
+/// A connection that has served `/one` and is now idle.
+async fn after_one_request(gw: &TestGateway) -> TcpStream {
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    assert_ok(&roundtrip(&mut s, "/one").await, "/one");
+    s
+}
+
 async fn path_upstream() -> Upstream {
     Upstream::start(|req| async move { text(200, req.uri().path().to_owned()) }).await
 }
@@ -98,8 +105,7 @@ async fn path_upstream() -> Upstream {
 async fn an_idle_connection_is_parked_and_serves_its_next_request() {
     let up = path_upstream().await;
     let gw = gateway("", &up).await;
-    let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    assert_ok(&roundtrip(&mut s, "/one").await, "/one");
+    let mut s = after_one_request(&gw).await;
     wait_parked(&gw, 1).await;
     // Longer than header_read_timeout: hyper's timer, which also runs on an idle connection it
     // holds, does not run on a parked one; keep_alive_timeout (75 s) applies.
@@ -131,8 +137,7 @@ async fn a_new_connection_waits_parked_for_its_first_bytes() {
 async fn a_request_head_split_across_a_park_is_served_whole() {
     let up = path_upstream().await;
     let gw = gateway("", &up).await;
-    let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    assert_ok(&roundtrip(&mut s, "/one").await, "/one");
+    let mut s = after_one_request(&gw).await;
     wait_parked(&gw, 1).await;
     // Wakes the connection with a part of a head; the rest comes after several park periods
     // (but within header_read_timeout of the first part).
@@ -157,8 +162,7 @@ async fn a_request_head_split_across_a_park_is_served_whole() {
 async fn a_head_trickled_across_parks_still_times_out() {
     let up = path_upstream().await;
     let gw = gateway("", &up).await;
-    let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    assert_ok(&roundtrip(&mut s, "/one").await, "/one");
+    let mut s = after_one_request(&gw).await;
     wait_parked(&gw, 1).await;
     // One byte every 150 ms, never a whole head: each byte would wake a parked connection.
     let trickle = async {
@@ -181,8 +185,7 @@ async fn a_head_trickled_across_parks_still_times_out() {
 async fn a_parked_connection_closes_after_keep_alive_timeout() {
     let up = path_upstream().await;
     let gw = gateway("keep_alive_timeout = \"300ms\"", &up).await;
-    let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    assert_ok(&roundtrip(&mut s, "/one").await, "/one");
+    let mut s = after_one_request(&gw).await;
     assert_closed_within(&mut s, 10, "an idle connection past keep_alive_timeout").await;
     wait_parked(&gw, 0).await;
 }
@@ -212,8 +215,7 @@ async fn a_slow_response_is_not_parked_under_it() {
 async fn shutdown_closes_parked_connections_at_once() {
     let up = path_upstream().await;
     let mut gw = gateway("shutdown_grace = \"20s\"", &up).await;
-    let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    assert_ok(&roundtrip(&mut s, "/one").await, "/one");
+    let mut s = after_one_request(&gw).await;
     wait_parked(&gw, 1).await;
     let server = gw.server.take().unwrap();
     let drained = tokio::time::timeout(Duration::from_secs(10), server.shutdown())

@@ -188,22 +188,26 @@ async fn admin_reload_reports_errors_and_restart_only_settings() {
     assert!(e.contains("broken.toml:3:1:") && e.contains("bogus"), "{e}");
     std::fs::remove_file(gw.route_file("broken.toml")).unwrap();
 
-    // Changing the listen address or the workers needs a restart: the reload succeeds and
-    // says so.
+    // Changing the listen address, the keep-alive timeout or the workers needs a restart: the
+    // reload succeeds and says so.
     let cfg = gateway_toml(
-        "workers = 3",
+        "keep_alive_timeout = \"20s\"\nworkers = 3",
         &format!("[services.svc]\nendpoints = [\"{}\"]\n", up.url()),
     )
     .replace(
-        "listen = \"127.0.0.1:0\"\nworkers",
-        "listen = \"127.0.0.1:1\"\nworkers",
+        "listen = \"127.0.0.1:0\"\nkeep_alive",
+        "listen = \"127.0.0.1:1\"\nkeep_alive",
     );
     std::fs::write(gw.dir.path().join("gateway.toml"), cfg).unwrap();
     let r = admin_reload(&gw).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.json()["restart_required"],
-        serde_json::json!(["server.listen", "server.workers"])
+        serde_json::json!([
+            "server.listen",
+            "server.keep_alive_timeout",
+            "server.workers"
+        ])
     );
     assert_eq!(get(&gw.url("/web/a")).await.text(), "a");
 

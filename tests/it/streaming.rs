@@ -72,6 +72,61 @@ async fn response_chunks_arrive_before_the_upstream_finishes() {
     assert_eq!(&rest[..], b"data: second\n\n");
 }
 
+/// A bulkhead slot (`max_concurrent_requests`) is held until the response body has ended, not
+/// only until its head: it travels with the body to the access record.
+#[tokio::test]
+async fn a_bulkhead_slot_is_held_until_the_response_body_ends() {
+    let (release_tx, release_rx) = mpsc::channel::<()>(1);
+    let release_rx = Arc::new(Mutex::new(release_rx));
+    let up = Upstream::start(move |req| {
+        let release_rx = release_rx.clone();
+        async move {
+            if !req.uri().path().ends_with("/stream") {
+                return text(200, "quick");
+            }
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first")))).await;
+                release_rx.lock().await.recv().await;
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"-last")))).await;
+            });
+            http::Response::new(StreamBody::new(tokio_stream(rx)).boxed())
+        }
+    })
+    .await;
+    let gw = TestGateway::start(
+        &gateway_toml(
+            "",
+            &format!("{}max_concurrent_requests = 1\n", svc(&up.url())),
+        ),
+        &[("web.toml", ROUTES)],
+    )
+    .await;
+    let resp = client()
+        .request(
+            Request::get(gw.url("/web/stream"))
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first");
+    // The head has arrived, the body has not ended: the one slot is still taken.
+    let r = get(&gw.url("/web/quick")).await;
+    assert_problem(&r, 503, "overloaded");
+    release_tx.send(()).await.unwrap();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "-last");
+    // Once the body has ended, the slot is free again.
+    eventually(10, "the slot freed after the body ended", || async {
+        get(&gw.url("/web/quick")).await.status == 200
+    })
+    .await;
+}
+
 fn tokio_stream<T: Send + 'static>(
     mut rx: mpsc::Receiver<T>,
 ) -> impl futures_util::Stream<Item = T> {
