@@ -16,7 +16,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body_util::{Either, Limited};
 use hyper::body::Incoming;
-use tower::ServiceExt;
 
 use crate::body::RespBody;
 use crate::error::{classify, problem_response, BoxError, GatewayError};
@@ -24,6 +23,7 @@ use crate::gateway::{Gateway, Live};
 use crate::observe::access::{ObservedBody, Record};
 use crate::observe::metrics::RouteMetrics;
 use crate::observe::trace::{new_request_id, next_traceparent, valid_request_id};
+use crate::route::RouteCall;
 use crate::routing::{normalize, request_host, Found};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -89,7 +89,7 @@ impl hyper::service::Service<Request<Incoming>> for Dispatcher {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.0.started.fetch_add(1, Ordering::Relaxed);
         let in_flight = InFlight(self.0.clone());
-        Box::pin(async move { Ok(Conn::dispatch(in_flight, req).await) })
+        Box::pin(Conn::dispatch(in_flight, req))
     }
 }
 
@@ -109,14 +109,26 @@ impl Conn {
         self.started.load(Ordering::Relaxed) == self.finished.load(Ordering::Relaxed)
     }
 
-    async fn dispatch(in_flight: InFlight, req: Request<Incoming>) -> Response<ObservedBody> {
+    /// Everything up to the route's call runs here, synchronously. The returned future holds
+    /// only what the response needs, not the request: an `async fn` would keep the request in
+    /// its state (twice) for the whole exchange, and every move of the future would copy it.
+    fn dispatch(
+        in_flight: InFlight,
+        mut req: Request<Incoming>,
+    ) -> impl Future<Output = Result<Response<ObservedBody>, Infallible>> + Send {
         let this = &*in_flight.0;
         let start = Instant::now();
         let gw = this.live.snapshot();
         let trusted = gw.settings.is_trusted(this.peer.ip());
-        let request_id = match req.headers().get(&X_REQUEST_ID) {
-            Some(v) if trusted && valid_request_id(v) => v.clone(),
-            _ => new_request_id(),
+        // One lookup: the id is kept, or set on the request as the backend must receive it.
+        let request_id = match req.headers_mut().entry(&X_REQUEST_ID) {
+            header::Entry::Occupied(e) if trusted && valid_request_id(e.get()) => e.get().clone(),
+            header::Entry::Occupied(mut e) => {
+                let id = new_request_id();
+                e.insert(id.clone());
+                id
+            }
+            header::Entry::Vacant(e) => e.insert(new_request_id()).clone(),
         };
         let method = req.method().clone();
         let uri = req.uri().clone();
@@ -125,50 +137,49 @@ impl Conn {
             None => None,
             Some(sem) => sem.clone().try_acquire_owned().ok(),
         };
-        let (result, metrics) = if this.live.request_limit.is_some() && global_permit.is_none() {
+        let (routed, metrics) = if this.live.request_limit.is_some() && global_permit.is_none() {
             (Err(GatewayError::Overloaded.into()), gw.unmatched.clone())
         } else {
-            this.route_and_call(&gw, trusted, &request_id, req).await
+            this.route(&gw, trusted, req)
         };
-        let mut resp = result.unwrap_or_else(|e| {
-            let problem = classify(&*e);
-            // Failures of backends are expected events, recorded by the access log and metrics;
-            // only a failure of the gateway itself is worth a warning.
-            if problem.code == "internal_error" {
-                tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), route = metrics.route(), error = %e, "request failed inside the gateway");
-            } else {
-                tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), route = metrics.route(), error = %e, code = problem.code, "request failed");
-            }
-            problem_response(&problem, &request_id)
-        });
-        let upstream = match resp.body_mut() {
-            Either::Left(b) => b.used.take(),
-            Either::Right(_) => None,
-        };
-        resp.headers_mut()
-            .insert(X_REQUEST_ID.clone(), request_id.clone());
-        let record = Record {
-            metrics,
-            method,
-            uri,
-            status: resp.status(),
-            request_id,
-            upstream,
-            global_permit,
-            start,
-            log: gw.settings.access_log,
-            in_flight,
-        };
-        resp.map(|b| ObservedBody::new(b, record))
+        let log = gw.settings.access_log;
+        drop(gw);
+        async move {
+            let result = match routed {
+                Ok(call) => call.await,
+                Err(e) => Err(e),
+            };
+            let mut resp = result.unwrap_or_else(|e| error_response(&*e, &request_id, &metrics));
+            let upstream = match resp.body_mut() {
+                Either::Left(b) => b.used.take(),
+                Either::Right(_) => None,
+            };
+            resp.headers_mut()
+                .insert(X_REQUEST_ID.clone(), request_id.clone());
+            let record = Record {
+                metrics,
+                method,
+                uri,
+                status: resp.status(),
+                request_id,
+                upstream,
+                global_permit,
+                start,
+                log,
+                in_flight,
+            };
+            Ok(resp.map(|b| ObservedBody::new(b, record)))
+        }
     }
 
-    async fn route_and_call(
+    /// Routes the request and starts its route's stack; the caller awaits the returned call.
+    /// Not `async`: this future's state would keep a second copy of the request.
+    fn route(
         &self,
         gw: &Gateway,
         trusted: bool,
-        request_id: &HeaderValue,
         mut req: Request<Incoming>,
-    ) -> (Result<Response<RespBody>, BoxError>, Arc<RouteMetrics>) {
+    ) -> (Result<RouteCall, BoxError>, Arc<RouteMetrics>) {
         let unmatched = || gw.unmatched.clone();
         let (route, target) = {
             let path = match normalize(req.uri().path()) {
@@ -210,16 +221,13 @@ impl Conn {
         let metrics = route.metrics.clone();
 
         let max = gw.settings.max_request_body;
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        // hyper has parsed and checked Content-Length: the body's exact size is that length.
+        let declared = http_body::Body::size_hint(req.body()).exact();
         if declared.is_some_and(|n| n > max) {
             return (Err(GatewayError::BodyTooLarge.into()), metrics);
         }
         // Before the target is rewritten: an HTTP/2 request's host is in its URI.
-        self.forwarding_headers(&mut req, trusted, request_id);
+        self.forwarding_headers(&mut req, trusted);
         if let Some(t) = target {
             match Uri::from_maybe_shared(Bytes::from(t)) {
                 Ok(u) => *req.uri_mut() = u,
@@ -233,31 +241,28 @@ impl Conn {
         }
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
         let req = req.map(|b| Either::Left(Limited::new(b, limit)));
-        let result = route.service.clone().oneshot(req).await;
-        (result, metrics)
+        (Ok(route.service.call(req)), metrics)
     }
 
-    /// X-Forwarded-For/-Proto/-Host, X-Request-Id and traceparent for the backend. Values from a
-    /// peer that is not a trusted proxy are replaced, never appended to.
-    fn forwarding_headers(
-        &self,
-        req: &mut Request<Incoming>,
-        trusted: bool,
-        request_id: &HeaderValue,
-    ) {
-        let host = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        let h = req.headers_mut();
-        // An HTTP/2 client names the host only in :authority; keep it as Host, so that
-        // `preserve_host` works whatever protocol the client spoke.
-        if !h.contains_key(header::HOST) {
-            if let Some(v) = &host {
-                h.insert(header::HOST, v.clone());
+    /// X-Forwarded-For/-Proto/-Host and traceparent for the backend (X-Request-Id is already
+    /// set). Values from a peer that is not a trusted proxy are replaced, never appended to.
+    fn forwarding_headers(&self, req: &mut Request<Incoming>, trusted: bool) {
+        let host = match req.headers().get(header::HOST) {
+            Some(v) => Some(v.clone()),
+            // An HTTP/2 client names the host only in :authority; keep it as Host, so that
+            // `preserve_host` works whatever protocol the client spoke.
+            None => {
+                let v = req
+                    .uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                if let Some(v) = &v {
+                    req.headers_mut().insert(header::HOST, v.clone());
+                }
+                v
             }
-        }
+        };
+        let h = req.headers_mut();
         // Entries: one lookup per header where a get and an insert would take two.
         match h.entry(&X_FORWARDED_FOR) {
             header::Entry::Occupied(mut e) if trusted => {
@@ -288,7 +293,6 @@ impl Conn {
         if !trusted {
             h.remove(header::FORWARDED);
         }
-        h.insert(X_REQUEST_ID.clone(), request_id.clone());
         match h.entry(&TRACEPARENT) {
             header::Entry::Occupied(mut e) => {
                 let tp = next_traceparent(Some(e.get()));
@@ -299,4 +303,22 @@ impl Conn {
             }
         }
     }
+}
+
+/// The problem+json response for a request that failed. Failures of backends are expected
+/// events, recorded by the access log and metrics; only a failure of the gateway itself is
+/// worth a warning.
+fn error_response(
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+    request_id: &HeaderValue,
+    metrics: &RouteMetrics,
+) -> Response<RespBody> {
+    let problem = classify(e);
+    let id = request_id.to_str().unwrap_or("-");
+    if problem.code == "internal_error" {
+        tracing::warn!(request_id = id, route = metrics.route(), error = %e, "request failed inside the gateway");
+    } else {
+        tracing::debug!(request_id = id, route = metrics.route(), error = %e, code = problem.code, "request failed");
+    }
+    problem_response(&problem, request_id)
 }

@@ -4,32 +4,96 @@
 //! route in the dispatcher, so they also see requests that match no route.) Later concerns —
 //! auth, rate limit, cache, retry — slot in here as layers.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use tower::timeout::TimeoutLayer;
-use tower::util::BoxCloneSyncService;
-use tower::{Service, ServiceBuilder};
+use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::backend::respond::Respond;
 use crate::body::{ReqBody, RespBody};
 use crate::error::BoxError;
 use crate::layers::fallback::FallbackLayer;
 
-/// A route's whole stack behind one cheap-to-clone handle.
-pub type RouteService = BoxCloneSyncService<Request<ReqBody>, Response<RespBody>, BoxError>;
+/// A request on its way through a route's stack.
+pub type RouteCall = Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError>> + Send>>;
 
-/// Wraps a backend in the route's layers.
-pub fn stack<S>(backend: S, timeout: Duration, fallback: Option<Respond>) -> RouteService
-where
-    S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError>
+/// A route's whole stack behind one shared handle. It is called by reference: a request costs
+/// one boxed future, where tower's `BoxCloneSyncService` would also box a clone of the stack
+/// and box the future a second time.
+#[derive(Clone)]
+pub struct RouteService(Arc<dyn Stack>);
+
+/// A built stack, type-erased.
+trait Stack: Send + Sync {
+    fn call(&self, req: Request<ReqBody>) -> RouteCall;
+}
+
+/// What a route's stack (and each backend) is: a tower service of the gateway's request and
+/// response bodies, cheap to clone and shareable between workers.
+pub trait RouteStack:
+    Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> RouteStack for S where
+    S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError, Future: Send>
         + Clone
         + Send
         + Sync
-        + 'static,
-    S::Future: Send + 'static,
+        + 'static
 {
-    BoxCloneSyncService::new(
+}
+
+impl<S: RouteStack> Stack for S {
+    fn call(&self, req: Request<ReqBody>) -> RouteCall {
+        // A clone of the concrete stack is a few reference counts, kept in the future itself.
+        let svc = self.clone();
+        Box::pin(svc.oneshot(req))
+    }
+}
+
+impl RouteService {
+    pub fn new<S: RouteStack>(stack: S) -> Self {
+        RouteService(Arc::new(stack))
+    }
+
+    /// Runs one request through the stack (readiness first, as tower requires).
+    pub fn call(&self, req: Request<ReqBody>) -> RouteCall {
+        self.0.call(req)
+    }
+}
+
+/// For callers that compose services: always ready, since readiness is awaited per call.
+impl Service<Request<ReqBody>> for RouteService {
+    type Response = Response<RespBody>;
+    type Error = BoxError;
+    type Future = RouteCall;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> RouteCall {
+        self.0.call(req)
+    }
+}
+
+/// Wraps a backend in the route's layers.
+pub fn stack<S: RouteStack>(
+    backend: S,
+    timeout: Duration,
+    fallback: Option<Respond>,
+) -> RouteService {
+    RouteService::new(
         ServiceBuilder::new()
             .option_layer(fallback.map(FallbackLayer::new))
             .layer(TimeoutLayer::new(timeout))

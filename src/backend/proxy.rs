@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::{future, FutureExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{self, PathAndQuery};
 use http::{Request, Response, StatusCode, Uri};
@@ -71,9 +72,12 @@ impl tower::Service<Request<ReqBody>> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.forward(req).await })
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // Here rather than in `forward`: a `mut` parameter of an `async fn` is kept twice in
+        // its future.
+        let upgrade = wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        Box::pin(self.clone().forward(req, client_upgrade))
     }
 }
 
@@ -86,8 +90,14 @@ enum Attempt {
 }
 
 impl Proxy {
-    async fn forward(self, mut req: Request<ReqBody>) -> Result<Response<RespBody>, BoxError> {
-        let started = Instant::now();
+    async fn forward(
+        self,
+        req: Request<ReqBody>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Result<Response<RespBody>, BoxError> {
+        let upgrade = client_upgrade.is_some();
+        // Only a route with a deadline (gRPC's `grpc-timeout`) needs the start time.
+        let started = self.opts.deadline.map(|_| Instant::now());
         let up = &*self.upstream;
         // The bulkhead slot is held for the whole request, retries included, and released
         // when the response body ends (it travels with the response to the access record).
@@ -101,8 +111,6 @@ impl Proxy {
             },
             None => None,
         };
-        let upgrade = wants_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let policy = self.opts.retry.as_ref().filter(|p| {
             p.attempts > 1
@@ -159,26 +167,6 @@ impl Proxy {
                 }
                 return Err(GatewayError::NoHealthyEndpoint.into());
             };
-            let this_body = match (&buffered, body.take()) {
-                (Some(full), _) => Either::Right(full.clone()),
-                (None, Some(b)) => b,
-                (None, None) => unreachable!("an unbuffered body is sent once"),
-            };
-            // Headers are cloned only when the request may be sent again; else they move.
-            let headers = if buffered.is_some() {
-                parts.headers.clone()
-            } else {
-                std::mem::take(&mut parts.headers)
-            };
-            let req = match self.request_for(&parts, headers, upgrade, &ep, this_body, started) {
-                Ok(r) => r,
-                Err(e) => {
-                    if let (Some(b), Some(p)) = (&up.breaker, permit) {
-                        b.record(p, None);
-                    }
-                    return Err(e.into());
-                }
-            };
             // If the route's deadline cancels this attempt, the guard records it as a failure
             // (for the breaker — a probe must not keep its slot — and for outlier detection).
             let mut cancelled = Cancelled {
@@ -187,7 +175,37 @@ impl Proxy {
                 permit,
                 armed: true,
             };
-            let outcome = self.attempt(&ep, req).await;
+            // The request is built in the argument's own block: its parts are then not kept
+            // in this future's state while the attempt runs.
+            let outcome = self
+                .attempt(&ep, {
+                    let this_body = match (&buffered, body.take()) {
+                        (Some(full), _) => Either::Right(full.clone()),
+                        (None, Some(b)) => b,
+                        (None, None) => unreachable!("an unbuffered body is sent once"),
+                    };
+                    // Headers are cloned only when the request may be sent again; else they
+                    // move.
+                    let headers = if buffered.is_some() {
+                        parts.headers.clone()
+                    } else {
+                        std::mem::take(&mut parts.headers)
+                    };
+                    // Bound by `let`, so that the `Result` is not a temporary of the whole
+                    // statement, kept across the await.
+                    let built = self.request_for(&parts, headers, upgrade, &ep, this_body, started);
+                    match built {
+                        Ok(r) => r,
+                        Err(e) => {
+                            cancelled.armed = false;
+                            if let (Some(b), Some(p)) = (&up.breaker, permit) {
+                                b.record(p, None);
+                            }
+                            return Err(e.into());
+                        }
+                    }
+                })
+                .await;
             cancelled.armed = false;
             drop(cancelled);
             let failure = match &outcome {
@@ -253,7 +271,7 @@ impl Proxy {
         upgrade: bool,
         ep: &Endpoint,
         body: ReqBody,
-        started: Instant,
+        started: Option<Instant>,
     ) -> Result<Request<ReqBody>, GatewayError> {
         let path = parts
             .uri
@@ -278,43 +296,51 @@ impl Proxy {
             // Made once per endpoint: the client would otherwise format it per request.
             headers.insert(header::HOST, ep.host.clone());
         }
-        if let Some(deadline) = self.opts.deadline {
+        if let (Some(deadline), Some(started)) = (self.opts.deadline, started) {
             grpc_timeout(&mut headers, deadline.saturating_sub(started.elapsed()));
         }
         *req.headers_mut() = headers;
         Ok(req)
     }
 
-    async fn attempt(&self, ep: &Endpoint, req: Request<ReqBody>) -> Attempt {
+    /// One attempt: the send under the per-attempt timeout, then its outcome reported. Built
+    /// from combinators: as an `async fn` it would keep the request in its state next to the
+    /// send future that owns it, and its own copy of that future.
+    fn attempt<'a>(
+        &'a self,
+        ep: &'a Endpoint,
+        req: Request<ReqBody>,
+    ) -> impl Future<Output = Attempt> + Send + 'a {
         let up = &*self.upstream;
-        let _in_flight = ep.start();
+        let in_flight = ep.start();
         let sent = up.send(ep, req);
-        let result = match up.timeout {
-            Some(t) => match tokio::time::timeout(t, sent).await {
-                Ok(r) => r,
-                Err(_) => {
+        let timed = match up.timeout {
+            Some(t) => future::Either::Left(tokio::time::timeout(t, sent)),
+            None => future::Either::Right(sent.map(Ok)),
+        };
+        timed.map(move |result| {
+            let _in_flight = in_flight;
+            match result {
+                Err(_elapsed) => {
                     up.metrics().error(UpstreamErrorKind::Timeout);
                     up.report(ep, false);
-                    return Attempt::Failed(GatewayError::UpstreamTimeout, Some(Failure::Timeout));
+                    Attempt::Failed(GatewayError::UpstreamTimeout, Some(Failure::Timeout))
                 }
-            },
-            None => sent.await,
-        };
-        match result {
-            Ok(r) => {
-                up.metrics().response(r.status());
-                up.report(ep, !r.status().is_server_error());
-                Attempt::Response(r)
-            }
-            Err(e) => {
-                let (err, failure) = classify_client_error(up, e);
-                // A body over the limit is the client's doing, not the endpoint's.
-                if failure.is_some() {
-                    up.report(ep, false);
+                Ok(Ok(r)) => {
+                    up.metrics().response(r.status());
+                    up.report(ep, !r.status().is_server_error());
+                    Attempt::Response(r)
                 }
-                Attempt::Failed(err, failure)
+                Ok(Err(e)) => {
+                    let (err, failure) = classify_client_error(up, e);
+                    // A body over the limit is the client's doing, not the endpoint's.
+                    if failure.is_some() {
+                        up.report(ep, false);
+                    }
+                    Attempt::Failed(err, failure)
+                }
             }
-        }
+        })
     }
 }
 
@@ -437,8 +463,21 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether `n` is one of `HOP_BY_HOP`, `TE` or `Upgrade`. Runs for every header of every
+/// message: the length picks at most two candidates, so a name is compared at most twice
+/// (comparing with all nine names cost ~50 instructions per header).
 fn is_hop_by_hop(n: &HeaderName) -> bool {
-    n == header::CONNECTION || n == header::TE || n == header::UPGRADE || HOP_BY_HOP.contains(n)
+    let s = n.as_str();
+    match s.len() {
+        2 => s == "te",
+        7 => s == "upgrade" || s == "trailer",
+        10 => s == "connection" || s == "keep-alive",
+        16 => s == "proxy-connection",
+        17 => s == "transfer-encoding",
+        18 => s == "proxy-authenticate",
+        19 => s == "proxy-authorization",
+        _ => false,
+    }
 }
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1),
@@ -518,6 +557,21 @@ mod tests {
             strip_hop_by_hop(&mut h, false);
             let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
             assert_eq!(left, ["x-keep"], "{name}");
+        }
+    }
+
+    #[test]
+    fn names_as_long_as_a_hop_by_hop_name_are_end_to_end() {
+        for name in [
+            "tk",
+            "referer",
+            "user-agent",
+            "content-encoding",
+            "x-forwarded-proto",
+            "x-frame-options-xx",
+            "content-disposition",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
         }
     }
 

@@ -5,17 +5,28 @@ use http::HeaderValue;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn hex_into(out: &mut [u8], mut v: u128, digits: usize) {
-    for i in (0..digits).rev() {
-        out[i] = HEX[(v & 0xf) as usize];
-        v >>= 4;
+/// Writes `v` as 16 hex digits into `out[..16]`, a byte (two digits) at a time.
+fn hex_into(out: &mut [u8], v: u64) {
+    for (pair, b) in out[..16].chunks_exact_mut(2).zip(v.to_be_bytes()) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
+}
+
+/// A random 128-bit id, never zero, as 32 hex digits into `out[..32]`.
+fn random_id_into(out: &mut [u8]) {
+    let (hi, mut lo) = (fastrand::u64(..), fastrand::u64(..));
+    if hi == 0 && lo == 0 {
+        lo = 1;
+    }
+    hex_into(&mut out[..16], hi);
+    hex_into(&mut out[16..32], lo);
 }
 
 /// A new random request id: 32 lowercase hex digits.
 pub fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; 32];
-    hex_into(&mut buf, fastrand::u128(..), 32);
+    random_id_into(&mut buf);
     // Hex digits are always a valid header value.
     HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
@@ -43,19 +54,10 @@ pub fn next_traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
             out[3..35].copy_from_slice(&b[3..35]);
             out[53..55].copy_from_slice(&b[53..55]);
         }
-        _ => {
-            let mut id = fastrand::u128(..);
-            if id == 0 {
-                id = 1;
-            }
-            hex_into(&mut out[3..35], id, 32);
-        }
+        _ => random_id_into(&mut out[3..35]),
     }
-    let mut span = fastrand::u64(..);
-    if span == 0 {
-        span = 1;
-    }
-    hex_into(&mut out[36..52], span as u128, 16);
+    let span = fastrand::u64(..).max(1);
+    hex_into(&mut out[36..52], span);
     HeaderValue::from_bytes(&out).expect("hex is a valid header value")
 }
 
@@ -107,6 +109,15 @@ mod tests {
             assert!(parse_traceparent(s.as_bytes()), "{s}");
             assert!(!s.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
         }
+    }
+
+    #[test]
+    fn hex_digits_in_order() {
+        let mut out = [0u8; 16];
+        hex_into(&mut out, 0x0123_4567_89ab_cdef);
+        assert_eq!(&out, b"0123456789abcdef");
+        hex_into(&mut out, 0xf);
+        assert_eq!(&out, b"000000000000000f");
     }
 
     #[test]

@@ -18,9 +18,11 @@ pub mod retry;
 pub mod table;
 pub mod tls;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future;
 use http::{HeaderMap, Request, Response, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -235,19 +237,26 @@ impl Upstream {
     }
 
     /// Sends one request to `ep`.
-    pub async fn send(
-        &self,
-        ep: &Endpoint,
+    /// Not an `async fn`: that would keep `req` in its own state as well as in the pool's
+    /// future, which is then moved into it.
+    pub fn send<'a>(
+        &'a self,
+        ep: &'a Endpoint,
         req: Request<ReqBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         match &self.http1 {
-            Some(pool) => pool.send(ep, req).await,
+            Some(pool) => future::Either::Left(pool.send(ep, req)),
             // hyper-util's future is boxed so that it does not size the HTTP/1 path's.
-            None => match Box::pin(self.client.get().request(req)).await {
-                Ok(r) => Ok(r.map(UpstreamBody::plain)),
-                Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
-                Err(e) => Err(SendError::Request(e.into())),
-            },
+            None => {
+                let sent = Box::pin(self.client.get().request(req));
+                future::Either::Right(async move {
+                    match sent.await {
+                        Ok(r) => Ok(r.map(UpstreamBody::plain)),
+                        Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
+                        Err(e) => Err(SendError::Request(e.into())),
+                    }
+                })
+            }
         }
     }
 

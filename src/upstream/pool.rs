@@ -14,6 +14,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -98,36 +99,41 @@ impl Http1Pool {
 
     /// Sends `req` (its target already in origin form) to `ep` on an idle connection of this
     /// worker, or on a new one.
-    pub async fn send(
-        &self,
-        ep: &Endpoint,
+    /// Not an `async fn`: that would move `req` into a second slot of its state; the block
+    /// below keeps (and, on a retry, replaces) the one it captured.
+    pub fn send<'a>(
+        &'a self,
+        ep: &'a Endpoint,
         mut req: Request<ReqBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a {
         let key = (self.id, ep.id);
-        loop {
-            let (mut tx, reused) = match take(key, &self.alive) {
-                Some(tx) => (tx, true),
-                // Boxed: the connect state is large and rare; inline, every request's future
-                // would carry it.
-                None => (Box::pin(self.connect(ep)).await?, false),
-            };
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    // After a protocol switch the connection belongs to the tunnel.
-                    let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Return {
-                        tx,
-                        key,
-                        idle_timeout: self.idle_timeout,
-                        max_idle: self.max_idle,
-                    });
-                    return Ok(resp.map(|b| UpstreamBody::pooled(b, back)));
+        async move {
+            loop {
+                let (mut tx, reused) = match take(key, &self.alive) {
+                    Some(tx) => (tx, true),
+                    // Boxed: the connect state is large and rare; inline, every request's future
+                    // would carry it.
+                    None => (Box::pin(self.connect(ep)).await?, false),
+                };
+                match tx.try_send_request(req).await {
+                    Ok(resp) => {
+                        // After a protocol switch the connection belongs to the tunnel.
+                        let back =
+                            (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Return {
+                                tx,
+                                key,
+                                idle_timeout: self.idle_timeout,
+                                max_idle: self.max_idle,
+                            });
+                        return Ok(resp.map(|b| UpstreamBody::pooled(b, back)));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // A pooled connection closed before it took the request (the server
+                        // timed it out): nothing was sent, so another connection may take it.
+                        Some(r) if reused => req = r,
+                        _ => return Err(SendError::Request(e.into_error().into())),
+                    },
                 }
-                Err(mut e) => match e.take_message() {
-                    // A pooled connection closed before it took the request (the server
-                    // timed it out): nothing was sent, so another connection may take it.
-                    Some(r) if reused => req = r,
-                    _ => return Err(SendError::Request(e.into_error().into())),
-                },
             }
         }
     }

@@ -186,6 +186,16 @@ async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     assert_eq!(h["x-forwarded-proto"], "https");
     assert_eq!(h["x-request-id"], "edge-123");
     assert_eq!(r.header("x-request-id"), "edge-123");
+
+    // Even from a trusted proxy, an id that is not plain is replaced, both ways.
+    let req = Request::get(gw.url("/web/users/1"))
+        .header("x-request-id", "not plain!")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = send(req).await;
+    let id = r.header("x-request-id");
+    assert_eq!(id.len(), 32);
+    assert_eq!(r.json()["headers"]["x-request-id"], id);
 }
 
 #[tokio::test]

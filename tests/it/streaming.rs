@@ -53,14 +53,7 @@ async fn response_chunks_arrive_before_the_upstream_finishes() {
     })
     .await;
     let gw = TestGateway::start(&gateway_toml("", &svc(&up.url())), &[("web.toml", ROUTES)]).await;
-    let resp = client()
-        .request(
-            Request::get(gw.url("/web/events"))
-                .body(Default::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = open(&gw.url("/web/events")).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
@@ -102,14 +95,7 @@ async fn a_bulkhead_slot_is_held_until_the_response_body_ends() {
         &[("web.toml", ROUTES)],
     )
     .await;
-    let resp = client()
-        .request(
-            Request::get(gw.url("/web/stream"))
-                .body(Default::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = open(&gw.url("/web/stream")).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -180,14 +166,7 @@ async fn one_gib_upload_and_download_do_not_grow_memory() {
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), TOTAL.to_string());
 
-    let resp = client()
-        .request(
-            Request::get(gw.url("/web/download"))
-                .body(Default::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = open(&gw.url("/web/download")).await;
     let mut body = resp.into_body();
     let mut got = 0u64;
     while let Some(f) = body.frame().await {

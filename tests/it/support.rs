@@ -262,6 +262,12 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// A GET whose response comes back with its body not yet read, to follow it as it streams.
+pub async fn open(url: &str) -> http::Response<hyper::body::Incoming> {
+    let req = Request::get(url).body(Full::default()).unwrap();
+    client().request(req).await.expect("request failed")
+}
+
 pub async fn send(req: Request<Full<Bytes>>) -> Resp {
     let resp = client().request(req).await.expect("request failed");
     read(resp).await
