@@ -415,6 +415,7 @@ def main():
             # repetition is shown next to the median.
             for n, rs in runs.items():
                 results[sname][n]["cpu_best"] = min(x["cpu_us"] for x in rs)
+                results[sname][n]["cpu_reps"] = [x["cpu_us"] for x in rs]
 
         # What each process still holds after the scenarios (memory its allocator kept from the
         # busiest moments, e.g. 2000 connections at once).
@@ -446,6 +447,19 @@ def main():
         print(f"written: bench/results/{stamp}.md")
 
 
+def paired(r, base):
+    """Each repetition's CPU µs/req divided by nginx's in the same round (the two ran minutes
+    apart at most, so a slow drift of the machine cancels out): the median of those ratios, and
+    in how many rounds the contender used less CPU than nginx."""
+    if not base or not base.get("cpu_reps"):
+        return "—"
+    ratios = [a / b for a, b in zip(r["cpu_reps"], base["cpu_reps"]) if b]
+    if not ratios:
+        return "—"
+    below = sum(x < 1 for x in ratios)
+    return f"{statistics.median(ratios):.2f}, {below}/{len(ratios)}"
+
+
 def render(args, names, results, idle_rss, idle, after_rss):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -461,6 +475,9 @@ def render(args, names, results, idle_rss, idle, after_rss):
         "- Same work per request: `nginx` and `haproxy` set X-Forwarded-For/-Proto/-Host and a request id "
         "(to the upstream and back to the client), as gatehouse does by default. `nginx-bare` is nginx "
         "without them (plain scenario only).",
+        "- `paired`: each round's CPU µs/req divided by nginx's in the same round, median over the rounds, "
+        "and in how many rounds the contender used less CPU than nginx (a drift of the machine between "
+        "rounds cancels out of these).",
         f"- Command: `bench/run {' '.join(sys.argv[1:])}`".rstrip(),
         "",
     ]
@@ -468,14 +485,16 @@ def render(args, names, results, idle_rss, idle, after_rss):
         sc = SCENARIOS[sname]
         base = res.get("nginx")
         lines += [f"## {sc['title']}", "",
-                  "| contender | req/s | MiB/s | p50 | p99 | errors | CPU µs/req | of which kernel | best rep | req/s ÷ nginx | CPU ÷ nginx |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| contender | req/s | MiB/s | p50 | p99 | errors | CPU µs/req | of which kernel | best rep "
+                  "| req/s ÷ nginx | CPU ÷ nginx | paired: CPU ÷ nginx, reps below |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n in [n for n in names if n in res]:
             r = res[n]
             ratio = f"{r['rps'] / base['rps']:.2f}" if base and base["rps"] else "—"
             cratio = f"{r['cpu_us'] / base['cpu_us']:.2f}" if base and base["cpu_us"] and n != "direct" else "—"
             lines.append(f"| {n} | {r['rps']:.0f} | {r['mib_s']:.1f} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
-                         f"{r['errors']:.0f} | {r['cpu_us']:.1f} | {r['sys_us']:.1f} | {r['cpu_best']:.1f} | {ratio} | {cratio} |")
+                         f"{r['errors']:.0f} | {r['cpu_us']:.1f} | {r['sys_us']:.1f} | {r['cpu_best']:.1f} | {ratio} | {cratio} | "
+                         f"{paired(r, base) if n not in ('nginx', 'direct') else '—'} |")
         if sname == "c2000":
             lines += ["", "RSS under this load: " + ", ".join(
                 f"{n} {res[n]['rss'] / 1024:.1f} MiB" for n in names if n in res and res[n].get("rss"))]

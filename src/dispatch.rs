@@ -131,7 +131,7 @@ impl Conn {
             header::Entry::Vacant(e) => e.insert(new_request_id()).clone(),
         };
         let method = req.method().clone();
-        let uri = req.uri().clone();
+        let uri = gw.settings.access_log.then(|| req.uri().clone());
         // The gateway's own limit: beyond it, 503 at once, before any work.
         let global_permit = match &this.live.request_limit {
             None => None,

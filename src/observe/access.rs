@@ -28,7 +28,9 @@ pub struct UpstreamUsed {
 pub struct Record {
     pub metrics: Arc<RouteMetrics>,
     pub method: Method,
-    pub uri: Uri,
+    /// Only when the access log is on: a clone of the URI keeps the connection's read buffer
+    /// shared, and hyper then allocates a new one for the next request.
+    pub uri: Option<Uri>,
     pub status: StatusCode,
     pub request_id: HeaderValue,
     pub upstream: Option<UpstreamUsed>,
@@ -95,7 +97,7 @@ impl Drop for ObservedBody {
                 frontend = r.metrics.frontend(),
                 route = r.metrics.route(),
                 method = r.method.as_str(),
-                path = r.uri.path(),
+                path = r.uri.as_ref().map_or("-", |u| u.path()),
                 status = r.status.as_u16(),
                 upstream = r.upstream.as_ref().map_or("-", |u| &*u.url),
                 attempts = r.upstream.as_ref().map_or(0, |u| u.attempts),
