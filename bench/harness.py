@@ -448,9 +448,9 @@ def main():
 
 
 def paired(r, base):
-    """Each repetition's CPU µs/req divided by nginx's in the same round (the two ran minutes
-    apart at most, so a slow drift of the machine cancels out): the median of those ratios, and
-    in how many rounds the contender used less CPU than nginx."""
+    """Each repetition's CPU µs/req divided by the base contender's in the same round (the two
+    ran minutes apart at most, so a slow drift of the machine cancels out): the median of those
+    ratios, and in how many rounds the contender used less CPU than the base."""
     if not base or not base.get("cpu_reps"):
         return "—"
     ratios = [a / b for a, b in zip(r["cpu_reps"], base["cpu_reps"]) if b]
@@ -475,26 +475,28 @@ def render(args, names, results, idle_rss, idle, after_rss):
         "- Same work per request: `nginx` and `haproxy` set X-Forwarded-For/-Proto/-Host and a request id "
         "(to the upstream and back to the client), as gatehouse does by default. `nginx-bare` is nginx "
         "without them (plain scenario only).",
-        "- `paired`: each round's CPU µs/req divided by nginx's in the same round, median over the rounds, "
-        "and in how many rounds the contender used less CPU than nginx (a drift of the machine between "
-        "rounds cancels out of these).",
+        "- `paired`: each round's CPU µs/req divided by nginx's (or haproxy's) in the same round, median "
+        "over the rounds, and in how many rounds the contender used less CPU (a drift of the machine "
+        "between rounds cancels out of these).",
         f"- Command: `bench/run {' '.join(sys.argv[1:])}`".rstrip(),
         "",
     ]
     for sname, res in results.items():
         sc = SCENARIOS[sname]
         base = res.get("nginx")
+        hap = res.get("haproxy")
         lines += [f"## {sc['title']}", "",
                   "| contender | req/s | MiB/s | p50 | p99 | errors | CPU µs/req | of which kernel | best rep "
-                  "| req/s ÷ nginx | CPU ÷ nginx | paired: CPU ÷ nginx, reps below |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| req/s ÷ nginx | CPU ÷ nginx | paired: CPU ÷ nginx, rounds below | paired: CPU ÷ haproxy, rounds below |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n in [n for n in names if n in res]:
             r = res[n]
             ratio = f"{r['rps'] / base['rps']:.2f}" if base and base["rps"] else "—"
             cratio = f"{r['cpu_us'] / base['cpu_us']:.2f}" if base and base["cpu_us"] and n != "direct" else "—"
             lines.append(f"| {n} | {r['rps']:.0f} | {r['mib_s']:.1f} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
                          f"{r['errors']:.0f} | {r['cpu_us']:.1f} | {r['sys_us']:.1f} | {r['cpu_best']:.1f} | {ratio} | {cratio} | "
-                         f"{paired(r, base) if n not in ('nginx', 'direct') else '—'} |")
+                         f"{paired(r, base) if n not in ('nginx', 'direct') else '—'} | "
+                         f"{paired(r, hap) if n not in ('haproxy', 'direct') else '—'} |")
         if sname == "c2000":
             lines += ["", "RSS under this load: " + ", ".join(
                 f"{n} {res[n]['rss'] / 1024:.1f} MiB" for n in names if n in res and res[n].get("rss"))]
