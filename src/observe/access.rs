@@ -28,8 +28,8 @@ pub struct UpstreamUsed {
 pub struct Record {
     pub metrics: Arc<RouteMetrics>,
     pub method: Method,
-    /// Only when the access log is on: a clone of the URI keeps the connection's read buffer
-    /// shared, and hyper then allocates a new one for the next request.
+    /// Only when the access log is on, its one reader: otherwise the clone (reference counts
+    /// taken and dropped on every request) is work for nothing.
     pub uri: Option<Uri>,
     pub status: StatusCode,
     pub request_id: HeaderValue,
