@@ -7,7 +7,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -72,21 +71,6 @@ impl RouteService {
     }
 }
 
-/// For callers that compose services: always ready, since readiness is awaited per call.
-impl Service<Request<ReqBody>> for RouteService {
-    type Response = Response<RespBody>;
-    type Error = BoxError;
-    type Future = RouteCall;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<ReqBody>) -> RouteCall {
-        self.0.call(req)
-    }
-}
-
 /// Wraps a backend in the route's layers.
 pub fn stack<S: RouteStack>(
     backend: S,
@@ -106,7 +90,6 @@ mod tests {
     use super::*;
     use crate::body::{full, req_full};
     use crate::error::classify;
-    use tower::ServiceExt;
 
     #[tokio::test(start_paused = true)]
     async fn the_total_deadline_cuts_a_slow_backend_with_504() {
@@ -115,7 +98,7 @@ mod tests {
             Ok::<_, BoxError>(Response::new(full("late")))
         });
         let svc = stack(slow, Duration::from_secs(2), None);
-        let call = tokio::spawn(svc.oneshot(Request::new(req_full(bytes::Bytes::new()))));
+        let call = tokio::spawn(svc.call(Request::new(req_full(bytes::Bytes::new()))));
         tokio::time::advance(Duration::from_millis(1999)).await;
         assert!(!call.is_finished());
         tokio::time::advance(Duration::from_millis(2)).await;
@@ -136,7 +119,7 @@ mod tests {
             bytes::Bytes::from("fallback"),
         );
         let svc = stack(slow, Duration::from_secs(1), Some(fallback));
-        let call = tokio::spawn(svc.oneshot(Request::new(req_full(bytes::Bytes::new()))));
+        let call = tokio::spawn(svc.call(Request::new(req_full(bytes::Bytes::new()))));
         tokio::time::advance(Duration::from_millis(1001)).await;
         let resp = call.await.unwrap().unwrap();
         assert_eq!(resp.headers()["x-gatehouse-fallback"], "upstream_timeout");

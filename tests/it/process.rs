@@ -282,3 +282,30 @@ async fn health(admin: String) -> std::process::Output {
     .await
     .unwrap()
 }
+
+/// The allocator settings docs/CONFIG.md names are the ones the binary runs with, and
+/// `_RJEM_MALLOC_CONF` overrides them (read back from jemalloc's own statistics at exit).
+#[test]
+fn the_allocator_runs_with_the_documented_settings() {
+    let opts = |conf: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .arg("--version")
+            .env("_RJEM_MALLOC_CONF", conf)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stats = opts("stats_print:true");
+    for line in [
+        "opt.background_thread: true",
+        "opt.dirty_decay_ms: 1000",
+        "opt.muzzy_decay_ms: 0",
+        "opt.tcache_nslots_small_min: 128",
+    ] {
+        assert!(stats.contains(line), "{line} missing from jemalloc's stats");
+    }
+    let stats = opts("stats_print:true,dirty_decay_ms:5000");
+    assert!(stats.contains("opt.dirty_decay_ms: 5000"));
+    assert!(stats.contains("opt.tcache_nslots_small_min: 128"));
+}
