@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::gateway::Live;
 
-pub fn router(live: Arc<Live>) -> Router {
+pub(crate) fn router(live: Arc<Live>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -28,7 +28,7 @@ pub fn router(live: Arc<Live>) -> Router {
         .with_state(live)
 }
 
-pub async fn serve(listener: TcpListener, live: Arc<Live>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn serve(listener: TcpListener, live: Arc<Live>, mut stop: watch::Receiver<bool>) {
     let app = router(live);
     let shutdown = async move {
         let _ = stop.changed().await;
@@ -193,7 +193,7 @@ async fn reload(State(live): State<Arc<Live>>) -> Response {
 
 /// Replaces values whose key suggests a secret. Secrets reach the config through `${VAR}`, and
 /// the keys that carry them (tokens, passwords, keys, secrets) are masked wherever they are.
-pub fn redact(v: &mut Value) {
+pub(crate) fn redact(v: &mut Value) {
     match v {
         Value::Object(map) => {
             for (k, val) in map.iter_mut() {

@@ -46,7 +46,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const WAKE_READ: usize = 64;
 
 /// The protocol settings every connection is served with; built once at start.
-pub struct Protocols {
+pub(crate) struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
@@ -56,7 +56,7 @@ pub struct Protocols {
 }
 
 impl Protocols {
-    pub fn new(header_read_timeout: Duration, keep_alive_timeout: Duration) -> Self {
+    pub(crate) fn new(header_read_timeout: Duration, keep_alive_timeout: Duration) -> Self {
         let mut h1 = http1::Builder::new();
         // The header-read timeout is ours (`run_http1`): hyper's would allocate and arm a
         // timer for every request.
@@ -85,7 +85,7 @@ fn park_after(header_read_timeout: Duration) -> Duration {
 
 /// The socket as hyper sees it: bytes read while parked come first, and a shutdown asked for
 /// while parking is not done (the socket stays open for the next request).
-pub struct Io<T> {
+pub(crate) struct Io<T> {
     pre: Bytes,
     inner: T,
     conn: Arc<Conn>,
@@ -149,7 +149,7 @@ enum Wake {
 /// Serves one accepted connection (after TLS, if any) until it closes. `h2` is set when ALPN
 /// chose HTTP/2. `drain` turns true when the gateway shuts down: in-flight requests finish, idle
 /// connections close.
-pub async fn serve<T>(
+pub(crate) async fn serve<T>(
     io: T,
     svc: Dispatcher,
     protocols: &Protocols,

@@ -1,8 +1,12 @@
 //! The top of the request path, one per connection: load the config snapshot, give the request
-//! its id and trace context, normalize and route it, set the forwarding headers, call the
+//! its id, normalize and route it, record what routing found in the request's `Exchange` (a
+//! typed extension: route, captured parameters, original URI, authority, client), call the
 //! route's prebuilt service, and turn any error into the one problem+json response. The body of
 //! every response is wrapped so that metrics and the access log are recorded when it ends.
+//! Nothing here is specific to a backend: the proxy builds its own upstream target and
+//! forwarding headers from the `Exchange`.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,33 +15,29 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use http_body_util::{Either, Limited};
 use hyper::body::Incoming;
 
-use crate::body::RespBody;
+use crate::backend::RespBody;
+use crate::context::{Client, Exchange, Params, Parts};
 use crate::error::{classify, problem_response, BoxError, GatewayError};
 use crate::gateway::{Gateway, Live};
-use crate::observe::access::{ObservedBody, Record};
+use crate::observe::access::{Finish, InFlight, ObservedBody, Record};
 use crate::observe::metrics::RouteMetrics;
-use crate::observe::trace::{new_request_id, next_traceparent, valid_request_id};
+use crate::observe::trace::{new_request_id, valid_request_id};
 use crate::route::RouteCall;
 use crate::routing::{normalize, request_host, Found};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// The hyper service of one client connection. Cloned per request: one reference count.
 #[derive(Clone)]
-pub struct Dispatcher(Arc<Conn>);
+pub(crate) struct Dispatcher(Arc<Conn>);
 
 /// What the dispatcher knows of its connection.
-pub struct Conn {
+pub(crate) struct Conn {
     live: Arc<Live>,
     peer: SocketAddr,
     /// The peer's address as a header value, made once per connection.
@@ -52,17 +52,15 @@ pub struct Conn {
     pub(crate) parking: AtomicBool,
 }
 
-/// One request in flight on a connection; dropped when its response body ends (or is dropped).
-pub struct InFlight(Arc<Conn>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.finished.fetch_add(1, Ordering::Relaxed);
+/// A request in flight on the connection ends when its response body ends (or is dropped).
+impl Finish for Conn {
+    fn finish(&self) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 impl Dispatcher {
-    pub fn new(live: Arc<Live>, peer: SocketAddr, tls: bool) -> Self {
+    pub(crate) fn new(live: Arc<Live>, peer: SocketAddr, tls: bool) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or(HeaderValue::from_static("unknown"));
         Dispatcher(Arc::new(Conn {
@@ -82,14 +80,14 @@ impl Dispatcher {
 }
 
 impl hyper::service::Service<Request<Incoming>> for Dispatcher {
-    type Response = Response<ObservedBody>;
+    type Response = Response<ObservedBody<RespBody>>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.0.started.fetch_add(1, Ordering::Relaxed);
-        let in_flight = InFlight(self.0.clone());
-        Box::pin(Conn::dispatch(in_flight, req))
+        let in_flight = InFlight::new(self.0.clone());
+        Box::pin(Conn::dispatch(self.0.clone(), in_flight, req))
     }
 }
 
@@ -113,22 +111,16 @@ impl Conn {
     /// only what the response needs, not the request: an `async fn` would keep the request in
     /// its state (twice) for the whole exchange, and every move of the future would copy it.
     fn dispatch(
+        this: Arc<Conn>,
         in_flight: InFlight,
-        mut req: Request<Incoming>,
-    ) -> impl Future<Output = Result<Response<ObservedBody>, Infallible>> + Send {
-        let this = &*in_flight.0;
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Result<Response<ObservedBody<RespBody>>, Infallible>> + Send {
         let start = Instant::now();
         let gw = this.live.snapshot();
         let trusted = gw.settings.is_trusted(this.peer.ip());
-        // One lookup: the id is kept, or set on the request as the backend must receive it.
-        let request_id = match req.headers_mut().entry(&X_REQUEST_ID) {
-            header::Entry::Occupied(e) if trusted && valid_request_id(e.get()) => e.get().clone(),
-            header::Entry::Occupied(mut e) => {
-                let id = new_request_id();
-                e.insert(id.clone());
-                id
-            }
-            header::Entry::Vacant(e) => e.insert(new_request_id()).clone(),
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(v) if trusted && valid_request_id(v) => v.clone(),
+            _ => new_request_id(),
         };
         let method = req.method().clone();
         let uri = gw.settings.access_log.then(|| req.uri().clone());
@@ -137,11 +129,16 @@ impl Conn {
             None => None,
             Some(sem) => sem.clone().try_acquire_owned().ok(),
         };
-        let (routed, metrics) = if this.live.request_limit.is_some() && global_permit.is_none() {
-            (Err(GatewayError::Overloaded.into()), gw.unmatched.clone())
-        } else {
-            this.route(&gw, trusted, req)
-        };
+        let (routed, metrics, exchange) =
+            if this.live.request_limit.is_some() && global_permit.is_none() {
+                (
+                    Err(GatewayError::Overloaded.into()),
+                    gw.unmatched.clone(),
+                    None,
+                )
+            } else {
+                this.route(&gw, trusted, &request_id, req)
+            };
         let log = gw.settings.access_log;
         drop(gw);
         async move {
@@ -150,10 +147,6 @@ impl Conn {
                 Err(e) => Err(e),
             };
             let mut resp = result.unwrap_or_else(|e| error_response(&*e, &request_id, &metrics));
-            let upstream = match resp.body_mut() {
-                Either::Left(b) => b.used.take(),
-                Either::Right(_) => None,
-            };
             resp.headers_mut()
                 .insert(X_REQUEST_ID.clone(), request_id.clone());
             let record = Record {
@@ -162,11 +155,11 @@ impl Conn {
                 uri,
                 status: resp.status(),
                 request_id,
-                upstream,
-                global_permit,
+                exchange,
+                _global_permit: global_permit,
                 start,
                 log,
-                in_flight,
+                _in_flight: in_flight,
             };
             Ok(resp.map(|b| ObservedBody::new(b, record)))
         }
@@ -178,130 +171,84 @@ impl Conn {
         &self,
         gw: &Gateway,
         trusted: bool,
+        request_id: &HeaderValue,
         mut req: Request<Incoming>,
-    ) -> (Result<RouteCall, BoxError>, Arc<RouteMetrics>) {
+    ) -> (
+        Result<RouteCall, BoxError>,
+        Arc<RouteMetrics>,
+        Option<Exchange>,
+    ) {
         let unmatched = || gw.unmatched.clone();
-        let (route, target) = {
-            let path = match normalize(req.uri().path()) {
-                Ok(p) => p,
-                Err(_) => {
-                    return (
-                        Err(GatewayError::BadRequest("invalid percent-encoding in path").into()),
-                        unmatched(),
-                    )
-                }
-            };
-            let host = request_host(req.uri(), req.headers());
-            match gw.router.find(&host, &path, req.method(), req.headers()) {
-                Found::Route { index, params } => {
-                    let route = &gw.routes[index];
-                    let query = if route.forward_query {
-                        req.uri().query()
-                    } else {
-                        None
-                    };
-                    let target = route
-                        .upstream_path
-                        .as_ref()
-                        .map(|u| u.build(&path, &params, query));
-                    (route, target)
-                }
-                Found::NotFound => return (Err(GatewayError::NoRoute.into()), unmatched()),
-                Found::MethodNotAllowed(allow) => {
-                    return (
-                        Err(GatewayError::MethodNotAllowed {
-                            allow: allow.clone(),
-                        }
-                        .into()),
-                        unmatched(),
-                    )
-                }
+        let path = match normalize(req.uri().path()) {
+            Ok(p) => p,
+            Err(_) => {
+                return (
+                    Err(GatewayError::BadRequest("invalid percent-encoding in path").into()),
+                    unmatched(),
+                    None,
+                )
             }
         };
+        let host = request_host(req.uri(), req.headers());
+        let (route, params) = match gw.router.find(&host, &path, req.method(), req.headers()) {
+            Found::Route { index, params } => {
+                let route = &gw.routes[index];
+                let mut captured = Params::for_names(route.params.clone());
+                for (_, v) in params.iter() {
+                    captured.push(&path, v);
+                }
+                (route, captured)
+            }
+            Found::NoRoute => return (Err(GatewayError::NoRoute.into()), unmatched(), None),
+            Found::MethodNotAllowed(allow) => {
+                return (
+                    Err(GatewayError::MethodNotAllowed {
+                        allow: allow.clone(),
+                    }
+                    .into()),
+                    unmatched(),
+                    None,
+                )
+            }
+        };
+        drop(host);
         let metrics = route.metrics.clone();
-
         let max = gw.settings.max_request_body;
         // hyper has parsed and checked Content-Length: the body's exact size is that length.
         let declared = http_body::Body::size_hint(req.body()).exact();
         if declared.is_some_and(|n| n > max) {
-            return (Err(GatewayError::BodyTooLarge.into()), metrics);
+            return (Err(GatewayError::BodyTooLarge.into()), metrics, None);
         }
-        // Before the target is rewritten: an HTTP/2 request's host is in its URI.
-        self.forwarding_headers(&mut req, trusted);
-        if let Some(t) = target {
-            match Uri::from_maybe_shared(Bytes::from(t)) {
-                Ok(u) => *req.uri_mut() = u,
-                Err(_) => {
-                    return (
-                        Err(GatewayError::BadRequest("request target").into()),
-                        metrics,
-                    )
-                }
-            }
-        }
+        let normalized = match path {
+            Cow::Borrowed(_) => None,
+            Cow::Owned(p) => Some(p.into_boxed_str()),
+        };
+        // The authority the request names: Host, or an HTTP/2 request's `:authority`.
+        let authority = match req.headers().get(header::HOST) {
+            Some(v) => Some(v.clone()),
+            None => req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let exchange = Exchange::new(Parts {
+            route: route.id.clone(),
+            uri: req.uri().clone(),
+            normalized,
+            params,
+            host: authority,
+            request_id: request_id.clone(),
+            client: Client {
+                peer: self.peer,
+                peer_ip: self.peer_ip.clone(),
+                tls: self.tls,
+                trusted,
+            },
+        });
+        req.extensions_mut().insert(exchange.clone());
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
         let req = req.map(|b| Either::Left(Limited::new(b, limit)));
-        (Ok(route.service.call(req)), metrics)
-    }
-
-    /// X-Forwarded-For/-Proto/-Host and traceparent for the backend (X-Request-Id is already
-    /// set). Values from a peer that is not a trusted proxy are replaced, never appended to.
-    fn forwarding_headers(&self, req: &mut Request<Incoming>, trusted: bool) {
-        let host = match req.headers().get(header::HOST) {
-            Some(v) => Some(v.clone()),
-            // An HTTP/2 client names the host only in :authority; keep it as Host, so that
-            // `preserve_host` works whatever protocol the client spoke.
-            None => {
-                let v = req
-                    .uri()
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-                if let Some(v) = &v {
-                    req.headers_mut().insert(header::HOST, v.clone());
-                }
-                v
-            }
-        };
-        let h = req.headers_mut();
-        // Entries: one lookup per header where a get and an insert would take two.
-        match h.entry(&X_FORWARDED_FOR) {
-            header::Entry::Occupied(mut e) if trusted => {
-                let prev = e.get();
-                let mut v = Vec::with_capacity(prev.len() + 2 + self.peer_ip.len());
-                v.extend_from_slice(prev.as_bytes());
-                v.extend_from_slice(b", ");
-                v.extend_from_slice(self.peer_ip.as_bytes());
-                e.insert(HeaderValue::from_bytes(&v).unwrap_or_else(|_| self.peer_ip.clone()));
-            }
-            header::Entry::Occupied(mut e) => {
-                e.insert(self.peer_ip.clone());
-            }
-            header::Entry::Vacant(e) => {
-                e.insert(self.peer_ip.clone());
-            }
-        }
-        if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
-            let proto = if self.tls { "https" } else { "http" };
-            h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-        }
-        if !(trusted && h.contains_key(&X_FORWARDED_HOST)) {
-            match host {
-                Some(v) => h.insert(X_FORWARDED_HOST.clone(), v),
-                None => h.remove(&X_FORWARDED_HOST),
-            };
-        }
-        if !trusted {
-            h.remove(header::FORWARDED);
-        }
-        match h.entry(&TRACEPARENT) {
-            header::Entry::Occupied(mut e) => {
-                let tp = next_traceparent(Some(e.get()));
-                e.insert(tp);
-            }
-            header::Entry::Vacant(e) => {
-                e.insert(next_traceparent(None));
-            }
-        }
+        (Ok(route.service.call(req)), metrics, Some(exchange))
     }
 }
 
@@ -320,5 +267,5 @@ fn error_response(
     } else {
         tracing::debug!(request_id = id, route = metrics.route(), error = %e, code = problem.code, "request failed");
     }
-    problem_response(&problem, request_id)
+    problem_response(&problem, request_id).map(Either::Right)
 }

@@ -1,18 +1,24 @@
 //! Errors the gateway itself answers with. Everything that fails inside a route's stack travels
-//! as a `BoxError`; `problem_response` is the one place that turns it into an HTTP response:
-//! `application/problem+json` with a stable `code` and the request id, never internal text.
+//! as a `BoxError`. A module with errors of its own maps each to a `Problem` (status, stable
+//! `code`, title, any response headers such as `WWW-Authenticate` or `RateLimit-*`) and returns
+//! that `Problem`, boxed, with its own error as the source; the core's failures are
+//! `GatewayError`s. `classify` finds the `Problem` in an error chain, and `problem_response` is
+//! the one place that turns it into an HTTP response: `application/problem+json` with the
+//! `code` and the request id, never internal text.
 
 use std::error::Error as StdError;
 
-use http::{header, HeaderValue, Response, StatusCode};
+use std::sync::Arc;
 
-use crate::body::{full, RespBody};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
 
-pub type BoxError = Box<dyn StdError + Send + Sync>;
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// A failure with a known HTTP meaning.
 #[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
+pub(crate) enum GatewayError {
     #[error("no route matches the request")]
     NoRoute,
     #[error("method not allowed")]
@@ -35,31 +41,64 @@ pub enum GatewayError {
     Overloaded,
 }
 
-/// What a client is told about an error.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub title: &'static str,
-    pub allow: Option<HeaderValue>,
-    /// Seconds for `Retry-After`.
-    pub retry_after: Option<u64>,
+/// What a client is told about an error. Also an error itself: a module returns its failure
+/// as a `Problem` (boxed), keeping its own error as the source for the log.
+#[derive(Debug, Clone)]
+pub(crate) struct Problem {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) title: &'static str,
+    /// Set on the response (`Allow`, `Retry-After`, `WWW-Authenticate`, `RateLimit-*` …).
+    pub(crate) headers: HeaderMap,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
 }
 
 impl Problem {
-    const fn new(status: StatusCode, code: &'static str, title: &'static str) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, title: &'static str) -> Self {
         Problem {
             status,
             code,
             title,
-            allow: None,
-            retry_after: None,
+            headers: HeaderMap::new(),
+            source: None,
         }
+    }
+
+    /// Adds a response header.
+    pub(crate) fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.append(name, value);
+        self
+    }
+
+    /// `Retry-After` in seconds.
+    pub(crate) fn retry_after(self, secs: u64) -> Self {
+        self.header(header::RETRY_AFTER, HeaderValue::from(secs))
+    }
+
+    /// Keeps the error that caused this, for the log (never shown to the client).
+    #[allow(dead_code)] // API of the seam: read by the layers and backends to come (auth, cache, aggregate, plugins)
+    pub(crate) fn caused_by(mut self, e: impl Into<BoxError>) -> Self {
+        self.source = Some(Arc::from(e.into()));
+        self
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.title, self.code)
+    }
+}
+
+impl StdError for Problem {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
     }
 }
 
 impl GatewayError {
-    pub fn problem(&self) -> Problem {
+    pub(crate) fn problem(&self) -> Problem {
         use GatewayError::*;
         match self {
             NoRoute => Problem::new(
@@ -67,14 +106,12 @@ impl GatewayError {
                 "route_not_found",
                 "No route matches this request",
             ),
-            MethodNotAllowed { allow } => Problem {
-                allow: Some(allow.clone()),
-                ..Problem::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    "Method not allowed for this route",
-                )
-            },
+            MethodNotAllowed { allow } => Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed for this route",
+            )
+            .header(header::ALLOW, allow.clone()),
             BodyTooLarge => Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
@@ -103,30 +140,29 @@ impl GatewayError {
                 "no_healthy_endpoint",
                 "No healthy endpoint for the backend service",
             ),
-            CircuitOpen { retry_after_secs } => Problem {
-                retry_after: Some(*retry_after_secs),
-                ..Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "circuit_open",
-                    "The backend service is failing; its circuit is open",
-                )
-            },
-            Overloaded => Problem {
-                retry_after: Some(1),
-                ..Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "Too many requests in flight; try again shortly",
-                )
-            },
+            CircuitOpen { retry_after_secs } => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "circuit_open",
+                "The backend service is failing; its circuit is open",
+            )
+            .retry_after(*retry_after_secs),
+            Overloaded => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Too many requests in flight; try again shortly",
+            )
+            .retry_after(1),
         }
     }
 }
 
 /// Finds what a client should be told about `err`, looking through its chain of sources.
-pub fn classify(err: &(dyn StdError + 'static)) -> Problem {
+pub(crate) fn classify(err: &(dyn StdError + 'static)) -> Problem {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
+        if let Some(p) = e.downcast_ref::<Problem>() {
+            return p.clone();
+        }
         if let Some(g) = e.downcast_ref::<GatewayError>() {
             return g.problem();
         }
@@ -146,7 +182,10 @@ pub fn classify(err: &(dyn StdError + 'static)) -> Problem {
 }
 
 /// The one mapping from an error to an HTTP response.
-pub fn problem_response(problem: &Problem, request_id: &HeaderValue) -> Response<RespBody> {
+pub(crate) fn problem_response(
+    problem: &Problem,
+    request_id: &HeaderValue,
+) -> Response<Full<Bytes>> {
     #[derive(serde::Serialize)]
     struct Body<'a> {
         #[serde(rename = "type")]
@@ -165,25 +204,22 @@ pub fn problem_response(problem: &Problem, request_id: &HeaderValue) -> Response
     };
     // Serializing a struct of strings and a number cannot fail.
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
-    let mut resp = Response::new(full(bytes));
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = problem.status;
     let h = resp.headers_mut();
+    for (name, value) in &problem.headers {
+        h.append(name, value.clone());
+    }
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Some(allow) = &problem.allow {
-        h.insert(header::ALLOW, allow.clone());
-    }
-    if let Some(secs) = problem.retry_after {
-        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
     resp
 }
 
 /// Whether an error chain contains a `T`.
-pub fn chain_has<T: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
+pub(crate) fn chain_has<T: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if e.is::<T>() {
@@ -216,6 +252,33 @@ mod tests {
         assert_eq!(v["request_id"], "req-1");
         assert!(v["type"].as_str().unwrap().ends_with("method_not_allowed"));
         assert!(v["title"].is_string());
+    }
+
+    #[tokio::test]
+    async fn a_module_problem_carries_its_headers_and_hides_its_source() {
+        // What a module of its own (auth, say) returns: a Problem with a header and a cause.
+        let cause: BoxError = "token signature did not verify: key kid-7".into();
+        let err: BoxError = Box::new(
+            Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Authentication required",
+            )
+            .header(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"api\""),
+            )
+            .caused_by(cause),
+        );
+        assert!(err.source().unwrap().to_string().contains("kid-7"));
+        let p = classify(&*err);
+        let resp = problem_response(&p, &HeaderValue::from_static("r"));
+        assert_eq!(resp.status(), 401);
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer realm=\"api\"");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains("\"code\":\"unauthorized\""), "{text}");
+        assert!(!text.contains("kid-7"), "{text}");
     }
 
     #[test]

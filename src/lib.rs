@@ -7,21 +7,24 @@
 //! pooled client). `config` and `gateway` build the immutable snapshot the path reads; `admin`
 //! and `observe` look at it from the side.
 
-pub mod admin;
-pub mod backend;
-pub mod body;
+mod admin;
+mod backend;
+mod body;
 pub mod config;
-pub mod conn;
+mod conn;
+mod context;
 pub mod demo;
-pub mod dispatch;
-pub mod error;
+mod dispatch;
+mod error;
 pub mod gateway;
-pub mod layers;
+mod layers;
 pub mod observe;
-pub mod route;
-pub mod routing;
-pub mod server;
-pub mod upstream;
-pub mod worker;
+mod per_worker;
+mod resources;
+mod route;
+mod routing;
+mod server;
+mod upstream;
+mod worker;
 
 pub use server::{Server, StartError};

@@ -86,9 +86,9 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
             println!(
                 "{}: ok ({} frontends, {} routes, {} services)",
                 path.display(),
-                gw.loaded.frontends.len(),
-                gw.routes.len(),
-                gw.services.len()
+                gw.frontend_count(),
+                gw.route_count(),
+                gw.service_count()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -7,13 +7,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{self, ConfigErrors, LoadedConfig};
 use crate::conn::Protocols;
-use crate::dispatch::Dispatcher;
 use crate::gateway::Live;
 use crate::observe::metrics::Metrics;
 use crate::worker;
@@ -64,9 +63,9 @@ impl Server {
         let server_cfg = loaded.gateway.server.clone();
         let admin_listen = loaded.gateway.admin.listen;
         let metrics = Arc::new(Metrics::new());
-        let n_workers = worker::count(server_cfg.workers);
+        let n_workers = crate::per_worker::count(server_cfg.workers);
         // Before any service is built: each gets a connection pool per worker.
-        crate::upstream::client::reserve(n_workers);
+        crate::per_worker::reserve(n_workers);
         let live = Arc::new(Live::new(config_path, loaded, metrics).map_err(StartError::Config)?);
 
         let mut listeners = Vec::new();
@@ -229,97 +228,4 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(4096).map_err(err)
-}
-
-pub(crate) async fn accept_loop(
-    listener: TcpListener,
-    live: Arc<Live>,
-    protocols: Arc<Protocols>,
-    drain: watch::Receiver<bool>,
-    mut stop: watch::Receiver<bool>,
-) {
-    // Resolved once: counting a connection is then one atomic add.
-    let accepted = live
-        .metrics
-        .connections_total
-        .with_label_values(&[&worker::slot().to_string()]);
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
-        let max = live.max_connections;
-        if max > 0 && live.connections.load(std::sync::atomic::Ordering::Relaxed) >= max {
-            // Over [server] max_connections: close at once rather than queue.
-            tracing::debug!(%peer, max, "connection refused: max_connections reached");
-            drop(stream);
-            continue;
-        }
-        accepted.inc();
-        let _ = stream.set_nodelay(true);
-        let drain = drain.clone();
-        let live = live.clone();
-        let protocols = protocols.clone();
-        live.connections
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tokio::spawn(async move {
-            let counted = live.clone();
-            serve_connection(stream, peer, live, &protocols, drain).await;
-            counted
-                .connections
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        });
-    }
-}
-
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    live: Arc<Live>,
-    protocols: &Protocols,
-    drain: watch::Receiver<bool>,
-) {
-    match live.snapshot().tls.clone() {
-        None => {
-            let svc = Dispatcher::new(live, peer, false);
-            crate::conn::serve(stream, svc, protocols, false, drain).await
-        }
-        // Boxed: a plain connection's task (which lives as long as the connection, parked or
-        // not) should not be sized for a TLS handshake and session.
-        Some(cfg) => Box::pin(serve_tls(stream, peer, cfg, live, protocols, drain)).await,
-    }
-}
-
-async fn serve_tls(
-    stream: TcpStream,
-    peer: SocketAddr,
-    cfg: Arc<rustls::ServerConfig>,
-    live: Arc<Live>,
-    protocols: &Protocols,
-    drain: watch::Receiver<bool>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-    let tls_stream =
-        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "TLS handshake timed out");
-                return;
-            }
-        };
-    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    let svc = Dispatcher::new(live, peer, true);
-    crate::conn::serve(tls_stream, svc, protocols, h2, drain).await;
 }

@@ -1,6 +1,6 @@
 //! `proxy = { service, path }`: forwards the request to an endpoint of a service and streams
-//! both bodies through. The dispatcher has already set the upstream path and the forwarding
-//! headers. Here, per request: the service's bulkhead slot; per attempt: the circuit breaker,
+//! both bodies through. First the upstream target (`target.rs`) and the forwarding headers
+//! (`forward.rs`) are made from the request's `Exchange`. Then, per request: the service's bulkhead slot; per attempt: the circuit breaker,
 //! the endpoint (a retry prefers one not tried yet), the per-attempt timeout, outcome reporting
 //! (outlier detection, breaker, metrics); between attempts: the retry decision (policy, retry
 //! budget) and jittered backoff. A body is buffered only when it may be sent again (small, of
@@ -26,9 +26,12 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 
-use crate::body::{req_full, ReqBody, RespBody};
+use super::forward::forwarding_headers;
+use super::target::UpstreamPath;
+use super::RespBody;
+use crate::body::{req_full, ReqBody};
+use crate::context::{Exchange, UpstreamUsed};
 use crate::error::{chain_has, BoxError, GatewayError};
-use crate::observe::access::UpstreamUsed;
 use crate::observe::metrics::{Resilience, UpstreamErrorKind};
 use tower::retry::budget::Budget as _;
 
@@ -37,25 +40,29 @@ use crate::upstream::retry::{method_allows_retry, Failure, RetryPolicy};
 use crate::upstream::{Endpoint, SendError, Upstream, UpstreamBody};
 
 /// Per-route settings of a proxy backend.
-#[derive(Clone, Default)]
-pub struct ProxyOptions {
-    pub preserve_host: bool,
+#[derive(Clone)]
+pub(crate) struct ProxyOptions {
+    /// How the upstream path is made.
+    pub(crate) target: UpstreamPath,
+    /// Whether the client's query goes upstream.
+    pub(crate) forward_query: bool,
+    pub(crate) preserve_host: bool,
     /// The route's retry policy (its own, or its service's).
-    pub retry: Option<RetryPolicy>,
+    pub(crate) retry: Option<RetryPolicy>,
     /// The route allows retrying POST and PATCH.
-    pub idempotent: bool,
+    pub(crate) idempotent: bool,
     /// The route's total deadline, sent to gRPC services as `grpc-timeout`.
-    pub deadline: Option<Duration>,
+    pub(crate) deadline: Option<Duration>,
 }
 
 #[derive(Clone)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     upstream: Arc<Upstream>,
     opts: Arc<ProxyOptions>,
 }
 
 impl Proxy {
-    pub fn new(upstream: Arc<Upstream>, opts: ProxyOptions) -> Self {
+    pub(crate) fn new(upstream: Arc<Upstream>, opts: ProxyOptions) -> Self {
         Proxy {
             upstream,
             opts: Arc::new(opts),
@@ -75,9 +82,31 @@ impl tower::Service<Request<ReqBody>> for Proxy {
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         // Here rather than in `forward`: a `mut` parameter of an `async fn` is kept twice in
         // its future.
+        let Some(exchange) = req.extensions().get::<Exchange>().cloned() else {
+            return Box::pin(future::ready(Err(
+                "a proxied request has no exchange".into()
+            )));
+        };
+        let target = self.opts.target.build(&exchange, self.opts.forward_query);
+        match Uri::from_maybe_shared(Bytes::from(target)) {
+            Ok(u) => *req.uri_mut() = u,
+            Err(_) => {
+                let e = GatewayError::BadRequest("request target");
+                return Box::pin(future::ready(Err(e.into())));
+            }
+        }
+        let h = req.headers_mut();
+        forwarding_headers(h, &exchange);
+        if self.opts.preserve_host && !h.contains_key(header::HOST) {
+            // An HTTP/2 client names the host only in :authority; it becomes Host, so that
+            // `preserve_host` works whatever protocol the client spoke.
+            if let Some(host) = exchange.host() {
+                h.insert(header::HOST, host.clone());
+            }
+        }
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        Box::pin(self.clone().forward(req, client_upgrade))
+        Box::pin(self.clone().forward(req, client_upgrade, exchange))
     }
 }
 
@@ -94,13 +123,15 @@ impl Proxy {
         self,
         req: Request<ReqBody>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        exchange: Exchange,
     ) -> Result<Response<RespBody>, BoxError> {
         let upgrade = client_upgrade.is_some();
         // Only a route with a deadline (gRPC's `grpc-timeout`) needs the start time.
         let started = self.opts.deadline.map(|_| Instant::now());
         let up = &*self.upstream;
         // The bulkhead slot is held for the whole request, retries included, and released
-        // when the response body ends (it travels with the response to the access record).
+        // when the response body ends (the exchange holds it, and the access record the
+        // exchange).
         let slot = match &up.bulkhead {
             Some(b) => match b.acquire().await {
                 Some(p) => Some(p),
@@ -254,11 +285,14 @@ impl Proxy {
                 }
             }
             strip_hop_by_hop(resp.headers_mut(), switching);
-            resp.body_mut().used = Some(UpstreamUsed {
+            let meta = exchange.meta();
+            meta.set_upstream(UpstreamUsed {
                 url: ep.url.clone(),
                 attempts: n,
-                permit: slot.map(Arc::new),
             });
+            if let Some(slot) = slot {
+                meta.hold(slot);
+            }
             return Ok(resp.map(Either::Left));
         }
     }
@@ -483,7 +517,7 @@ fn is_hop_by_hop(n: &HeaderName) -> bool {
 /// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// including any the `Connection` header names. For an upgrade, `Upgrade` and
 /// `Connection: upgrade` are kept, since they must reach the other side.
-pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     // Most messages have none: one pass over the names instead of a lookup per name.
     if !upgrade && !h.keys().any(is_hop_by_hop) {
         return;

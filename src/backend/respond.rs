@@ -8,16 +8,17 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 
-use crate::body::{full, ReqBody, RespBody};
+use super::{full, RespBody};
+use crate::body::ReqBody;
 use crate::error::BoxError;
 
 #[derive(Clone)]
-pub struct Respond {
+pub(crate) struct Respond {
     inner: Arc<(StatusCode, HeaderMap, Bytes)>,
 }
 
 impl Respond {
-    pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
+    pub(crate) fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
         Respond {
             inner: Arc::new((status, headers, body)),
         }

@@ -2,33 +2,40 @@
 //! expansion, and errors located as `file:line:col`. Semantic checks that need the whole picture
 //! (unknown services, route conflicts) run in `gateway::compile`, which reports them the same way.
 
+mod defaults;
+mod route;
+mod server;
+mod service;
 mod source;
-mod types;
 mod units;
-pub mod watch;
+pub(crate) mod watch;
 
 use std::path::{Path, PathBuf};
 
-pub use source::{expand_env, ConfigError, ConfigErrors, SourceFile};
-pub use types::*;
-pub use units::{Duration, Size};
+pub(crate) use route::*;
+pub(crate) use server::*;
+pub(crate) use service::*;
+pub(crate) use source::SourceFile;
+pub use source::{ConfigError, ConfigErrors};
+#[cfg(test)]
+pub(crate) use units::{Duration, Size};
 
 /// Everything one load read from disk: gateway.toml and the route files, with their text so that
 /// later checks can point into them.
 #[derive(Debug, Clone)]
 pub struct LoadedConfig {
     /// Whether gateway.toml parsed; when it did not, defaults stand in for it.
-    pub gateway_ok: bool,
+    pub(crate) gateway_ok: bool,
     /// The folder of gateway.toml; relative paths in it are relative to this.
-    pub root: PathBuf,
-    pub gateway_file: SourceFile,
+    pub(crate) root: PathBuf,
+    pub(crate) gateway_file: SourceFile,
     pub gateway: GatewayConfig,
-    pub frontends: Vec<(SourceFile, FrontendFile)>,
+    pub(crate) frontends: Vec<(SourceFile, FrontendFile)>,
 }
 
 impl LoadedConfig {
     /// A path from gateway.toml, made absolute against its folder.
-    pub fn resolve(&self, p: &Path) -> PathBuf {
+    pub(crate) fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
         } else {
@@ -36,7 +43,7 @@ impl LoadedConfig {
         }
     }
 
-    pub fn routes_dir(&self) -> PathBuf {
+    pub(crate) fn routes_dir(&self) -> PathBuf {
         self.resolve(&self.gateway.routes.dir)
     }
 }
@@ -50,7 +57,7 @@ pub fn load(config_path: &Path) -> Result<LoadedConfig, ConfigErrors> {
 
 /// Like `load`, but also returns what did parse, so that later checks can report their errors
 /// in the same run. `gateway_ok` is false when gateway.toml itself did not parse.
-pub fn load_partial(config_path: &Path) -> (LoadedConfig, ConfigErrors) {
+pub(crate) fn load_partial(config_path: &Path) -> (LoadedConfig, ConfigErrors) {
     let root = config_path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -103,7 +110,7 @@ pub fn load_partial(config_path: &Path) -> (LoadedConfig, ConfigErrors) {
 }
 
 /// The `*.toml` files of the routes folder, sorted by name so that loads are reproducible.
-pub fn route_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub(crate) fn route_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();

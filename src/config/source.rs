@@ -9,14 +9,14 @@ use std::sync::Arc;
 
 /// One config file's text (after `${VAR}` expansion) and its path.
 #[derive(Debug, Clone)]
-pub struct SourceFile {
-    pub path: Arc<Path>,
-    pub text: Arc<str>,
+pub(crate) struct SourceFile {
+    pub(crate) path: Arc<Path>,
+    pub(crate) text: Arc<str>,
 }
 
 impl SourceFile {
     /// 1-based line and column of a byte offset.
-    pub fn locate(&self, offset: usize) -> (usize, usize) {
+    pub(crate) fn locate(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
         let before = &self.text[..offset];
         let line = before.matches('\n').count() + 1;
@@ -25,7 +25,7 @@ impl SourceFile {
         (line, col)
     }
 
-    pub fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
         let (line, col) = self.locate(span.start);
         ConfigError {
             file: self.path.to_path_buf(),
@@ -47,7 +47,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// An error about a whole file (it cannot be read, say).
-    pub fn file(path: &Path, message: impl Into<String>) -> Self {
+    pub(crate) fn file(path: &Path, message: impl Into<String>) -> Self {
         ConfigError {
             file: path.to_path_buf(),
             line: 1,
@@ -76,13 +76,13 @@ impl fmt::Display for ConfigError {
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl ConfigErrors {
-    pub fn push(&mut self, e: ConfigError) {
+    pub(crate) fn push(&mut self, e: ConfigError) {
         self.0.push(e);
     }
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-    pub fn into_result<T>(self, ok: T) -> Result<T, ConfigErrors> {
+    pub(crate) fn into_result<T>(self, ok: T) -> Result<T, ConfigErrors> {
         if self.0.is_empty() {
             Ok(ok)
         } else {
@@ -108,7 +108,7 @@ impl std::error::Error for ConfigErrors {}
 /// Replaces `${NAME}` and `${NAME:-default}` with the environment's values. A value is escaped for
 /// a TOML basic string (`\`, `"` and control characters), so a secret cannot break the file's
 /// syntax or shift its lines. `$${` stands for a literal `${`.
-pub fn expand_env(
+pub(crate) fn expand_env(
     path: &Path,
     raw: &str,
     lookup: impl Fn(&str) -> Option<String>,
@@ -267,7 +267,7 @@ fn push_escaped(out: &mut String, value: &str) {
 }
 
 /// Reads, expands and deserializes one TOML file; errors carry file, line and column.
-pub fn parse_file<T: serde::de::DeserializeOwned>(
+pub(crate) fn parse_file<T: serde::de::DeserializeOwned>(
     path: &Path,
 ) -> Result<(SourceFile, T), ConfigErrors> {
     let raw = std::fs::read_to_string(path)

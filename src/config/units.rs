@@ -7,16 +7,16 @@ use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 /// A strictly positive duration written like "250ms", "30s" or "1m 30s".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Duration(pub std::time::Duration);
+pub(crate) struct Duration(pub std::time::Duration);
 
 impl Duration {
-    pub const fn from_secs(s: u64) -> Self {
+    pub(crate) const fn from_secs(s: u64) -> Self {
         Duration(std::time::Duration::from_secs(s))
     }
-    pub const fn from_millis(ms: u64) -> Self {
+    pub(crate) const fn from_millis(ms: u64) -> Self {
         Duration(std::time::Duration::from_millis(ms))
     }
-    pub fn get(self) -> std::time::Duration {
+    pub(crate) fn get(self) -> std::time::Duration {
         self.0
     }
 }
@@ -55,7 +55,7 @@ impl fmt::Display for Duration {
 
 /// A byte size written like "8MiB", "64KiB", "1GB" or as a plain number of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Size(pub u64);
+pub(crate) struct Size(pub u64);
 
 impl std::str::FromStr for Size {
     type Err = String;

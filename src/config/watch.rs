@@ -8,21 +8,21 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 /// A running watch; it stops when dropped.
-pub struct ConfigWatch {
+pub(crate) struct ConfigWatch {
     _watcher: notify::RecommendedWatcher,
     changes: mpsc::Receiver<()>,
 }
 
 impl ConfigWatch {
     /// Waits for the next (debounced) change. Returns false once the watch has ended.
-    pub async fn changed(&mut self) -> bool {
+    pub(crate) async fn changed(&mut self) -> bool {
         self.changes.recv().await.is_some()
     }
 }
 
 /// Starts watching `dirs` (not recursively). Editors that save by rename are seen too, because
 /// the folders are watched, not the files.
-pub fn watch(dirs: &[PathBuf], debounce: Duration) -> notify::Result<ConfigWatch> {
+pub(crate) fn watch(dirs: &[PathBuf], debounce: Duration) -> notify::Result<ConfigWatch> {
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev {

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-pub use compile::compile;
+pub(crate) use compile::compile;
 
 /// Loads the config files and compiles them, reporting the errors of both steps together:
 /// a route file that does not parse does not hide the mistakes of the others.
@@ -43,45 +43,51 @@ pub fn load_and_compile(
 
 use crate::config::{self, ConfigErrors, LoadedConfig};
 use crate::observe::metrics::{Metrics, RouteMetrics};
-use crate::route::RouteService;
-use crate::routing::template::UpstreamPath;
+use crate::resources::Resources;
+use crate::route::Route;
 use crate::routing::Router;
 use crate::upstream::Upstream;
 
 /// One compiled config generation.
 pub struct Gateway {
-    pub generation: u64,
-    pub loaded: Arc<LoadedConfig>,
-    pub router: Router,
+    pub(crate) generation: u64,
+    pub(crate) loaded: Arc<LoadedConfig>,
+    pub(crate) router: Router,
     /// Indexed by the router's route index.
-    pub routes: Vec<Route>,
-    pub services: BTreeMap<String, Arc<Upstream>>,
-    pub settings: Settings,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) routes: Vec<Route>,
+    pub(crate) services: BTreeMap<String, Arc<Upstream>>,
+    /// Everything stateful this snapshot uses (services' upstreams, …), reused by the next
+    /// snapshot where its definition is unchanged.
+    pub(crate) resources: Resources,
+    pub(crate) settings: Settings,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Metrics for requests that match no route.
-    pub unmatched: Arc<RouteMetrics>,
+    pub(crate) unmatched: Arc<RouteMetrics>,
 }
 
-/// One compiled route.
-pub struct Route {
-    /// `frontend/route`.
-    pub id: Arc<str>,
-    /// How the path sent to the backend is built; `None` leaves the request target as it is.
-    pub upstream_path: Option<UpstreamPath>,
-    pub forward_query: bool,
-    pub service: RouteService,
-    pub metrics: Arc<RouteMetrics>,
+impl Gateway {
+    pub fn frontend_count(&self) -> usize {
+        self.loaded.frontends.len()
+    }
+
+    pub fn route_count(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
 }
 
 /// Server settings the request path reads.
-pub struct Settings {
-    pub max_request_body: u64,
-    pub trusted_proxies: Vec<ipnet::IpNet>,
-    pub access_log: bool,
+pub(crate) struct Settings {
+    pub(crate) max_request_body: u64,
+    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
+    pub(crate) access_log: bool,
 }
 
 impl Settings {
-    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+    pub(crate) fn is_trusted(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
@@ -163,36 +169,36 @@ impl StartupSettings {
 
 /// The outcome of the last reload, for `/admin/config`.
 #[derive(Debug, Clone, Serialize)]
-pub struct ReloadStatus {
-    pub generation: u64,
-    pub result: &'static str,
-    pub trigger: String,
-    pub at_unix: u64,
-    pub errors: Vec<String>,
+pub(crate) struct ReloadStatus {
+    pub(crate) generation: u64,
+    pub(crate) result: &'static str,
+    pub(crate) trigger: String,
+    pub(crate) at_unix: u64,
+    pub(crate) errors: Vec<String>,
     /// Changed settings that keep their old value until the gateway restarts.
-    pub restart_required: Vec<String>,
+    pub(crate) restart_required: Vec<String>,
 }
 
 /// The gateway in service: the live snapshot and what replaces it.
 pub struct Live {
     current: ArcSwap<Gateway>,
-    pub metrics: Arc<Metrics>,
-    pub config_path: PathBuf,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) config_path: PathBuf,
     startup: StartupSettings,
     status: Mutex<ReloadStatus>,
     reload_lock: tokio::sync::Mutex<()>,
     /// Set once the listeners are up.
-    pub ready: AtomicBool,
+    pub(crate) ready: AtomicBool,
     /// `[server] max_concurrent_requests` (fixed at start).
-    pub request_limit: Option<Arc<tokio::sync::Semaphore>>,
+    pub(crate) request_limit: Option<Arc<tokio::sync::Semaphore>>,
     /// `[server] max_connections` (fixed at start) and the connections open now.
-    pub max_connections: usize,
-    pub connections: std::sync::atomic::AtomicUsize,
+    pub(crate) max_connections: usize,
+    pub(crate) connections: std::sync::atomic::AtomicUsize,
 }
 
 impl Live {
     /// Compiles the first generation.
-    pub fn new(
+    pub(crate) fn new(
         config_path: &Path,
         loaded: LoadedConfig,
         metrics: Arc<Metrics>,
@@ -226,26 +232,26 @@ impl Live {
     }
 
     /// The snapshot in use. Hold the `Arc` for as long as the request needs it.
-    pub fn snapshot(&self) -> Arc<Gateway> {
+    pub(crate) fn snapshot(&self) -> Arc<Gateway> {
         self.current.load_full()
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 
-    pub fn status(&self) -> ReloadStatus {
+    pub(crate) fn status(&self) -> ReloadStatus {
         self.status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    pub fn startup_shutdown_grace(&self) -> Duration {
+    pub(crate) fn startup_shutdown_grace(&self) -> Duration {
         self.startup.shutdown_grace
     }
 
-    pub fn watch_dirs(&self) -> Option<Vec<PathBuf>> {
+    pub(crate) fn watch_dirs(&self) -> Option<Vec<PathBuf>> {
         if !self.startup.watch {
             return None;
         }

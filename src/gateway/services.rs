@@ -7,9 +7,14 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use toml::Spanned;
+
 use super::Gateway;
-use crate::config::{ConfigErrors, LoadBalancing, LoadedConfig, SourceFile};
+use crate::config::{
+    ConfigErrors, DnsConfig, LoadBalancing, LoadedConfig, ServiceConfig, SourceFile,
+};
 use crate::observe::metrics::Metrics;
+use crate::resources::Resources;
 use crate::upstream::discovery::{self, DnsTarget};
 use crate::upstream::retry::RetryPolicy;
 use crate::upstream::{self, Endpoint, HashKey, Parts, Source, TlsSettings, Upstream};
@@ -18,23 +23,58 @@ pub(super) fn compile_services(
     loaded: &LoadedConfig,
     previous: Option<&Gateway>,
     metrics: &Metrics,
+    resources: &mut Resources,
     errors: &mut ConfigErrors,
 ) -> BTreeMap<String, Arc<Upstream>> {
-    let gfile = &loaded.gateway_file;
     let mut out = BTreeMap::new();
     for (name, spanned) in &loaded.gateway.services {
         let cfg = spanned.get_ref();
         let dns = &loaded.gateway.dns;
-        if let Some(prev) = previous.and_then(|p| p.services.get(name)) {
-            let uses_dns = cfg
-                .discovery
-                .as_ref()
-                .is_some_and(|d| d.get_ref().etcd.is_none());
-            if prev.config == *cfg && (!uses_dns || prev.dns == *dns) {
-                out.insert(name.clone(), prev.clone());
-                continue;
-            }
+        let uses_dns = cfg
+            .discovery
+            .as_ref()
+            .is_some_and(|d| d.get_ref().etcd.is_none());
+        // What the service is built from, compared by value (spans are ignored) on reload.
+        let key = ServiceKey {
+            config: cfg.clone(),
+            dns: uses_dns.then(|| dns.clone()),
+        };
+        let built = resources.reuse_or_build(
+            previous.map(|p| &p.resources),
+            name,
+            &key,
+            |prev: Option<(&Upstream, &ServiceKey)>| {
+                build_service(loaded, name, spanned, prev, metrics, errors).ok_or(())
+            },
+        );
+        if let Ok((up, _)) = built {
+            out.insert(name.clone(), up);
         }
+    }
+    out
+}
+
+/// The definition a service's `Upstream` is built from: its table and, for DNS discovery,
+/// `[dns]`.
+#[derive(Clone, PartialEq)]
+struct ServiceKey {
+    config: ServiceConfig,
+    dns: Option<DnsConfig>,
+}
+
+/// Checks one service and builds its `Upstream`; `None` when it has errors (recorded).
+fn build_service(
+    loaded: &LoadedConfig,
+    name: &str,
+    spanned: &Spanned<ServiceConfig>,
+    prev: Option<(&Upstream, &ServiceKey)>,
+    metrics: &Metrics,
+    errors: &mut ConfigErrors,
+) -> Option<Upstream> {
+    let gfile = &loaded.gateway_file;
+    let cfg = spanned.get_ref();
+    let dns = &loaded.gateway.dns;
+    {
         let before = errors.0.len();
         let source = match (&cfg.discovery, cfg.endpoints.is_empty()) {
             (Some(d), false) => {
@@ -69,9 +109,9 @@ pub(super) fn compile_services(
         if let (Some(source), Some(tls), true) = (source, tls, errors.0.len() == before) {
             // A discovered service rebuilt with the same source starts from what the previous
             // build knew: no gap until the next answer, and endpoint state kept.
-            let seed = match (&source, previous.and_then(|p| p.services.get(name))) {
-                (Source::Dns { .. } | Source::Etcd { .. }, Some(prev))
-                    if prev.config.discovery == cfg.discovery =>
+            let seed = match (&source, prev) {
+                (Source::Dns { .. } | Source::Etcd { .. }, Some((prev, key)))
+                    if key.config.discovery == cfg.discovery =>
                 {
                     prev.endpoints().endpoints.to_vec()
                 }
@@ -84,11 +124,16 @@ pub(super) fn compile_services(
                 tls,
                 retry,
             };
-            let up = Upstream::new(name, cfg.clone(), dns.clone(), parts, metrics.service(name));
-            out.insert(name.clone(), Arc::new(up));
+            return Some(Upstream::new(
+                name,
+                cfg.clone(),
+                dns.clone(),
+                parts,
+                metrics.service(name),
+            ));
         }
+        None
     }
-    out
 }
 
 /// Builds the TLS client settings of a service (https endpoints, mutual TLS).

@@ -11,16 +11,17 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::backend::respond::Respond;
-use crate::body::{ReqBody, RespBody};
+use crate::backend::RespBody;
+use crate::body::ReqBody;
 use crate::error::{classify, BoxError};
 
 #[derive(Clone)]
-pub struct FallbackLayer {
+pub(crate) struct FallbackLayer {
     response: Respond,
 }
 
 impl FallbackLayer {
-    pub fn new(response: Respond) -> Self {
+    pub(crate) fn new(response: Respond) -> Self {
         FallbackLayer { response }
     }
 }
@@ -36,7 +37,7 @@ impl<S> Layer<S> for FallbackLayer {
 }
 
 #[derive(Clone)]
-pub struct Fallback<S> {
+pub(crate) struct Fallback<S> {
     inner: S,
     response: Respond,
 }

@@ -1,3 +1,3 @@
 //! Layers of a route's stack (see `route.rs` for their order).
 
-pub mod fallback;
+pub(crate) mod fallback;

@@ -13,44 +13,59 @@ use http::{HeaderValue, Method, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 
 use super::metrics::RouteMetrics;
-use crate::body::RespBody;
+use crate::context::Exchange;
 
-/// Which endpoint answered, after how many attempts; put in the upstream response body by the
-/// proxy. A bulkhead slot travels with it so it is held until the response body ends.
-#[derive(Debug, Clone)]
-pub struct UpstreamUsed {
-    pub url: Arc<str>,
-    pub attempts: u32,
-    pub permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+/// Counts a request as finished on its connection when dropped (with the response body). The
+/// connection driver parks a connection only while every request it started has finished.
+pub(crate) struct InFlight(std::sync::Arc<dyn Finish>);
+
+/// Whatever counts finished requests (the dispatcher's connection state).
+pub(crate) trait Finish: Send + Sync {
+    fn finish(&self);
+}
+
+impl InFlight {
+    pub(crate) fn new(counter: std::sync::Arc<dyn Finish>) -> Self {
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
 }
 
 /// What the access log says about one request.
-pub struct Record {
-    pub metrics: Arc<RouteMetrics>,
-    pub method: Method,
+pub(crate) struct Record {
+    pub(crate) metrics: Arc<RouteMetrics>,
+    pub(crate) method: Method,
     /// Only when the access log is on, its one reader: otherwise the clone (reference counts
     /// taken and dropped on every request) is work for nothing.
-    pub uri: Option<Uri>,
-    pub status: StatusCode,
-    pub request_id: HeaderValue,
-    pub upstream: Option<UpstreamUsed>,
+    pub(crate) uri: Option<Uri>,
+    pub(crate) status: StatusCode,
+    pub(crate) request_id: HeaderValue,
+    /// The request's context, with what the stack learned about the response (the upstream
+    /// used, guards such as the bulkhead slot): kept until the body ends. `None` for requests
+    /// that matched no route.
+    pub(crate) exchange: Option<Exchange>,
     /// A global concurrency slot, released when the body ends.
-    pub global_permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    pub start: Instant,
-    pub log: bool,
+    pub(crate) _global_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub(crate) start: Instant,
+    pub(crate) log: bool,
     /// Counts the request as finished on its connection when dropped (with the body).
-    pub in_flight: crate::dispatch::InFlight,
+    pub(crate) _in_flight: InFlight,
 }
 
 /// The response body as the client receives it.
-pub struct ObservedBody {
-    inner: RespBody,
+pub(crate) struct ObservedBody<B> {
+    inner: B,
     record: Record,
     bytes: u64,
 }
 
-impl ObservedBody {
-    pub fn new(inner: RespBody, record: Record) -> Self {
+impl<B> ObservedBody<B> {
+    pub(crate) fn new(inner: B, record: Record) -> Self {
         ObservedBody {
             inner,
             record,
@@ -59,9 +74,12 @@ impl ObservedBody {
     }
 }
 
-impl Body for ObservedBody {
+impl<B> Body for ObservedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
     type Data = Bytes;
-    type Error = crate::error::BoxError;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -86,9 +104,10 @@ impl Body for ObservedBody {
     }
 }
 
-impl Drop for ObservedBody {
+impl<B> Drop for ObservedBody<B> {
     fn drop(&mut self) {
         let r = &self.record;
+        let upstream = r.exchange.as_ref().and_then(|x| x.meta().upstream());
         let elapsed = r.start.elapsed();
         r.metrics.record(&r.method, r.status, elapsed.as_secs_f64());
         if r.log {
@@ -99,8 +118,8 @@ impl Drop for ObservedBody {
                 method = r.method.as_str(),
                 path = r.uri.as_ref().map_or("-", |u| u.path()),
                 status = r.status.as_u16(),
-                upstream = r.upstream.as_ref().map_or("-", |u| &*u.url),
-                attempts = r.upstream.as_ref().map_or(0, |u| u.attempts),
+                upstream = upstream.map_or("-", |u| &*u.url),
+                attempts = upstream.map_or(0, |u| u.attempts),
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 bytes = self.bytes,
                 request_id = r.request_id.to_str().unwrap_or("-"),

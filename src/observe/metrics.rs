@@ -13,7 +13,7 @@ use prometheus::{
 /// All metric families; one per process, shared by every config generation so that counters
 /// survive reloads.
 pub struct Metrics {
-    pub registry: Registry,
+    pub(crate) registry: Registry,
     requests_total: IntCounterVec,
     request_duration: HistogramVec,
     upstream_requests_total: IntCounterVec,
@@ -21,15 +21,15 @@ pub struct Metrics {
     discovery_total: IntCounterVec,
     resilience_total: IntCounterVec,
     /// Circuit state per service (0 closed, 1 open, 2 half-open); set when /metrics is scraped.
-    pub circuit_state: prometheus::IntGaugeVec,
+    pub(crate) circuit_state: prometheus::IntGaugeVec,
     /// Endpoints per service and state; set when /metrics is scraped.
-    pub upstream_endpoints: prometheus::IntGaugeVec,
-    pub config_reloads_total: IntCounterVec,
-    pub config_generation: IntGauge,
+    pub(crate) upstream_endpoints: prometheus::IntGaugeVec,
+    pub(crate) config_reloads_total: IntCounterVec,
+    pub(crate) config_generation: IntGauge,
     /// Client connections accepted, by worker thread.
-    pub connections_total: IntCounterVec,
+    pub(crate) connections_total: IntCounterVec,
     /// Idle HTTP/1 client connections parked without hyper's buffers (`conn.rs`).
-    pub connections_parked: IntGauge,
+    pub(crate) connections_parked: IntGauge,
 }
 
 impl Metrics {
@@ -165,7 +165,7 @@ impl Metrics {
     }
 
     /// Handles for one route (or for requests that matched no route: `frontend=""`, `route=""`).
-    pub fn route(&self, frontend: &str, route: &str) -> RouteMetrics {
+    pub(crate) fn route(&self, frontend: &str, route: &str) -> RouteMetrics {
         RouteMetrics {
             frontend: frontend.into(),
             route: route.into(),
@@ -175,7 +175,7 @@ impl Metrics {
         }
     }
 
-    pub fn service(&self, service: &str) -> ServiceMetrics {
+    pub(crate) fn service(&self, service: &str) -> ServiceMetrics {
         ServiceMetrics {
             service: service.into(),
             family: self.upstream_requests_total.clone(),
@@ -194,7 +194,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every family.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(16 * 1024);
         let encoder = TextEncoder::new();
         // Encoding into a Vec cannot fail for well-formed families.
@@ -237,7 +237,7 @@ fn status_label(s: &StatusCode) -> &str {
     s.as_str()
 }
 
-pub struct RouteMetrics {
+pub(crate) struct RouteMetrics {
     frontend: Box<str>,
     route: Box<str>,
     duration: prometheus::Histogram,
@@ -246,14 +246,14 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    pub fn frontend(&self) -> &str {
+    pub(crate) fn frontend(&self) -> &str {
         &self.frontend
     }
-    pub fn route(&self) -> &str {
+    pub(crate) fn route(&self) -> &str {
         &self.route
     }
 
-    pub fn record(&self, method: &Method, status: StatusCode, seconds: f64) {
+    pub(crate) fn record(&self, method: &Method, status: StatusCode, seconds: f64) {
         self.duration.observe(seconds);
         match (method_slot(method), status_slot(status.as_u16())) {
             (Some(m), Some(s)) => self.counters[m * STATUSES.len() + s]
@@ -281,7 +281,7 @@ impl RouteMetrics {
 
 /// Why a request to a backend did not produce a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
+pub(crate) enum UpstreamErrorKind {
     Connect,
     Timeout,
     Reset,
@@ -300,7 +300,7 @@ impl UpstreamErrorKind {
 
 /// Resilience events, counted per service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resilience {
+pub(crate) enum Resilience {
     Retry,
     BudgetExhausted,
     CircuitOpen,
@@ -324,7 +324,7 @@ impl Resilience {
     }
 }
 
-pub struct ServiceMetrics {
+pub(crate) struct ServiceMetrics {
     service: Box<str>,
     family: IntCounterVec,
     endpoints: IntCounterVec,
@@ -335,7 +335,7 @@ pub struct ServiceMetrics {
 }
 
 impl ServiceMetrics {
-    pub fn response(&self, status: StatusCode) {
+    pub(crate) fn response(&self, status: StatusCode) {
         match status_slot(status.as_u16()) {
             Some(s) => self.counters[s]
                 .get_or_init(|| {
@@ -350,23 +350,23 @@ impl ServiceMetrics {
         }
     }
 
-    pub fn error(&self, kind: UpstreamErrorKind) {
+    pub(crate) fn error(&self, kind: UpstreamErrorKind) {
         self.errors[kind as usize].inc();
     }
 
-    pub fn resilience(&self, event: Resilience) {
+    pub(crate) fn resilience(&self, event: Resilience) {
         self.resilience[event as usize].inc();
     }
 
     /// Counts one discovery lookup (off the request path).
-    pub fn discovery(&self, result: &str) {
+    pub(crate) fn discovery(&self, result: &str) {
         self.discovery
             .with_label_values(&[&*self.service, result])
             .inc();
     }
 
     /// The success and failure counters of one endpoint, resolved once when it is built.
-    pub fn endpoint_counters(&self, url: &str) -> [IntCounter; 2] {
+    pub(crate) fn endpoint_counters(&self, url: &str) -> [IntCounter; 2] {
         [
             self.endpoints
                 .with_label_values(&[&*self.service, url, "success"]),

@@ -1,6 +1,6 @@
 //! Observability: the metrics registry, the access log, logging setup and the W3C trace context.
 
-pub mod access;
+pub(crate) mod access;
 pub mod logging;
 pub mod metrics;
-pub mod trace;
+pub(crate) mod trace;

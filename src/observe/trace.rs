@@ -33,7 +33,7 @@ fn random_id_into(out: &mut [u8]) {
 }
 
 /// A new random request id: 32 lowercase hex digits.
-pub fn new_request_id() -> HeaderValue {
+pub(crate) fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; 32];
     random_id_into(&mut buf);
     // Hex digits are always a valid header value.
@@ -41,7 +41,7 @@ pub fn new_request_id() -> HeaderValue {
 }
 
 /// Accepts a client's request id only if it is short and plain (letters, digits, `-_.:`).
-pub fn valid_request_id(v: &HeaderValue) -> bool {
+pub(crate) fn valid_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty()
         && b.len() <= 128
@@ -55,7 +55,7 @@ fn is_lower_hex(b: &[u8]) -> bool {
 
 /// The `traceparent` to send upstream: the client's trace continued with a new span id for this
 /// hop, or a new trace when the client sent none or an invalid one.
-pub fn next_traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
+pub(crate) fn next_traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
     // version(2) - trace-id(32) - parent-id(16) - flags(2)
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
     match incoming.map(|v| v.as_bytes()) {

@@ -6,20 +6,20 @@
 //! a scan of the few routes sharing that path.
 
 mod normalize;
-pub mod template;
+pub(crate) mod template;
 
 use std::collections::HashMap;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-pub use normalize::{normalize, InvalidPath};
+pub(crate) use normalize::normalize;
 
 /// The method and header conditions of one route.
 #[derive(Debug, Clone)]
-pub struct RouteFilter {
+pub(crate) struct RouteFilter {
     /// `None`: every method. `GET` implies `HEAD`.
-    pub methods: Option<Box<[Method]>>,
-    pub headers: Box<[(HeaderName, HeaderValue)]>,
+    pub(crate) methods: Option<Box<[Method]>>,
+    pub(crate) headers: Box<[(HeaderName, HeaderValue)]>,
 }
 
 impl RouteFilter {
@@ -50,14 +50,14 @@ impl RouteFilter {
 }
 
 /// What the router needs to know of one route.
-pub struct RouteSpec {
+pub(crate) struct RouteSpec {
     /// The frontend's prefix joined with the route's path template.
-    pub full_path: String,
+    pub(crate) full_path: String,
     /// The frontend's hosts, lower case; `*.example.com` is a wildcard. Empty: any host.
-    pub hosts: Vec<String>,
-    pub filter: RouteFilter,
+    pub(crate) hosts: Vec<String>,
+    pub(crate) filter: RouteFilter,
     /// For error messages: `web/user (routes/web.toml:12)`.
-    pub label: String,
+    pub(crate) label: String,
 }
 
 struct Group {
@@ -72,7 +72,7 @@ struct Table {
     groups: Vec<Group>,
 }
 
-pub struct Router {
+pub(crate) struct Router {
     exact: HashMap<Box<str>, usize>,
     /// (suffix with its leading dot, table), longest suffix first.
     wildcard: Vec<(Box<str>, usize)>,
@@ -82,18 +82,18 @@ pub struct Router {
 }
 
 /// The outcome of routing one request.
-pub enum Found<'r, 'p> {
+pub(crate) enum Found<'r, 'p> {
     Route {
         index: usize,
         params: matchit::Params<'r, 'p>,
     },
-    NotFound,
+    NoRoute,
     MethodNotAllowed(&'r HeaderValue),
 }
 
 impl Router {
     /// Builds the index. Returns, for each route that cannot be added, its index and why.
-    pub fn build(specs: Vec<RouteSpec>) -> (Router, Vec<(usize, String)>) {
+    pub(crate) fn build(specs: Vec<RouteSpec>) -> (Router, Vec<(usize, String)>) {
         let mut errors = Vec::new();
         let mut hosts: Vec<&str> = specs
             .iter()
@@ -138,7 +138,7 @@ impl Router {
     }
 
     /// Routes a request. `host` is lower case without port; `path` is normalized.
-    pub fn find<'r, 'p>(
+    pub(crate) fn find<'r, 'p>(
         &'r self,
         host: &str,
         path: &'p str,
@@ -147,7 +147,7 @@ impl Router {
     ) -> Found<'r, 'p> {
         let table = &self.tables[self.table_for(host)];
         let Ok(m) = table.paths.at(path) else {
-            return Found::NotFound;
+            return Found::NoRoute;
         };
         let group = &table.groups[*m.value];
         let mut method_matched = false;
@@ -164,7 +164,7 @@ impl Router {
             }
         }
         if method_matched {
-            Found::NotFound
+            Found::NoRoute
         } else {
             Found::MethodNotAllowed(&group.allow)
         }
@@ -260,7 +260,10 @@ fn allow_header<'a>(filters: impl Iterator<Item = &'a RouteFilter>) -> HeaderVal
 }
 
 /// The host a request is for: lower case, without port or trailing dot.
-pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> std::borrow::Cow<'a, str> {
+pub(crate) fn request_host<'a>(
+    uri: &'a http::Uri,
+    headers: &'a HeaderMap,
+) -> std::borrow::Cow<'a, str> {
     let raw = uri
         .host()
         .or_else(|| {
@@ -358,7 +361,7 @@ mod tests {
         }
         assert!(matches!(
             r.find("any", "/nope", &Method::GET, &none),
-            Found::NotFound
+            Found::NoRoute
         ));
     }
 

@@ -8,9 +8,9 @@ use std::borrow::Cow;
 
 /// The path has a `%` not followed by two hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InvalidPath;
+pub(crate) struct InvalidPath;
 
-pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
+pub(crate) fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
     if is_normal(path) {
         return Ok(Cow::Borrowed(path));
     }

@@ -13,7 +13,7 @@ use crate::config::LoadBalancing;
 
 /// Where a consistent-hash key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HashKey {
+pub(crate) enum HashKey {
     Header(http::HeaderName),
     Cookie(String),
     /// The client address: the first `X-Forwarded-For` entry as the dispatcher set it.
@@ -21,7 +21,7 @@ pub enum HashKey {
 }
 
 impl HashKey {
-    pub fn parse(s: &str) -> Result<HashKey, String> {
+    pub(crate) fn parse(s: &str) -> Result<HashKey, String> {
         if s == "ip" {
             return Ok(HashKey::Ip);
         }
@@ -67,7 +67,7 @@ fn hash(bytes: &[u8]) -> u64 {
     twox_hash::XxHash64::oneshot(0, bytes)
 }
 
-pub enum Balancer {
+pub(crate) enum Balancer {
     /// `schedule` lists endpoint indices, each as often as its weight, interleaved.
     RoundRobin {
         next: AtomicUsize,
@@ -84,7 +84,11 @@ pub enum Balancer {
 }
 
 impl Balancer {
-    pub fn new(kind: LoadBalancing, key: Option<HashKey>, endpoints: &[Arc<Endpoint>]) -> Balancer {
+    pub(crate) fn new(
+        kind: LoadBalancing,
+        key: Option<HashKey>,
+        endpoints: &[Arc<Endpoint>],
+    ) -> Balancer {
         match kind {
             LoadBalancing::RoundRobin => {
                 let max = endpoints.iter().map(|e| e.weight).max().unwrap_or(1);
@@ -122,7 +126,7 @@ impl Balancer {
     }
 
     /// Picks an endpoint among those for which `ok` holds.
-    pub fn pick<'a>(
+    pub(crate) fn pick<'a>(
         &self,
         eps: &'a [Arc<Endpoint>],
         headers: &HeaderMap,

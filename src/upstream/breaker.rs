@@ -12,21 +12,21 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use super::endpoint::now_ms;
 use crate::config::CircuitBreakerConfig;
 
-pub const CLOSED: u8 = 0;
-pub const OPEN: u8 = 1;
-pub const HALF_OPEN: u8 = 2;
+pub(crate) const CLOSED: u8 = 0;
+pub(crate) const OPEN: u8 = 1;
+pub(crate) const HALF_OPEN: u8 = 2;
 
 const BUCKETS: usize = 10;
 
 /// Why a request was not let through, and for how long the circuit stays open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rejected {
-    pub retry_after_ms: u64,
+pub(crate) struct Rejected {
+    pub(crate) retry_after_ms: u64,
 }
 
 /// Permission to send one request; report its outcome with `Breaker::record`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Permit {
+pub(crate) enum Permit {
     Normal,
     Probe,
 }
@@ -38,7 +38,7 @@ struct Bucket {
     failed: AtomicU32,
 }
 
-pub struct Breaker {
+pub(crate) struct Breaker {
     cfg: CircuitBreakerConfig,
     state: AtomicU8,
     open_until_ms: AtomicU64,
@@ -52,7 +52,7 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(cfg: CircuitBreakerConfig) -> Self {
+    pub(crate) fn new(cfg: CircuitBreakerConfig) -> Self {
         let bucket_ms = (cfg.window.get().as_millis() as u64 / BUCKETS as u64).max(1);
         Breaker {
             cfg,
@@ -71,12 +71,12 @@ impl Breaker {
         }
     }
 
-    pub fn config(&self) -> &CircuitBreakerConfig {
+    pub(crate) fn config(&self) -> &CircuitBreakerConfig {
         &self.cfg
     }
 
     /// `CLOSED`, `OPEN` or `HALF_OPEN`, as it stands now.
-    pub fn state(&self) -> u8 {
+    pub(crate) fn state(&self) -> u8 {
         let s = self.state.load(Ordering::Acquire);
         if s == OPEN && now_ms() >= self.open_until_ms.load(Ordering::Acquire) {
             HALF_OPEN
@@ -85,7 +85,7 @@ impl Breaker {
         }
     }
 
-    pub fn state_name(&self) -> &'static str {
+    pub(crate) fn state_name(&self) -> &'static str {
         match self.state() {
             CLOSED => "closed",
             OPEN => "open",
@@ -94,7 +94,7 @@ impl Breaker {
     }
 
     /// Asks to send a request.
-    pub fn try_acquire(&self) -> Result<Permit, Rejected> {
+    pub(crate) fn try_acquire(&self) -> Result<Permit, Rejected> {
         match self.state.load(Ordering::Acquire) {
             CLOSED => Ok(Permit::Normal),
             OPEN => {
@@ -140,7 +140,7 @@ impl Breaker {
 
     /// Records the outcome of a request that was let through. `None` means the request ended
     /// without an outcome that says anything about the service (a client error, say).
-    pub fn record(&self, permit: Permit, success: Option<bool>) {
+    pub(crate) fn record(&self, permit: Permit, success: Option<bool>) {
         match (permit, success) {
             (Permit::Probe, Some(true)) => {
                 let n = self.probe_successes.fetch_add(1, Ordering::AcqRel) + 1;
@@ -226,7 +226,7 @@ impl Breaker {
     }
 
     /// Milliseconds until an open circuit turns half-open.
-    pub fn open_for_ms(&self) -> u64 {
+    pub(crate) fn open_for_ms(&self) -> u64 {
         if self.state.load(Ordering::Acquire) == OPEN {
             self.open_until_ms
                 .load(Ordering::Acquire)

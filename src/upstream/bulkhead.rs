@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub struct Bulkhead {
+pub(crate) struct Bulkhead {
     slots: Arc<Semaphore>,
     max_queue: usize,
     queued: AtomicUsize,
@@ -16,7 +16,7 @@ pub struct Bulkhead {
 }
 
 impl Bulkhead {
-    pub fn new(max: usize, max_queue: usize, queue_timeout: Duration) -> Self {
+    pub(crate) fn new(max: usize, max_queue: usize, queue_timeout: Duration) -> Self {
         Bulkhead {
             slots: Arc::new(Semaphore::new(max)),
             max_queue,
@@ -26,7 +26,7 @@ impl Bulkhead {
     }
 
     /// A slot, or `None` when the service is full.
-    pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             return Some(p);
         }
@@ -44,7 +44,7 @@ impl Bulkhead {
         got.ok().and_then(Result::ok)
     }
 
-    pub fn in_use(&self, max: usize) -> usize {
+    pub(crate) fn in_use(&self, max: usize) -> usize {
         max - self.slots.available_permits()
     }
 }

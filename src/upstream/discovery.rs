@@ -12,12 +12,12 @@ use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::TokioResolver;
 
-use super::health::TaskGuard;
 use super::table::EndpointTable;
 use crate::config::DnsConfig;
+use tokio::task::JoinHandle;
 
 /// A resolver for `[dns]`: its servers, or the system's.
-pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
+pub(crate) fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
     let mut builder = if cfg.servers.is_empty() {
         TokioResolver::builder_tokio().map_err(|e| format!("system resolver: {e}"))?
     } else {
@@ -39,7 +39,7 @@ pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
 
 /// What a DNS discovery task resolves.
 #[derive(Debug, Clone)]
-pub enum DnsTarget {
+pub(crate) enum DnsTarget {
     /// A/AAAA records, each an endpoint `scheme://ip:port`.
     Host {
         name: String,
@@ -50,14 +50,14 @@ pub enum DnsTarget {
     Srv { name: String, scheme: String },
 }
 
-pub fn spawn_dns(
+pub(crate) fn spawn_dns(
     table: Arc<EndpointTable>,
     resolver: TokioResolver,
     target: DnsTarget,
     cfg: DnsConfig,
-) -> Option<TaskGuard> {
+) -> Option<JoinHandle<()>> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
-    Some(TaskGuard(handle.spawn(async move {
+    Some(handle.spawn(async move {
         loop {
             let wait = match resolve(&resolver, &target).await {
                 Ok((list, valid_until)) => {
@@ -83,7 +83,7 @@ pub fn spawn_dns(
             };
             tokio::time::sleep(refresh_after(wait, &cfg)).await;
         }
-    })))
+    }))
 }
 
 /// A lookup's outcome: endpoints (possibly none, for "no such records") and until when they

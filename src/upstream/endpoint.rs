@@ -15,24 +15,24 @@ use crate::config::OutlierDetectionConfig;
 
 /// Milliseconds since the process started (never 0, so 0 can mean "not set"). Tokio's clock,
 /// so tests can pause and advance it.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
     Instant::now().saturating_duration_since(start).as_millis() as u64 + 1
 }
 
 #[derive(Debug)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// Unique in the process: with the service's pool id, the key of its pooled connections.
-    pub id: u64,
+    pub(crate) id: u64,
     /// As configured, for logs, metrics and the admin API.
-    pub url: Arc<str>,
-    pub scheme: Scheme,
-    pub authority: Authority,
+    pub(crate) url: Arc<str>,
+    pub(crate) scheme: Scheme,
+    pub(crate) authority: Authority,
     /// The `Host` header for this endpoint (`host`, or `host:port` unless the port is the
     /// scheme's default), made once instead of per request.
-    pub host: http::HeaderValue,
-    pub weight: u32,
+    pub(crate) host: http::HeaderValue,
+    pub(crate) weight: u32,
     in_flight: AtomicU32,
     healthy: AtomicBool,
     ejected_until_ms: AtomicU64,
@@ -47,7 +47,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Parses an endpoint URL: `http://host:port` with no path.
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
+    pub(crate) fn parse(url: &str) -> Result<Endpoint, String> {
         let uri: Uri = url
             .parse()
             .map_err(|e| format!("endpoint `{url}` is not a valid URL: {e}"))?;
@@ -92,13 +92,13 @@ impl Endpoint {
         })
     }
 
-    pub fn with_weight(mut self, weight: u32) -> Self {
+    pub(crate) fn with_weight(mut self, weight: u32) -> Self {
         self.weight = weight.max(1);
         self
     }
 
     /// Healthy by active checks and not ejected by outlier detection.
-    pub fn available(&self) -> bool {
+    pub(crate) fn available(&self) -> bool {
         if !self.healthy.load(Ordering::Relaxed) {
             return false;
         }
@@ -106,7 +106,7 @@ impl Endpoint {
         until == 0 || until <= now_ms()
     }
 
-    pub fn healthy(&self) -> bool {
+    pub(crate) fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
 
@@ -114,30 +114,34 @@ impl Endpoint {
         self.healthy.swap(v, Ordering::Relaxed) != v
     }
 
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Milliseconds of ejection left (0: not ejected).
-    pub fn ejected_for_ms(&self) -> u64 {
+    pub(crate) fn ejected_for_ms(&self) -> u64 {
         self.ejected_until_ms
             .load(Ordering::Relaxed)
             .saturating_sub(now_ms())
     }
 
-    pub fn consecutive_failures(&self) -> u32 {
+    pub(crate) fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
 
     /// Counts a request as in flight until the guard is dropped.
-    pub fn start(&self) -> InFlight<'_> {
+    pub(crate) fn start(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self)
     }
 
     /// Records the outcome of a request for outlier detection. Returns the ejection time when
     /// this failure ejected the endpoint.
-    pub fn report(&self, success: bool, od: Option<&OutlierDetectionConfig>) -> Option<Duration> {
+    pub(crate) fn report(
+        &self,
+        success: bool,
+        od: Option<&OutlierDetectionConfig>,
+    ) -> Option<Duration> {
         if success {
             if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
                 self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -170,7 +174,7 @@ impl Endpoint {
 }
 
 /// Decrements the endpoint's in-flight count when dropped.
-pub struct InFlight<'a>(&'a Endpoint);
+pub(crate) struct InFlight<'a>(&'a Endpoint);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {

@@ -19,8 +19,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
-use super::health::TaskGuard;
 use super::table::EndpointTable;
+use tokio::task::JoinHandle;
 
 type EtcdClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -92,14 +92,18 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-pub fn spawn(table: Arc<EndpointTable>, urls: Vec<String>, prefix: String) -> Option<TaskGuard> {
+pub(crate) fn spawn(
+    table: Arc<EndpointTable>,
+    urls: Vec<String>,
+    prefix: String,
+) -> Option<JoinHandle<()>> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
     // TCP keepalive, so a watch whose connection silently died is noticed and re-established.
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.set_keepalive(Some(Duration::from_secs(15)));
     http.set_connect_timeout(Some(Duration::from_secs(3)));
     let client: EtcdClient = Client::builder(TokioExecutor::new()).build(http);
-    Some(TaskGuard(handle.spawn(async move {
+    Some(handle.spawn(async move {
         let mut attempt = 0usize;
         loop {
             let base = &urls[attempt % urls.len()];
@@ -110,7 +114,7 @@ pub fn spawn(table: Arc<EndpointTable>, urls: Vec<String>, prefix: String) -> Op
             attempt += 1;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-    })))
+    }))
 }
 
 /// Reads the prefix, publishes it, then applies watch events until the watch ends.

@@ -9,28 +9,21 @@ use bytes::Bytes;
 use http::{Request, Uri};
 use http_body_util::BodyExt;
 
+use tokio::task::JoinHandle;
+
 use super::endpoint::Endpoint;
 use super::table::EndpointTable;
 use super::HttpClient;
 use crate::body::req_full;
 use crate::config::HealthCheckConfig;
 
-/// Aborts the task when dropped.
-pub struct TaskGuard(pub tokio::task::JoinHandle<()>);
-
-impl Drop for TaskGuard {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-pub fn spawn(
+pub(crate) fn spawn(
     table: Arc<EndpointTable>,
     client: HttpClient,
     cfg: HealthCheckConfig,
-) -> Option<TaskGuard> {
+) -> Option<JoinHandle<()>> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
-    Some(TaskGuard(handle.spawn(async move {
+    Some(handle.spawn(async move {
         let mut tick = tokio::time::interval(cfg.interval.get());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -44,7 +37,7 @@ pub fn spawn(
                 .map(|ep| check(service, ep, &client, &cfg));
             futures_util::future::join_all(checks).await;
         }
-    })))
+    }))
 }
 
 async fn check(service: &str, ep: &Endpoint, client: &HttpClient, cfg: &HealthCheckConfig) {

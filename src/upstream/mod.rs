@@ -5,18 +5,18 @@
 //! so pooled connections, endpoint health and ejections survive a reload. Its background tasks
 //! end when it is dropped.
 
-pub mod balance;
-pub mod breaker;
-pub mod bulkhead;
-pub mod client;
-pub mod discovery;
-pub mod endpoint;
-pub mod etcd;
-pub mod health;
-pub mod pool;
-pub mod retry;
-pub mod table;
-pub mod tls;
+pub(crate) mod balance;
+pub(crate) mod breaker;
+pub(crate) mod bulkhead;
+pub(crate) mod client;
+pub(crate) mod discovery;
+pub(crate) mod endpoint;
+pub(crate) mod etcd;
+pub(crate) mod health;
+pub(crate) mod pool;
+pub(crate) mod retry;
+pub(crate) mod table;
+pub(crate) mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,18 +28,19 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-pub use balance::{Balancer, HashKey};
-pub use client::Clients;
-pub use endpoint::Endpoint;
-pub use pool::{SendError, UpstreamBody};
-pub use table::{EndpointSet, EndpointTable};
+pub(crate) use balance::HashKey;
+pub(crate) use client::Clients;
+pub(crate) use endpoint::Endpoint;
+pub(crate) use pool::{SendError, UpstreamBody};
+pub(crate) use table::{EndpointSet, EndpointTable};
 
 use crate::body::ReqBody;
 use crate::config::{AllUnhealthy, DnsConfig, ServiceConfig, UpstreamProtocol};
 use crate::observe::metrics::ServiceMetrics;
+use crate::resources::Tasks;
 
 /// Where a service's endpoints come from, as compiled.
-pub enum Source {
+pub(crate) enum Source {
     Static(Vec<Endpoint>),
     Dns {
         resolver: Box<hickory_resolver::TokioResolver>,
@@ -52,54 +53,53 @@ pub enum Source {
 }
 
 /// How a service connects to an endpoint: TCP, and TLS for `https` endpoints.
-pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub(crate) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// hyper-util's pooled client: HTTP/2 services and health checks use it.
-pub type HttpClient = Client<Connector, ReqBody>;
+pub(crate) type HttpClient = Client<Connector, ReqBody>;
 
 /// TLS settings of a service, compiled.
-pub struct TlsSettings {
-    pub config: rustls::ClientConfig,
-    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+pub(crate) struct TlsSettings {
+    pub(crate) config: rustls::ClientConfig,
+    pub(crate) server_name: Option<rustls::pki_types::ServerName<'static>>,
 }
 
 /// What `compile` checked and built for a service.
-pub struct Parts {
-    pub source: Source,
+pub(crate) struct Parts {
+    pub(crate) source: Source,
     /// For discovered services: the endpoints the previous build of this service knew, so a
     /// reload neither empties the service until the next answer nor forgets endpoint state.
-    pub seed: Vec<Arc<Endpoint>>,
-    pub hash_key: Option<HashKey>,
-    pub tls: TlsSettings,
-    pub retry: Option<retry::RetryPolicy>,
+    pub(crate) seed: Vec<Arc<Endpoint>>,
+    pub(crate) hash_key: Option<HashKey>,
+    pub(crate) tls: TlsSettings,
+    pub(crate) retry: Option<retry::RetryPolicy>,
 }
 
-pub struct Upstream {
-    pub name: Arc<str>,
-    /// The definition this was built from; compared by value on reload.
-    pub config: ServiceConfig,
-    /// `[dns]` as it was when this was built (matters for DNS discovery).
-    pub dns: DnsConfig,
+pub(crate) struct Upstream {
+    pub(crate) name: Arc<str>,
+    /// The definition this was built from (its run-time settings are read from it).
+    pub(crate) config: ServiceConfig,
     table: Arc<EndpointTable>,
     /// hyper-util clients, one per worker (`client.get()` is the calling thread's): HTTP/2
     /// requests and health checks.
-    pub client: Clients,
+    pub(crate) client: Clients,
     /// HTTP/1.1 requests (`protocol = "http1"`, the default): per-worker pools.
     http1: Option<pool::Http1Pool>,
     /// Per attempt, until the response head arrives.
-    pub timeout: Option<Duration>,
-    pub version: Version,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) version: Version,
     /// The service's retry policy (a route may override it).
-    pub retry: Option<retry::RetryPolicy>,
+    pub(crate) retry: Option<retry::RetryPolicy>,
     /// Bounds retries to a share of the original requests.
-    pub budget: tower::retry::budget::TpsBudget,
-    pub breaker: Option<breaker::Breaker>,
-    pub bulkhead: Option<bulkhead::Bulkhead>,
-    _tasks: Vec<health::TaskGuard>,
+    pub(crate) budget: tower::retry::budget::TpsBudget,
+    pub(crate) breaker: Option<breaker::Breaker>,
+    pub(crate) bulkhead: Option<bulkhead::Bulkhead>,
+    /// Discovery and health-check tasks, aborted when the service is dropped.
+    _tasks: Tasks,
 }
 
 impl Upstream {
-    pub fn new(
+    pub(crate) fn new(
         name: &str,
         config: ServiceConfig,
         dns: DnsConfig,
@@ -168,7 +168,7 @@ impl Upstream {
             initial,
         ));
         table.seed(seed);
-        let mut tasks = Vec::new();
+        let mut tasks = Tasks::default();
         if let Some((resolver, target)) = dns_source {
             tasks.extend(discovery::spawn_dns(
                 table.clone(),
@@ -225,21 +225,20 @@ impl Upstream {
                 Version::HTTP_11
             },
             config,
-            dns,
             _tasks: tasks,
         }
     }
 
     /// Whether requests go out as HTTP/1.1 through the per-worker pools (their target in origin
     /// form), rather than through hyper-util's client (absolute form).
-    pub fn is_http1(&self) -> bool {
+    pub(crate) fn is_http1(&self) -> bool {
         self.http1.is_some()
     }
 
     /// Sends one request to `ep`.
     /// Not an `async fn`: that would keep `req` in its own state as well as in the pool's
     /// future, which is then moved into it.
-    pub fn send<'a>(
+    pub(crate) fn send<'a>(
         &'a self,
         ep: &'a Endpoint,
         req: Request<ReqBody>,
@@ -260,13 +259,13 @@ impl Upstream {
         }
     }
 
-    pub fn metrics(&self) -> &ServiceMetrics {
+    pub(crate) fn metrics(&self) -> &ServiceMetrics {
         &self.table.metrics
     }
 
     /// The endpoint for the next request: an available one chosen by the balancer, or, when
     /// none is available and `all_unhealthy = "use_all"`, any.
-    pub fn pick(&self, headers: &HeaderMap) -> Option<Arc<Endpoint>> {
+    pub(crate) fn pick(&self, headers: &HeaderMap) -> Option<Arc<Endpoint>> {
         let set = self.table.current();
         set.balancer
             .pick(&set.endpoints, headers, Endpoint::available)
@@ -278,7 +277,7 @@ impl Upstream {
     }
 
     /// Like `pick`, but avoids the endpoints already tried when another one is available.
-    pub fn pick_untried(
+    pub(crate) fn pick_untried(
         &self,
         headers: &HeaderMap,
         tried: &[Arc<Endpoint>],
@@ -298,7 +297,7 @@ impl Upstream {
     }
 
     /// Records a request's outcome on its endpoint (for outlier detection and metrics).
-    pub fn report(&self, ep: &Endpoint, success: bool) {
+    pub(crate) fn report(&self, ep: &Endpoint, success: bool) {
         if let Some(c) = ep.counters.get() {
             c[usize::from(!success)].inc();
         }
@@ -314,11 +313,11 @@ impl Upstream {
     }
 
     /// The current endpoint set.
-    pub fn endpoints(&self) -> Arc<EndpointSet> {
+    pub(crate) fn endpoints(&self) -> Arc<EndpointSet> {
         self.table.snapshot()
     }
 
-    pub fn available_endpoints(&self) -> usize {
+    pub(crate) fn available_endpoints(&self) -> usize {
         self.table
             .current()
             .endpoints

@@ -62,13 +62,13 @@ thread_local! {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A fresh id for a pool or an endpoint.
-pub fn next_id() -> u64 {
+pub(crate) fn next_id() -> u64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// No connection could be made (refused, timed out, TLS handshake failed).
     #[error("connect: {0}")]
     Connect(#[source] BoxError),
@@ -78,7 +78,7 @@ pub enum SendError {
 }
 
 /// One service's HTTP/1.1 pool (its idle connections live in each worker's map).
-pub struct Http1Pool {
+pub(crate) struct Http1Pool {
     id: u64,
     alive: Arc<AtomicBool>,
     connector: Connector,
@@ -87,7 +87,7 @@ pub struct Http1Pool {
 }
 
 impl Http1Pool {
-    pub fn new(connector: Connector, idle_timeout: Duration, max_idle: usize) -> Self {
+    pub(crate) fn new(connector: Connector, idle_timeout: Duration, max_idle: usize) -> Self {
         Http1Pool {
             id: next_id(),
             alive: Arc::new(AtomicBool::new(true)),
@@ -101,7 +101,7 @@ impl Http1Pool {
     /// worker, or on a new one.
     /// Not an `async fn`: that would move `req` into a second slot of its state; the block
     /// below keeps (and, on a retry, replaces) the one it captured.
-    pub fn send<'a>(
+    pub(crate) fn send<'a>(
         &'a self,
         ep: &'a Endpoint,
         mut req: Request<ReqBody>,
@@ -207,7 +207,7 @@ fn take(key: Key, alive: &Arc<AtomicBool>) -> Option<Tx> {
 /// Drops this worker's idle connections that expired or closed, and those of services that no
 /// longer exist. Each worker runs it every few seconds, so an idle connection outlives
 /// `pool_idle_timeout` by at most that much.
-pub fn sweep() {
+pub(crate) fn sweep() {
     IDLE.with(|m| {
         let now = Instant::now();
         m.borrow_mut().retain(|_, idles| {
@@ -224,7 +224,7 @@ pub fn sweep() {
 }
 
 /// How often each worker sweeps its idle connections.
-pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// A connection on its way back to the pool once its response body has ended.
 struct Return {
@@ -257,13 +257,10 @@ impl Return {
 
 /// A response body from an upstream. A pooled HTTP/1.1 connection goes back to its worker's
 /// pool when the body has ended; if the body is dropped before its end, the connection closes.
-pub struct UpstreamBody {
+pub(crate) struct UpstreamBody {
     inner: Incoming,
     back: Option<Return>,
     ended: bool,
-    /// Set by the proxy, taken by the dispatcher for the access record (carried here rather
-    /// than in the response's extensions, which would cost three allocations per request).
-    pub(crate) used: Option<crate::observe::access::UpstreamUsed>,
 }
 
 impl UpstreamBody {
@@ -272,7 +269,6 @@ impl UpstreamBody {
             inner,
             back,
             ended: false,
-            used: None,
         };
         if body.inner.is_end_stream() {
             body.give_back();
@@ -281,12 +277,11 @@ impl UpstreamBody {
     }
 
     /// A body whose connection is not ours to pool (HTTP/2, or hyper-util's client).
-    pub fn plain(inner: Incoming) -> Self {
+    pub(crate) fn plain(inner: Incoming) -> Self {
         UpstreamBody {
             inner,
             back: None,
             ended: false,
-            used: None,
         }
     }
 

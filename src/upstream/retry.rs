@@ -5,25 +5,25 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, Method};
 
 use crate::config::RetryConfig;
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct RetryPolicy {
-    pub attempts: u32,
+pub(crate) struct RetryPolicy {
+    pub(crate) attempts: u32,
     backoff: Duration,
     max_backoff: Duration,
-    pub on_connect: bool,
-    pub on_reset: bool,
-    pub on_timeout: bool,
+    pub(crate) on_connect: bool,
+    pub(crate) on_reset: bool,
+    pub(crate) on_timeout: bool,
     statuses: Box<[u16]>,
-    pub max_body_buffer: u64,
+    pub(crate) max_body_buffer: u64,
 }
 
 /// What went wrong with one attempt, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     Connect,
     Reset,
     Timeout,
@@ -31,7 +31,7 @@ pub enum Failure {
 }
 
 impl RetryPolicy {
-    pub fn parse(cfg: &RetryConfig) -> Result<RetryPolicy, String> {
+    pub(crate) fn parse(cfg: &RetryConfig) -> Result<RetryPolicy, String> {
         if cfg.attempts == 0 || cfg.attempts > 10 {
             return Err(format!(
                 "attempts = {} must be between 1 and 10 (the first attempt included)",
@@ -80,7 +80,7 @@ impl RetryPolicy {
         Ok(p)
     }
 
-    pub fn retries(&self, f: Failure) -> bool {
+    pub(crate) fn retries(&self, f: Failure) -> bool {
         match f {
             Failure::Connect => self.on_connect,
             Failure::Reset => self.on_reset,
@@ -89,13 +89,9 @@ impl RetryPolicy {
         }
     }
 
-    pub fn retries_status(&self, s: StatusCode) -> bool {
-        self.statuses.contains(&s.as_u16())
-    }
-
     /// The wait before retry number `n` (1 for the first retry): a random time up to
     /// `min(max_backoff, backoff × 2^(n-1))` ("full jitter").
-    pub fn backoff(&self, n: u32) -> Duration {
+    pub(crate) fn backoff(&self, n: u32) -> Duration {
         let cap = self
             .backoff
             .saturating_mul(1u32 << (n.saturating_sub(1)).min(16))
@@ -106,7 +102,11 @@ impl RetryPolicy {
 }
 
 /// Whether a request may be sent more than once.
-pub fn method_allows_retry(method: &Method, headers: &HeaderMap, route_idempotent: bool) -> bool {
+pub(crate) fn method_allows_retry(
+    method: &Method,
+    headers: &HeaderMap,
+    route_idempotent: bool,
+) -> bool {
     match *method {
         Method::GET
         | Method::HEAD

@@ -13,24 +13,24 @@ use crate::config::LoadBalancing;
 use crate::observe::metrics::ServiceMetrics;
 
 /// One published endpoint list with the balancer built for it.
-pub struct EndpointSet {
-    pub endpoints: Box<[Arc<Endpoint>]>,
-    pub balancer: Balancer,
+pub(crate) struct EndpointSet {
+    pub(crate) endpoints: Box<[Arc<Endpoint>]>,
+    pub(crate) balancer: Balancer,
 }
 
 /// Weights above this are capped (they size the round-robin schedule and the hash ring).
-pub const MAX_WEIGHT: u32 = 1000;
+pub(crate) const MAX_WEIGHT: u32 = 1000;
 
-pub struct EndpointTable {
-    pub service: Arc<str>,
+pub(crate) struct EndpointTable {
+    pub(crate) service: Arc<str>,
     set: ArcSwap<EndpointSet>,
     kind: LoadBalancing,
     key: Option<HashKey>,
-    pub metrics: ServiceMetrics,
+    pub(crate) metrics: ServiceMetrics,
 }
 
 impl EndpointTable {
-    pub fn new(
+    pub(crate) fn new(
         service: Arc<str>,
         kind: LoadBalancing,
         key: Option<HashKey>,
@@ -58,7 +58,7 @@ impl EndpointTable {
     }
 
     /// Starts with endpoints shared with a previous table, keeping their state.
-    pub fn seed(&self, endpoints: Vec<Arc<Endpoint>>) {
+    pub(crate) fn seed(&self, endpoints: Vec<Arc<Endpoint>>) {
         if endpoints.is_empty() {
             return;
         }
@@ -70,18 +70,18 @@ impl EndpointTable {
     }
 
     /// The set in use (lock-free).
-    pub fn current(&self) -> arc_swap::Guard<Arc<EndpointSet>> {
+    pub(crate) fn current(&self) -> arc_swap::Guard<Arc<EndpointSet>> {
         self.set.load()
     }
 
-    pub fn snapshot(&self) -> Arc<EndpointSet> {
+    pub(crate) fn snapshot(&self) -> Arc<EndpointSet> {
         self.set.load_full()
     }
 
     /// Publishes a new list of `(url, weight)`. Known endpoints keep their state. An empty list
     /// is refused: discovery keeps the last good set rather than emptying a service. Returns
     /// whether the set changed.
-    pub fn publish(&self, mut list: Vec<(String, u32)>) -> Result<bool, String> {
+    pub(crate) fn publish(&self, mut list: Vec<(String, u32)>) -> Result<bool, String> {
         if list.is_empty() {
             return Err("empty endpoint list; keeping the previous one".into());
         }

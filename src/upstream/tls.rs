@@ -34,7 +34,7 @@ fn system_roots() -> &'static RootCertStore {
 }
 
 /// Builds the client configuration. `resolve` makes config paths absolute.
-pub fn client_config(
+pub(crate) fn client_config(
     tls: Option<&UpstreamTlsConfig>,
     resolve: impl Fn(&Path) -> std::path::PathBuf,
 ) -> Result<ClientConfig, String> {

@@ -1,0 +1,133 @@
+//! The request target a proxy route sends upstream: its upstream path template
+//! (`/v1/users/{id}`) filled from the captured parameters, or the matched path with the
+//! frontend's prefix stripped, plus the client's query unless the route drops it. Built by the
+//! proxy backend from the request's `Exchange`, so every layer above it sees the client's URI.
+
+use crate::context::Exchange;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Part {
+    Lit(Box<str>),
+    Param(Box<str>),
+}
+
+/// How a proxy route builds the upstream path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum UpstreamPath {
+    /// The request path with this many leading bytes (the frontend's prefix) removed.
+    StripPrefix(usize),
+    Template(Box<[Part]>),
+}
+
+impl UpstreamPath {
+    /// Parses an upstream template; every `{name}` must be captured by the route path.
+    pub(crate) fn template(tpl: &str, captured: &[String]) -> Result<Self, String> {
+        if !tpl.starts_with('/') {
+            return Err(format!("upstream path `{tpl}` must start with `/`"));
+        }
+        let mut parts = Vec::new();
+        let mut rest = tpl;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].into()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("upstream path `{tpl}`: unclosed `{{`"))?;
+            let raw = &rest[open + 1..open + close];
+            let name = raw.strip_prefix('*').unwrap_or(raw);
+            if !captured.iter().any(|c| c == name) {
+                return Err(format!(
+                    "upstream path `{tpl}` uses `{{{raw}}}`, which the route path does not capture (it captures: {})",
+                    if captured.is_empty() { "nothing".to_owned() } else { captured.join(", ") }
+                ));
+            }
+            parts.push(Part::Param(name.into()));
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("upstream path `{tpl}`: stray `}}`"));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.into()));
+        }
+        Ok(UpstreamPath::Template(parts.into_boxed_slice()))
+    }
+
+    /// The origin-form target (path and query) to send upstream.
+    pub(crate) fn build(&self, x: &Exchange, forward_query: bool) -> String {
+        let path = x.path();
+        let query = if forward_query { x.query() } else { None };
+        let mut out = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1) + 16);
+        match self {
+            UpstreamPath::StripPrefix(n) => {
+                let rest = path.get(*n..).unwrap_or("");
+                if !rest.starts_with('/') {
+                    out.push('/');
+                }
+                out.push_str(rest);
+            }
+            UpstreamPath::Template(parts) => {
+                for p in parts.iter() {
+                    match p {
+                        Part::Lit(s) => out.push_str(s),
+                        Part::Param(name) => out.push_str(x.param(name).unwrap_or("")),
+                    }
+                }
+            }
+        }
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::{Client, Params, Parts};
+    use http::HeaderValue;
+    use std::sync::Arc;
+
+    fn exchange(uri: &str, names: &[&str], values: &[&str]) -> Exchange {
+        let uri: http::Uri = uri.parse().unwrap();
+        let path = uri.path().to_owned();
+        let mut params = Params::for_names(names.iter().map(|n| Box::from(*n)).collect());
+        for v in values {
+            let at = path.find(v).unwrap();
+            assert!(params.push(&path, &path[at..at + v.len()]));
+        }
+        Exchange::new(Parts {
+            route: Arc::from("web/x"),
+            uri,
+            normalized: None,
+            params,
+            host: None,
+            request_id: HeaderValue::from_static("id"),
+            client: Client {
+                peer: "127.0.0.1:1".parse().unwrap(),
+                peer_ip: HeaderValue::from_static("127.0.0.1"),
+                tls: false,
+                trusted: false,
+            },
+        })
+    }
+
+    #[test]
+    fn rewrites() {
+        let captured = vec!["id".to_owned(), "rest".to_owned()];
+        let x = exchange("/web/users/42/a/b?q=1", &["id", "rest"], &["42", "a/b"]);
+        let t = UpstreamPath::template("/v1/u/{id}/x/{rest}", &captured).unwrap();
+        assert_eq!(t.build(&x, true), "/v1/u/42/x/a/b?q=1");
+        assert_eq!(t.build(&x, false), "/v1/u/42/x/a/b");
+        let s = UpstreamPath::StripPrefix(4);
+        assert_eq!(s.build(&x, false), "/users/42/a/b");
+        assert_eq!(s.build(&exchange("/web", &[], &[]), true), "/");
+        assert!(UpstreamPath::template("/v1/{nope}", &captured)
+            .unwrap_err()
+            .contains("does not capture"));
+        assert!(UpstreamPath::template("v1", &captured).is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! `routes/*.toml`: a frontend and its routes. A route's backend is one tagged enum
+//! (`BackendConfig`), so "exactly one backend" is decided by serde.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+use super::defaults::*;
+use super::service::RetryConfig;
+use super::units::Duration;
+
+/// `fallback = { … }`: the response a route serves when its backend fails.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FallbackConfig {
+    #[serde(default = "default_status")]
+    pub(crate) status: u16,
+    #[serde(default)]
+    pub(crate) body: String,
+    pub(crate) content_type: Option<String>,
+    #[serde(default)]
+    pub(crate) headers: BTreeMap<String, String>,
+}
+
+/// A file in `routes/`: one frontend and its routes.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FrontendFile {
+    pub(crate) frontend: FrontendConfig,
+    #[serde(default)]
+    pub(crate) route: Vec<Spanned<RouteConfig>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FrontendConfig {
+    pub(crate) name: Spanned<String>,
+    pub(crate) path_prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) hosts: Vec<Spanned<String>>,
+    /// Default total deadline for the routes below.
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// One `[[route]]`. Serde reads it through `RawRoute` (every key a route may have, unknown keys
+/// rejected) and turns that into this, where the backend is one `BackendConfig`: a route with
+/// no backend or with two is a parse error located at its table.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(try_from = "RawRoute", into = "RawRoute")]
+pub(crate) struct RouteConfig {
+    pub(crate) name: Spanned<String>,
+    pub(crate) path: Spanned<String>,
+    /// Default: every method.
+    pub(crate) methods: Option<Vec<Spanned<String>>>,
+    /// Request headers that must be present with exactly these values.
+    pub(crate) headers: BTreeMap<String, String>,
+    /// Total deadline; overrides the frontend's and the server's. It bounds all retries.
+    pub(crate) timeout: Option<Duration>,
+    /// Overrides the service's retry policy for this route.
+    pub(crate) retry: Option<Spanned<RetryConfig>>,
+    /// Allows retrying POST and PATCH on this route.
+    pub(crate) idempotent: bool,
+    /// Served when the backend fails (502, 503, 504).
+    pub(crate) fallback: Option<Spanned<FallbackConfig>>,
+    /// What answers the route: exactly one of the backend keys.
+    pub(crate) backend: BackendConfig,
+}
+
+/// The backend of a route, by the key that names it. A new kind of backend (`aggregate`,
+/// `grpc`, `publish`) is a new variant here, a field of `RawRoute`, and a match arm in
+/// `route::build`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum BackendConfig {
+    Proxy(Spanned<ProxyConfig>),
+    Respond(Spanned<RespondConfig>),
+}
+
+impl BackendConfig {
+    /// The config key of this backend.
+    pub(crate) fn key(&self) -> &'static str {
+        match self {
+            BackendConfig::Proxy(_) => "proxy",
+            BackendConfig::Respond(_) => "respond",
+        }
+    }
+}
+
+/// What serde reads for a route, before the backend is chosen.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    methods: Option<Vec<Spanned<String>>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry: Option<Spanned<RetryConfig>>,
+    #[serde(default)]
+    idempotent: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fallback: Option<Spanned<FallbackConfig>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy: Option<Spanned<ProxyConfig>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    respond: Option<Spanned<RespondConfig>>,
+}
+
+impl TryFrom<RawRoute> for RouteConfig {
+    type Error = String;
+
+    fn try_from(r: RawRoute) -> Result<Self, String> {
+        let mut found = Vec::new();
+        if let Some(p) = r.proxy {
+            found.push(BackendConfig::Proxy(p));
+        }
+        if let Some(p) = r.respond {
+            found.push(BackendConfig::Respond(p));
+        }
+        let name = r.name.get_ref();
+        if found.len() != 1 {
+            let keys: Vec<&str> = found.iter().map(BackendConfig::key).collect();
+            return Err(format!(
+                "route `{name}` must have exactly one backend: `proxy` or `respond` (it has {}{})",
+                found.len(),
+                if keys.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", keys.join(", "))
+                }
+            ));
+        }
+        let backend = found.remove(0);
+        Ok(RouteConfig {
+            name: r.name,
+            path: r.path,
+            methods: r.methods,
+            headers: r.headers,
+            timeout: r.timeout,
+            retry: r.retry,
+            idempotent: r.idempotent,
+            fallback: r.fallback,
+            backend,
+        })
+    }
+}
+
+impl From<RouteConfig> for RawRoute {
+    fn from(r: RouteConfig) -> RawRoute {
+        let (mut proxy, mut respond) = (None, None);
+        match r.backend {
+            BackendConfig::Proxy(p) => proxy = Some(p),
+            BackendConfig::Respond(p) => respond = Some(p),
+        }
+        RawRoute {
+            name: r.name,
+            path: r.path,
+            methods: r.methods,
+            headers: r.headers,
+            timeout: r.timeout,
+            retry: r.retry,
+            idempotent: r.idempotent,
+            fallback: r.fallback,
+            proxy,
+            respond,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProxyConfig {
+    pub(crate) service: Spanned<String>,
+    /// Upstream path template; default: the matched path with the frontend prefix stripped.
+    pub(crate) path: Option<Spanned<String>>,
+    /// Send the client's `Host` header upstream instead of the endpoint's.
+    #[serde(default)]
+    pub(crate) preserve_host: bool,
+    #[serde(default = "yes")]
+    pub(crate) forward_query: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RespondConfig {
+    #[serde(default = "default_status")]
+    pub(crate) status: u16,
+    #[serde(default)]
+    pub(crate) body: String,
+    pub(crate) content_type: Option<String>,
+    #[serde(default)]
+    pub(crate) headers: BTreeMap<String, String>,
+}

@@ -1,0 +1,199 @@
+//! `gateway.toml`'s own settings: `[server]`, `[admin]`, `[routes]`, `[log]`, `[dns]`, and the
+//! top-level `GatewayConfig` that holds every table (each feature adds its own file and field).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use super::defaults::*;
+use super::service::ServiceConfig;
+use super::units::{Duration, Size};
+
+/// `gateway.toml`: the gateway's own settings and the shared definitions.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    #[serde(default)]
+    pub(crate) server: ServerConfig,
+    #[serde(default)]
+    pub(crate) admin: AdminConfig,
+    #[serde(default)]
+    pub(crate) routes: RoutesConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub(crate) dns: DnsConfig,
+    #[serde(default)]
+    pub(crate) services: BTreeMap<String, Spanned<ServiceConfig>>,
+}
+
+/// One address or a list of them (`listen = "…"` or `listen = ["…", "…"]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub(crate) enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    pub(crate) fn to_vec(&self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub(crate) listen: OneOrMany<SocketAddr>,
+    pub(crate) tls: Option<Spanned<TlsConfig>>,
+    /// Total deadline of one request unless its route says otherwise.
+    #[serde(default = "d_30s")]
+    pub(crate) request_timeout: Duration,
+    /// Bodies larger than this get 413.
+    #[serde(default = "default_max_body")]
+    pub(crate) max_request_body: Size,
+    /// Requests in flight across the gateway; beyond it, 503 `overloaded` at once. 0: no limit.
+    #[serde(default)]
+    pub(crate) max_concurrent_requests: usize,
+    /// Open client connections; beyond it, new connections are closed at once. 0: no limit.
+    #[serde(default)]
+    pub(crate) max_connections: usize,
+    /// Peers whose X-Forwarded-* and X-Request-Id headers are believed.
+    #[serde(default)]
+    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
+    /// A client must send its complete request head within this time.
+    #[serde(default = "d_10s")]
+    pub(crate) header_read_timeout: Duration,
+    /// An HTTP/1 connection with no request for this long is closed.
+    #[serde(default = "d_75s")]
+    pub(crate) keep_alive_timeout: Duration,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    #[serde(default = "d_30s")]
+    pub(crate) shutdown_grace: Duration,
+    /// Threads that serve client connections, each with its own event loop and upstream
+    /// connection pools. 0: one per CPU the process may run on.
+    #[serde(default)]
+    pub(crate) workers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            tls: None,
+            request_timeout: d_30s(),
+            max_request_body: default_max_body(),
+            trusted_proxies: Vec::new(),
+            max_concurrent_requests: 0,
+            max_connections: 0,
+            header_read_timeout: d_10s(),
+            keep_alive_timeout: d_75s(),
+            shutdown_grace: d_30s(),
+            workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsConfig {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub(crate) listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RoutesConfig {
+    #[serde(default = "default_routes_dir")]
+    pub(crate) dir: PathBuf,
+    /// Reload when gateway.toml or a route file changes.
+    #[serde(default = "yes")]
+    pub(crate) watch: bool,
+}
+
+impl Default for RoutesConfig {
+    fn default() -> Self {
+        RoutesConfig {
+            dir: default_routes_dir(),
+            watch: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub(crate) format: LogFormat,
+    /// A `RUST_LOG`-style filter; the `RUST_LOG` variable overrides it.
+    #[serde(default = "default_filter")]
+    pub(crate) filter: Spanned<String>,
+    /// One event per request on target `gatehouse::access`.
+    #[serde(default = "yes")]
+    pub(crate) access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: default_filter(),
+            access_log: true,
+        }
+    }
+}
+
+/// `[dns]`: the resolver used by `dns` and `dns_srv` discovery.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DnsConfig {
+    /// Nameservers (UDP, with TCP fallback); empty: the system resolver (/etc/resolv.conf).
+    #[serde(default)]
+    pub(crate) servers: Vec<SocketAddr>,
+    /// Re-resolve no sooner than this, even if the TTL is shorter.
+    #[serde(default = "d_1s")]
+    pub(crate) min_refresh: Duration,
+    /// Re-resolve no later than this, even if the TTL is longer.
+    #[serde(default = "d_30s")]
+    pub(crate) max_refresh: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            min_refresh: d_1s(),
+            max_refresh: d_30s(),
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! What the gateway knows about one request, as a typed request extension: the `Exchange`.
+//! The dispatcher makes it once per routed request (the matched route, its captured
+//! parameters, the client's original URI and authority, the client connection), and every
+//! layer and backend below reads it from `req.extensions()`. It also carries what the gateway
+//! learns about the response (`ResponseMeta`: the upstream used, attempts, guards that must
+//! live until the client's body ends), so that a layer that buffers or replaces the response
+//! body loses none of it: the access record holds the same `Exchange` until the body ends.
+//!
+//! One allocation per request (the `Arc`); the metadata cells are written once, without locks.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use http::{HeaderValue, Uri};
+
+/// The context of one request. Cloned by reference count.
+#[derive(Clone)]
+pub(crate) struct Exchange(Arc<Inner>);
+
+struct Inner {
+    route: Arc<str>,
+    uri: Uri,
+    /// The normalized path when it differs from the URI's path.
+    normalized: Option<Box<str>>,
+    params: Params,
+    host: Option<HeaderValue>,
+    request_id: HeaderValue,
+    client: Client,
+    meta: ResponseMeta,
+}
+
+/// The client connection a request came on.
+#[derive(Clone, Debug)]
+pub(crate) struct Client {
+    #[allow(dead_code)]
+    // API of the seam: read by the layers and backends to come (auth, cache, aggregate, plugins)
+    pub(crate) peer: SocketAddr,
+    /// The peer's IP as a header value, made once per connection.
+    pub(crate) peer_ip: HeaderValue,
+    pub(crate) tls: bool,
+    /// Whether the peer is one of `[server] trusted_proxies`.
+    pub(crate) trusted: bool,
+}
+
+/// Everything the dispatcher found out before the route's stack runs.
+pub(crate) struct Parts {
+    pub(crate) route: Arc<str>,
+    pub(crate) uri: Uri,
+    pub(crate) normalized: Option<Box<str>>,
+    pub(crate) params: Params,
+    pub(crate) host: Option<HeaderValue>,
+    pub(crate) request_id: HeaderValue,
+    pub(crate) client: Client,
+}
+
+impl Exchange {
+    pub(crate) fn new(p: Parts) -> Self {
+        Exchange(Arc::new(Inner {
+            route: p.route,
+            uri: p.uri,
+            normalized: p.normalized,
+            params: p.params,
+            host: p.host,
+            request_id: p.request_id,
+            client: p.client,
+            meta: ResponseMeta::default(),
+        }))
+    }
+
+    /// `frontend/route`.
+    #[allow(dead_code)] // API of the seam: read by the layers and backends to come (auth, cache, aggregate, plugins)
+    pub(crate) fn route(&self) -> &str {
+        &self.0.route
+    }
+
+    /// The request target as the client sent it.
+    #[allow(dead_code)] // API of the seam: read by the layers and backends to come (auth, cache, aggregate, plugins)
+    pub(crate) fn original_uri(&self) -> &Uri {
+        &self.0.uri
+    }
+
+    /// The normalized path the route matched.
+    pub(crate) fn path(&self) -> &str {
+        self.0.normalized.as_deref().unwrap_or(self.0.uri.path())
+    }
+
+    /// The query as the client sent it.
+    pub(crate) fn query(&self) -> Option<&str> {
+        self.0.uri.query()
+    }
+
+    /// A captured path parameter by name.
+    pub(crate) fn param(&self, name: &str) -> Option<&str> {
+        self.0.params.get(self.path(), name)
+    }
+
+    /// Every captured parameter, in the order of the route's path.
+    #[allow(dead_code)] // API of the seam: read by the layers and backends to come (auth, cache, aggregate, plugins)
+    pub(crate) fn params(&self) -> impl Iterator<Item = (&str, &str)> {
+        let path = self.path();
+        self.0.params.iter(path)
+    }
+
+    /// The authority the request was routed by (Host, or HTTP/2 `:authority`).
+    pub(crate) fn host(&self) -> Option<&HeaderValue> {
+        self.0.host.as_ref()
+    }
+
+    pub(crate) fn request_id(&self) -> &HeaderValue {
+        &self.0.request_id
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.0.client
+    }
+
+    /// What the gateway learned about the response.
+    pub(crate) fn meta(&self) -> &ResponseMeta {
+        &self.0.meta
+    }
+}
+
+/// Which upstream endpoint answered, after how many attempts.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamUsed {
+    pub(crate) url: Arc<str>,
+    pub(crate) attempts: u32,
+}
+
+/// Response metadata, each cell written at most once by the part of the stack that knows it.
+#[derive(Default)]
+pub(crate) struct ResponseMeta {
+    upstream: OnceLock<UpstreamUsed>,
+    /// Held until the client's response body ends (the service's bulkhead slot).
+    guard: OnceLock<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl ResponseMeta {
+    pub(crate) fn set_upstream(&self, used: UpstreamUsed) {
+        let _ = self.upstream.set(used);
+    }
+
+    pub(crate) fn upstream(&self) -> Option<&UpstreamUsed> {
+        self.upstream.get()
+    }
+
+    /// Keeps `permit` until the exchange ends (the response body ended or was dropped).
+    pub(crate) fn hold(&self, permit: tokio::sync::OwnedSemaphorePermit) {
+        let _ = self.guard.set(permit);
+    }
+}
+
+/// The path parameters a route captured, as byte ranges of the matched path, with the
+/// route's parameter names. Up to `INLINE` parameters are kept without allocating.
+#[derive(Clone, Default)]
+pub(crate) struct Params {
+    names: Option<Arc<[Box<str>]>>,
+    inline: [(u32, u32); INLINE],
+    len: u8,
+    more: Vec<(u32, u32)>,
+}
+
+const INLINE: usize = 4;
+
+impl Params {
+    /// An empty list for a route whose parameters are `names`.
+    pub(crate) fn for_names(names: Arc<[Box<str>]>) -> Self {
+        Params {
+            names: Some(names),
+            ..Params::default()
+        }
+    }
+
+    /// Records the next parameter's value, `value` being a slice of `path`. A value that is
+    /// not part of `path` is refused (`false`).
+    pub(crate) fn push(&mut self, path: &str, value: &str) -> bool {
+        let base = path.as_ptr() as usize;
+        let at = value.as_ptr() as usize;
+        let Some(start) = at.checked_sub(base) else {
+            return false;
+        };
+        if start + value.len() > path.len() {
+            return false;
+        }
+        let span = (start as u32, (start + value.len()) as u32);
+        if usize::from(self.len) < INLINE {
+            self.inline[usize::from(self.len)] = span;
+            self.len += 1;
+        } else {
+            self.more.push(span);
+        }
+        true
+    }
+
+    fn spans(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.inline[..usize::from(self.len)]
+            .iter()
+            .chain(self.more.iter())
+            .copied()
+    }
+
+    fn iter<'a>(&'a self, path: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        let names = self.names.as_deref().unwrap_or(&[]);
+        names
+            .iter()
+            .zip(self.spans())
+            .map(move |(n, (s, e))| (&**n, path.get(s as usize..e as usize).unwrap_or("")))
+    }
+
+    fn get<'a>(&'a self, path: &'a str, name: &str) -> Option<&'a str> {
+        self.iter(path).find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(uri: &str, normalized: Option<&str>, names: &[&str], values: &[&str]) -> Exchange {
+        let names: Arc<[Box<str>]> = names.iter().map(|n| Box::from(*n)).collect();
+        let uri: Uri = uri.parse().unwrap();
+        let normalized: Option<Box<str>> = normalized.map(Box::from);
+        let path = normalized.as_deref().unwrap_or(uri.path()).to_owned();
+        let mut params = Params::for_names(names);
+        // Values as matchit hands them over: slices of the path it matched.
+        let mut rest = path.as_str();
+        for v in values {
+            let at = rest.find(v).unwrap();
+            let slice = &rest[at..at + v.len()];
+            assert!(params.push(&path, slice));
+            rest = &rest[at + v.len()..];
+        }
+        // The exchange keeps its own copy of the path: the spans must index into that one.
+        Exchange::new(Parts {
+            route: Arc::from("web/user"),
+            uri,
+            normalized,
+            params,
+            host: None,
+            request_id: HeaderValue::from_static("id"),
+            client: Client {
+                peer: "127.0.0.1:1".parse().unwrap(),
+                peer_ip: HeaderValue::from_static("127.0.0.1"),
+                tls: false,
+                trusted: false,
+            },
+        })
+    }
+
+    #[test]
+    fn parameters_are_read_back_by_name_and_in_order() {
+        let x = exchange(
+            "/web/users/42/files/a/b?x=1",
+            None,
+            &["id", "a", "b", "c", "rest"],
+            &["42", "f", "i", "l", "a/b"],
+        );
+        assert_eq!(x.param("id"), Some("42"));
+        assert_eq!(x.param("rest"), Some("a/b"), "the fifth one spills");
+        assert_eq!(x.param("nope"), None);
+        let all: Vec<_> = x.params().collect();
+        assert_eq!(all.len(), 5);
+        assert_eq!(all[0], ("id", "42"));
+        assert_eq!(x.query(), Some("x=1"));
+        assert_eq!(x.path(), "/web/users/42/files/a/b");
+    }
+
+    #[test]
+    fn a_normalized_path_is_the_one_parameters_index() {
+        let x = exchange("/web/./users//7", Some("/web/users/7"), &["id"], &["7"]);
+        assert_eq!(x.path(), "/web/users/7");
+        assert_eq!(x.original_uri().path(), "/web/./users//7");
+        assert_eq!(x.param("id"), Some("7"));
+    }
+
+    #[test]
+    fn a_value_outside_the_path_is_refused() {
+        let mut p = Params::default();
+        let other = String::from("elsewhere");
+        assert!(!p.push("/a/b", &other));
+        assert_eq!(p.len, 0);
+    }
+
+    #[test]
+    fn metadata_is_written_once() {
+        let x = exchange("/", None, &[], &[]);
+        x.meta().set_upstream(UpstreamUsed {
+            url: Arc::from("http://a"),
+            attempts: 2,
+        });
+        x.meta().set_upstream(UpstreamUsed {
+            url: Arc::from("http://b"),
+            attempts: 1,
+        });
+        let u = x.clone().meta().upstream().cloned().unwrap();
+        assert_eq!((&*u.url, u.attempts), ("http://a", 2));
+    }
+}

@@ -1,0 +1,284 @@
+//! Builds one route from its config, in one place: its routing conditions (path, methods,
+//! headers), its inherited settings, its backend (chosen by `BackendConfig`'s variant) and its
+//! layers (`chain`). Every mistake is located in the route file; the route is built only when
+//! it has none.
+//!
+//! Settings inherit server → frontend → route, the route overriding: `Inherited` holds what a
+//! frontend passes down, `Inherited::route` applies a route's own values over it.
+
+use std::ops::Range;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+
+use super::{chain, Layers, Route, RouteService};
+use crate::backend::proxy::{Proxy, ProxyOptions};
+use crate::backend::respond::Respond;
+use crate::backend::target::UpstreamPath;
+use crate::config::{
+    BackendConfig, ConfigErrors, FallbackConfig, ProxyConfig, RespondConfig, RouteConfig,
+    SourceFile,
+};
+use crate::observe::metrics::Metrics;
+use crate::resources::Resources;
+use crate::routing::template::route_params;
+use crate::routing::{RouteFilter, RouteSpec};
+use crate::upstream::retry::RetryPolicy;
+use crate::upstream::Upstream;
+
+/// What every route of a compile can use.
+pub(crate) struct BuildContext<'a> {
+    /// The new snapshot's resources (its services' upstreams, …).
+    pub(crate) resources: &'a Resources,
+    /// Every service gateway.toml defines, built or not (sorted).
+    pub(crate) defined: Vec<&'a str>,
+    pub(crate) metrics: &'a Metrics,
+}
+
+/// Settings a frontend passes down to its routes (after applying `[server]` defaults).
+#[derive(Debug, Clone)]
+pub(crate) struct Inherited {
+    /// The total deadline.
+    pub(crate) timeout: Duration,
+}
+
+impl Inherited {
+    /// A route's settings: its own where it has them, else these.
+    fn route(&self, rc: &RouteConfig) -> Inherited {
+        Inherited {
+            timeout: rc.timeout.map_or(self.timeout, |t| t.get()),
+        }
+    }
+}
+
+/// The frontend a route belongs to.
+pub(crate) struct Frontend<'a> {
+    pub(crate) name: &'a str,
+    /// `""` for none.
+    pub(crate) prefix: &'a str,
+    pub(crate) hosts: &'a [String],
+    pub(crate) settings: &'a Inherited,
+    pub(crate) file: &'a SourceFile,
+}
+
+/// A built route, ready for the router.
+pub(crate) struct Built {
+    pub(crate) route: Route,
+    pub(crate) spec: RouteSpec,
+}
+
+/// Builds the route `rc` of `fe`, or records why not in `errors`.
+pub(crate) fn build(
+    cx: &BuildContext<'_>,
+    fe: &Frontend<'_>,
+    rc: &RouteConfig,
+    errors: &mut ConfigErrors,
+) -> Option<Built> {
+    let file = fe.file;
+    let rname = rc.name.get_ref().as_str();
+    let before = errors.0.len();
+    let mut fail = |span: Range<usize>, msg: String| errors.push(file.error_at(span, msg));
+    if rname.is_empty() || rname.contains('/') {
+        fail(
+            rc.name.span(),
+            format!("route `{rname}` must be non-empty and hold no `/`"),
+        );
+    }
+    let params = match route_params(rc.path.get_ref()) {
+        Ok(p) => p,
+        Err(msg) => {
+            fail(rc.path.span(), msg);
+            Vec::new()
+        }
+    };
+    let methods = methods(rc, &mut fail);
+    let mut match_headers = Vec::new();
+    for (k, v) in &rc.headers {
+        match (HeaderName::from_str(k), HeaderValue::from_str(v)) {
+            (Ok(k), Ok(v)) => match_headers.push((k, v)),
+            _ => fail(
+                rc.name.span(),
+                format!(
+                    "route `{rname}`: `headers` entry `{k}` is not a valid header name and value"
+                ),
+            ),
+        }
+    }
+    let settings = fe.settings.route(rc);
+    let fallback = rc
+        .fallback
+        .as_ref()
+        .and_then(|f| match fallback(f.get_ref()) {
+            Ok(r) => Some(r),
+            Err(msg) => {
+                fail(f.span(), format!("route `{rname}` fallback: {msg}"));
+                None
+            }
+        });
+    let layers = Layers {
+        fallback,
+        ..Layers::deadline(settings.timeout)
+    };
+    let service = match &rc.backend {
+        BackendConfig::Proxy(p) => proxy(
+            cx,
+            fe,
+            rc,
+            p.get_ref(),
+            &params,
+            &settings,
+            layers,
+            &mut fail,
+        ),
+        BackendConfig::Respond(r) => match respond(r.get_ref()) {
+            Ok(b) => Some(chain(b, layers)),
+            Err(msg) => {
+                fail(r.span(), format!("route `{rname}`: {msg}"));
+                None
+            }
+        },
+    };
+    if errors.0.len() != before {
+        return None;
+    }
+    let service = service?;
+    let full_path = if rc.path.get_ref() == "/" && !fe.prefix.is_empty() {
+        fe.prefix.to_owned()
+    } else {
+        format!("{}{}", fe.prefix, rc.path.get_ref())
+    };
+    let (line, _) = file.locate(rc.name.span().start);
+    let id = format!("{}/{rname}", fe.name);
+    Some(Built {
+        spec: RouteSpec {
+            full_path,
+            hosts: fe.hosts.to_vec(),
+            filter: RouteFilter {
+                methods,
+                headers: match_headers.into_boxed_slice(),
+            },
+            label: format!("route `{id}` ({}:{line})", file.path.display()),
+        },
+        route: Route {
+            metrics: Arc::new(cx.metrics.route(fe.name, rname)),
+            id: Arc::from(id),
+            params: params.into_iter().map(String::into_boxed_str).collect(),
+            service,
+        },
+    })
+}
+
+fn methods(rc: &RouteConfig, fail: &mut impl FnMut(Range<usize>, String)) -> Option<Box<[Method]>> {
+    let list = rc.methods.as_ref()?;
+    if list.is_empty() {
+        fail(
+            rc.name.span(),
+            "`methods` is empty; leave it out to allow every method".into(),
+        );
+        return None;
+    }
+    let mut out = Vec::new();
+    for m in list {
+        let s = m.get_ref();
+        match Method::from_str(s) {
+            Ok(mm) if s.bytes().all(|b| !b.is_ascii_lowercase()) => out.push(mm),
+            _ => fail(
+                m.span(),
+                format!("`{s}` is not an HTTP method (write methods in upper case, like \"GET\")"),
+            ),
+        }
+    }
+    Some(out.into_boxed_slice())
+}
+
+/// The proxy backend of a route, in its layers.
+#[allow(clippy::too_many_arguments)]
+fn proxy(
+    cx: &BuildContext<'_>,
+    fe: &Frontend<'_>,
+    rc: &RouteConfig,
+    pc: &ProxyConfig,
+    params: &[String],
+    settings: &Inherited,
+    layers: Layers,
+    fail: &mut impl FnMut(Range<usize>, String),
+) -> Option<RouteService> {
+    let rname = rc.name.get_ref();
+    let route_retry = rc
+        .retry
+        .as_ref()
+        .and_then(|r| match RetryPolicy::parse(r.get_ref()) {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                fail(r.span(), format!("route `{rname}` retry: {msg}"));
+                None
+            }
+        });
+    let target = match &pc.path {
+        None => Some(UpstreamPath::StripPrefix(fe.prefix.len())),
+        Some(t) => match UpstreamPath::template(t.get_ref(), params) {
+            Ok(u) => Some(u),
+            Err(msg) => {
+                fail(t.span(), msg);
+                None
+            }
+        },
+    };
+    let sname = pc.service.get_ref();
+    if !cx.defined.iter().any(|d| d == sname) {
+        let known = if cx.defined.is_empty() {
+            "none".to_owned()
+        } else {
+            cx.defined.join(", ")
+        };
+        fail(
+            pc.service.span(),
+            format!("unknown service `{sname}` (defined services: {known})"),
+        );
+        return None;
+    }
+    // A defined service that did not compile has its own errors.
+    let up = cx.resources.get::<Upstream>(sname)?;
+    let opts = ProxyOptions {
+        target: target?,
+        forward_query: pc.forward_query,
+        preserve_host: pc.preserve_host,
+        retry: route_retry.or_else(|| up.retry.clone()),
+        idempotent: rc.idempotent,
+        deadline: Some(settings.timeout),
+    };
+    Some(chain(Proxy::new(up.clone(), opts), layers))
+}
+
+fn fallback(f: &FallbackConfig) -> Result<Respond, String> {
+    respond(&RespondConfig {
+        status: f.status,
+        body: f.body.clone(),
+        content_type: f.content_type.clone(),
+        headers: f.headers.clone(),
+    })
+}
+
+fn respond(r: &RespondConfig) -> Result<Respond, String> {
+    let status = StatusCode::from_u16(r.status)
+        .ok()
+        .filter(|s| s.as_u16() >= 200 && s.as_u16() <= 599)
+        .ok_or_else(|| format!("respond status {} must be between 200 and 599", r.status))?;
+    let mut headers = HeaderMap::new();
+    for (k, v) in &r.headers {
+        let name = HeaderName::from_str(k)
+            .map_err(|_| format!("respond header name `{k}` is not valid"))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| format!("respond header `{k}` has an invalid value"))?;
+        headers.append(name, value);
+    }
+    if let Some(ct) = &r.content_type {
+        let v = HeaderValue::from_str(ct)
+            .map_err(|_| format!("content_type `{ct}` is not a valid header value"))?;
+        headers.insert(http::header::CONTENT_TYPE, v);
+    }
+    Ok(Respond::new(status, headers, Bytes::from(r.body.clone())))
+}

@@ -1,0 +1,101 @@
+//! One route: its compiled form (`Route`), its tower stack behind one shared handle
+//! (`RouteService`), the ordered chain of layers every route's stack is made of (`chain.rs`) and
+//! the builder that makes a route from its config in one place (`build.rs`).
+
+mod build;
+mod chain;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower::{Service, ServiceExt};
+
+use crate::backend::RespBody;
+use crate::body::ReqBody;
+use crate::error::BoxError;
+use crate::observe::metrics::RouteMetrics;
+
+pub(crate) use build::{build, BuildContext, Built, Frontend, Inherited};
+pub(crate) use chain::{chain, Layers};
+
+/// One compiled route.
+pub(crate) struct Route {
+    /// `frontend/route`.
+    pub(crate) id: Arc<str>,
+    /// The names the route's path captures, in order (for the request's `Exchange`).
+    pub(crate) params: Arc<[Box<str>]>,
+    pub(crate) service: RouteService,
+    pub(crate) metrics: Arc<RouteMetrics>,
+}
+
+/// A request on its way through a route's stack.
+pub(crate) type RouteCall =
+    Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError>> + Send>>;
+
+/// A route's whole stack behind one shared handle. It is called by reference: a request costs
+/// one boxed future, where tower's `BoxCloneSyncService` would also box a clone of the stack
+/// and box the future a second time.
+#[derive(Clone)]
+pub(crate) struct RouteService(Arc<dyn Stack>);
+
+/// A built stack, type-erased.
+trait Stack: Send + Sync {
+    fn call(&self, req: Request<ReqBody>) -> RouteCall;
+}
+
+/// What a route's stack (and each backend) is: a tower service of the gateway's request and
+/// response bodies, cheap to clone and shareable between workers.
+pub(crate) trait RouteStack:
+    Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> RouteStack for S where
+    S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+impl<S: RouteStack> Stack for S {
+    fn call(&self, req: Request<ReqBody>) -> RouteCall {
+        // A clone of the concrete stack is a few reference counts, kept in the future itself.
+        let svc = self.clone();
+        Box::pin(svc.oneshot(req))
+    }
+}
+
+impl RouteService {
+    pub(crate) fn new<S: RouteStack>(stack: S) -> Self {
+        RouteService(Arc::new(stack))
+    }
+
+    /// Runs one request through the stack (readiness first, as tower requires).
+    pub(crate) fn call(&self, req: Request<ReqBody>) -> RouteCall {
+        self.0.call(req)
+    }
+}
+
+/// So that a layer given as a `BoxLayer` (a plugin) can wrap an erased stack.
+impl Service<Request<ReqBody>> for RouteService {
+    type Response = Response<RespBody>;
+    type Error = BoxError;
+    type Future = RouteCall;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> RouteCall {
+        RouteService::call(self, req)
+    }
+}
