@@ -1,6 +1,7 @@
 //! The benchmark's upstream: a tiny, fast HTTP/1.1 server on one thread, the same for every
 //! contender. `GET /json` answers ~200 bytes of JSON, `GET /1m` one MiB, `POST /post` reads the
 //! body and answers its length. Usage: `bench_upstream 127.0.0.1:9000`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: it may stop on a broken setup
 
 use std::convert::Infallible;
 

@@ -33,6 +33,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    // The families' names, help texts and labels are constants, valid and distinct: building
+    // and registering them cannot fail (`tests::every_family_is_registered` builds them).
+    #[allow(clippy::expect_used)]
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests_total = IntCounterVec::new(
@@ -373,5 +376,26 @@ impl ServiceMetrics {
             self.endpoints
                 .with_label_values(&[&*self.service, url, "failure"]),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_registered() {
+        let m = Metrics::new();
+        // Families without a labelled child show up once a child exists.
+        m.route("web", "x").record(&Method::GET, StatusCode::OK, 0.01);
+        let text = String::from_utf8(m.render()).unwrap();
+        for name in [
+            "gatehouse_requests_total",
+            "gatehouse_request_duration_seconds",
+            "gatehouse_config_generation",
+            "gatehouse_connections_parked",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
     }
 }

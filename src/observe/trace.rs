@@ -36,8 +36,8 @@ fn random_id_into(out: &mut [u8]) {
 pub(crate) fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; 32];
     random_id_into(&mut buf);
-    // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+    // Hex digits are always a valid header value; the fallback is never taken.
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Accepts a client's request id only if it is short and plain (letters, digits, `-_.:`).
@@ -67,7 +67,10 @@ pub(crate) fn next_traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
     }
     let span = fastrand::u64(..).max(1);
     hex_into(&mut out[36..52], span);
-    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+    // Hex digits and dashes are always a valid header value; the fallback is never taken.
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(
+        "00-00000000000000000000000000000001-0000000000000001-01",
+    ))
 }
 
 /// Whether `b` is a valid version-00 traceparent (or a future version with the same prefix).

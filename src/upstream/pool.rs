@@ -1,6 +1,6 @@
 //! HTTP/1.1 connections to endpoints, pooled per worker thread, over hyper's connection API.
 //!
-//! Each worker (`crate::worker`) keeps its idle connections in a thread-local map keyed by
+//! Each worker (see `per_worker`) keeps its idle connections in a thread-local map keyed by
 //! (pool, endpoint), so a checkout is a lookup in a map no other thread touches: no lock, no
 //! atomic beyond hyper's own. A connection goes back to the pool when its response body has
 //! ended cleanly (`UpstreamBody`); a body dropped half-read takes its connection with it, so a

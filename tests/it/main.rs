@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 //! Integration tests: a real gateway on real sockets in front of real upstream servers.
 
 mod balance;
