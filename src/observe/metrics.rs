@@ -387,7 +387,8 @@ mod tests {
     fn every_family_is_registered() {
         let m = Metrics::new();
         // Families without a labelled child show up once a child exists.
-        m.route("web", "x").record(&Method::GET, StatusCode::OK, 0.01);
+        m.route("web", "x")
+            .record(&Method::GET, StatusCode::OK, 0.01);
         let text = String::from_utf8(m.render()).unwrap();
         for name in [
             "gatehouse_requests_total",

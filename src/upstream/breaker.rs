@@ -31,6 +31,39 @@ pub(crate) enum Permit {
     Probe,
 }
 
+/// A permit that records its request's outcome: explicitly with `record`, or, if it is dropped
+/// first (its attempt was cancelled), as `on_drop` says.
+pub(crate) struct Guard<'a> {
+    breaker: &'a Breaker,
+    permit: Option<Permit>,
+}
+
+impl Guard<'_> {
+    /// Records the outcome: `Some(true)` success, `Some(false)` failure, `None` an outcome that
+    /// says nothing about the service (a half-open probe slot is given back).
+    pub(crate) fn record(mut self, success: Option<bool>) {
+        if let Some(p) = self.permit.take() {
+            self.breaker.record(p, success);
+        }
+    }
+
+    /// What a cancelled attempt counts as. The caller says it, since only it knows why the
+    /// attempt was dropped (the route's deadline: a failure; the client went away: nothing).
+    pub(crate) fn cancelled(self, counts_as_failure: bool) {
+        self.record(if counts_as_failure { Some(false) } else { None });
+    }
+}
+
+impl Drop for Guard<'_> {
+    /// Dropped without a verdict: not counted, but a probe's slot is given back, so that a
+    /// half-open circuit cannot be wedged by requests that never finished.
+    fn drop(&mut self) {
+        if let Some(p) = self.permit.take() {
+            self.breaker.record(p, None);
+        }
+    }
+}
+
 struct Bucket {
     /// Which slice of time this bucket counts (now / bucket width).
     epoch: AtomicU64,
@@ -91,6 +124,14 @@ impl Breaker {
             OPEN => "open",
             _ => "half_open",
         }
+    }
+
+    /// Asks to send a request; the guard records its outcome.
+    pub(crate) fn admit(&self) -> Result<Guard<'_>, Rejected> {
+        self.try_acquire().map(|p| Guard {
+            breaker: self,
+            permit: Some(p),
+        })
     }
 
     /// Asks to send a request.
@@ -294,6 +335,34 @@ mod tests {
         b.record(p2, Some(true));
         assert_eq!(b.state(), CLOSED);
         assert_eq!(b.try_acquire(), Ok(Permit::Normal));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guard_records_its_verdict_or_gives_a_probe_back_when_dropped() {
+        let b = Breaker::new(cfg());
+        for _ in 0..3 {
+            b.admit().unwrap().record(Some(false));
+        }
+        assert_eq!(b.state(), OPEN);
+        tokio::time::advance(StdDuration::from_millis(5001)).await;
+        // Two probe slots. A probe dropped unfinished (its client went away) gives its slot
+        // back instead of holding it forever.
+        let g1 = b.admit().unwrap();
+        let g2 = b.admit().unwrap();
+        assert!(b.admit().is_err());
+        drop(g1);
+        let g3 = b.admit().expect("the dropped probe's slot is free again");
+        // A probe cancelled by the deadline is a failure: the circuit opens again.
+        g2.cancelled(true);
+        assert_eq!(b.state(), OPEN);
+        drop(g3);
+        // In a closed circuit, a cancelled attempt that is not the service's doing is not
+        // counted: three of them do not open it.
+        let b = Breaker::new(cfg());
+        for _ in 0..5 {
+            b.admit().unwrap().cancelled(false);
+        }
+        assert_eq!(b.state(), CLOSED);
     }
 
     #[tokio::test(start_paused = true)]

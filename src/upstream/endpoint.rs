@@ -13,11 +13,20 @@ use http::Uri;
 
 use crate::config::OutlierDetectionConfig;
 
-/// Milliseconds since the process started (never 0, so 0 can mean "not set"). Tokio's clock,
-/// so tests can pause and advance it.
+/// Milliseconds on a process clock (never 0, so 0 can mean "not set"). Tokio's clock, so tests
+/// can pause and advance it. Its origin lies an hour before the first reading: each test
+/// runtime has a paused clock of its own, which starts at the real time when the runtime does;
+/// an origin taken from a clock that another test had already advanced would otherwise lie in
+/// this one's future.
 pub(crate) fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
+    let start = *START.get_or_init(|| {
+        let now = Instant::now();
+        [3600, 600, 60]
+            .into_iter()
+            .find_map(|s| now.checked_sub(Duration::from_secs(s)))
+            .unwrap_or(now)
+    });
     Instant::now().saturating_duration_since(start).as_millis() as u64 + 1
 }
 
