@@ -21,18 +21,126 @@ pub(crate) enum UpstreamProtocol {
 
 /// `discovery = { … }`: exactly one of `dns`, `dns_srv` or `etcd`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(try_from = "RawDiscovery", into = "RawDiscovery")]
+pub(crate) enum DiscoveryConfig {
+    /// A/AAAA records of `dns`, each an endpoint at `port`.
+    Dns {
+        name: String,
+        port: u16,
+        https: bool,
+    },
+    /// SRV records of `dns_srv` (target, port, priority, weight).
+    Srv { name: String, https: bool },
+    /// Instances registered in etcd under `prefix`.
+    Etcd { urls: Vec<String>, prefix: String },
+}
+
+impl DiscoveryConfig {
+    /// Whether it asks DNS (and so depends on `[dns]`).
+    pub(crate) fn uses_dns(&self) -> bool {
+        !matches!(self, DiscoveryConfig::Etcd { .. })
+    }
+}
+
+/// `discovery = { … }` as written: exactly one of `dns`, `dns_srv` or `etcd`, with the keys
+/// that go with it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct DiscoveryConfig {
-    /// A/AAAA records of this name, with `port`.
-    pub(crate) dns: Option<String>,
-    pub(crate) port: Option<u16>,
+pub(crate) struct RawDiscovery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
     /// `http` (default) or `https`.
-    pub(crate) scheme: Option<String>,
-    /// SRV records of this name (target, port, priority, weight).
-    pub(crate) dns_srv: Option<String>,
-    /// etcd endpoints, with `prefix`.
-    pub(crate) etcd: Option<Vec<String>>,
-    pub(crate) prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scheme: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns_srv: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix: Option<String>,
+}
+
+impl TryFrom<RawDiscovery> for DiscoveryConfig {
+    type Error = String;
+
+    fn try_from(d: RawDiscovery) -> Result<Self, String> {
+        let fail = |msg: &str| Err(format!("discovery: {msg}"));
+        let kinds = d.dns.is_some() as u8 + d.dns_srv.is_some() as u8 + d.etcd.is_some() as u8;
+        if kinds != 1 {
+            return fail("give exactly one of `dns`, `dns_srv` or `etcd`");
+        }
+        let https = match d.scheme.as_deref() {
+            None | Some("http") => false,
+            Some("https") => true,
+            Some(other) => {
+                return Err(format!("discovery: scheme `{other}` must be http or https"))
+            }
+        };
+        if d.port == Some(0) {
+            return fail("`port` must not be 0");
+        }
+        if let Some(urls) = d.etcd {
+            if d.port.is_some() || d.scheme.is_some() {
+                return fail(
+                    "`port` and `scheme` come from each registered instance's url with `etcd`",
+                );
+            }
+            let Some(prefix) = d.prefix.filter(|p| !p.is_empty()) else {
+                return fail("`etcd` needs `prefix`, like \"/services/NAME/\"");
+            };
+            if urls.is_empty() {
+                return fail("`etcd` needs at least one URL");
+            }
+            if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
+                return Err(format!(
+                    "discovery: etcd URL `{bad}` must be http://host:port"
+                ));
+            }
+            return Ok(DiscoveryConfig::Etcd { urls, prefix });
+        }
+        if d.prefix.is_some() {
+            return fail("`prefix` goes with `etcd`");
+        }
+        if let Some(name) = d.dns {
+            let Some(port) = d.port else {
+                return Err(format!("discovery: `dns = \"{name}\"` needs `port`"));
+            };
+            return Ok(DiscoveryConfig::Dns { name, port, https });
+        }
+        if d.port.is_some() {
+            return fail("`port` comes from the SRV records; leave it out");
+        }
+        Ok(DiscoveryConfig::Srv {
+            name: d.dns_srv.unwrap_or_default(),
+            https,
+        })
+    }
+}
+
+impl From<DiscoveryConfig> for RawDiscovery {
+    fn from(d: DiscoveryConfig) -> RawDiscovery {
+        let scheme = |https: bool| Some(if https { "https" } else { "http" }.to_owned());
+        match d {
+            DiscoveryConfig::Dns { name, port, https } => RawDiscovery {
+                dns: Some(name),
+                port: Some(port),
+                scheme: scheme(https),
+                ..RawDiscovery::default()
+            },
+            DiscoveryConfig::Srv { name, https } => RawDiscovery {
+                dns_srv: Some(name),
+                scheme: scheme(https),
+                ..RawDiscovery::default()
+            },
+            DiscoveryConfig::Etcd { urls, prefix } => RawDiscovery {
+                etcd: Some(urls),
+                prefix: Some(prefix),
+                ..RawDiscovery::default()
+            },
+        }
+    }
 }
 
 /// `[services.NAME]`: a backend microservice.
@@ -202,4 +310,87 @@ pub(crate) struct OutlierDetectionConfig {
     pub(crate) base_ejection_time: Duration,
     #[serde(default = "d_300s")]
     pub(crate) max_ejection_time: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn discovery(toml_text: &str) -> Result<DiscoveryConfig, String> {
+        #[derive(Deserialize)]
+        struct W {
+            discovery: DiscoveryConfig,
+        }
+        toml::from_str::<W>(&format!("discovery = {toml_text}"))
+            .map(|w| w.discovery)
+            .map_err(|e| e.message().to_owned())
+    }
+
+    #[test]
+    fn exactly_one_kind_of_discovery_with_its_own_keys() {
+        assert_eq!(
+            discovery(r#"{ dns = "a.svc", port = 80, scheme = "https" }"#),
+            Ok(DiscoveryConfig::Dns {
+                name: "a.svc".into(),
+                port: 80,
+                https: true
+            })
+        );
+        assert_eq!(
+            discovery(r#"{ dns_srv = "_http._tcp.a" }"#),
+            Ok(DiscoveryConfig::Srv {
+                name: "_http._tcp.a".into(),
+                https: false
+            })
+        );
+        assert!(matches!(
+            discovery(r#"{ etcd = ["http://127.0.0.1:2379"], prefix = "/s/a/" }"#),
+            Ok(DiscoveryConfig::Etcd { .. })
+        ));
+        for (bad, says) in [
+            (r#"{ dns = "a", dns_srv = "b" }"#, "exactly one of"),
+            (r#"{ port = 80 }"#, "exactly one of"),
+            (r#"{ dns = "a" }"#, "needs `port`"),
+            (r#"{ dns = "a", port = 0 }"#, "must not be 0"),
+            (
+                r#"{ dns = "a", port = 1, scheme = "ftp" }"#,
+                "http or https",
+            ),
+            (r#"{ dns_srv = "a", port = 1 }"#, "SRV records"),
+            (
+                r#"{ dns = "a", port = 1, prefix = "/x" }"#,
+                "goes with `etcd`",
+            ),
+            (r#"{ etcd = ["http://e:2379"] }"#, "needs `prefix`"),
+            (r#"{ etcd = [], prefix = "/x" }"#, "at least one URL"),
+            (
+                r#"{ etcd = ["https://e"], prefix = "/x" }"#,
+                "must be http://",
+            ),
+            (
+                r#"{ etcd = ["http://e"], prefix = "/x", port = 1 }"#,
+                "come from each",
+            ),
+            (
+                r#"{ dns = "a", port = 1, colour = "red" }"#,
+                "unknown field",
+            ),
+        ] {
+            let err = discovery(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn discovery_round_trips_through_its_written_form() {
+        for text in [
+            r#"{ dns = "a.svc", port = 80, scheme = "https" }"#,
+            r#"{ dns_srv = "_http._tcp.a" }"#,
+            r#"{ etcd = ["http://127.0.0.1:2379"], prefix = "/s/a/" }"#,
+        ] {
+            let d = discovery(text).unwrap();
+            let raw = RawDiscovery::from(d.clone());
+            assert_eq!(DiscoveryConfig::try_from(raw).unwrap(), d);
+        }
+    }
 }

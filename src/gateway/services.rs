@@ -11,7 +11,8 @@ use toml::Spanned;
 
 use super::Gateway;
 use crate::config::{
-    ConfigErrors, DnsConfig, LoadBalancing, LoadedConfig, ServiceConfig, SourceFile,
+    ConfigErrors, DiscoveryConfig, DnsConfig, LoadBalancing, LoadedConfig, ServiceConfig,
+    SourceFile,
 };
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
@@ -33,7 +34,7 @@ pub(super) fn compile_services(
         let uses_dns = cfg
             .discovery
             .as_ref()
-            .is_some_and(|d| d.get_ref().etcd.is_none());
+            .is_some_and(|d| d.get_ref().uses_dns());
         // What the service is built from, compared by value (spans are ignored) on reload.
         let key = ServiceKey {
             config: cfg.clone(),
@@ -185,74 +186,42 @@ fn upstream_tls(
     })
 }
 
-/// Checks a `discovery` table and builds what its task needs.
+/// Builds what a `discovery` table's task needs (its shape was checked when it was read).
 fn discovery_source(
     gfile: &SourceFile,
     name: &str,
-    d: &toml::Spanned<crate::config::DiscoveryConfig>,
+    d: &toml::Spanned<DiscoveryConfig>,
     dns: &crate::config::DnsConfig,
     errors: &mut ConfigErrors,
 ) -> Option<Source> {
-    let dc = d.get_ref();
     let mut fail = |msg: String| {
         errors.push(gfile.error_at(d.span(), format!("service `{name}` discovery: {msg}")));
         None
     };
-    let kinds = dc.dns.is_some() as u8 + dc.dns_srv.is_some() as u8 + dc.etcd.is_some() as u8;
-    if kinds != 1 {
-        return fail("give exactly one of `dns`, `dns_srv` or `etcd`".into());
-    }
-    let scheme = dc.scheme.clone().unwrap_or_else(|| "http".into());
-    if scheme != "http" && scheme != "https" {
-        return fail(format!("scheme `{scheme}` must be http or https"));
-    }
-    if dc.etcd.is_none() && dns.min_refresh.get() > dns.max_refresh.get() {
+    let scheme = |https: bool| if https { "https" } else { "http" }.to_owned();
+    let target = match d.get_ref() {
+        DiscoveryConfig::Etcd { urls, prefix } => {
+            return Some(Source::Etcd {
+                urls: urls.clone(),
+                prefix: prefix.clone(),
+            })
+        }
+        DiscoveryConfig::Dns { name, port, https } => DnsTarget::Host {
+            name: name.clone(),
+            port: *port,
+            scheme: scheme(*https),
+        },
+        DiscoveryConfig::Srv { name, https } => DnsTarget::Srv {
+            name: name.clone(),
+            scheme: scheme(*https),
+        },
+    };
+    if dns.min_refresh.get() > dns.max_refresh.get() {
         return fail(format!(
             "[dns] min_refresh ({}) is longer than max_refresh ({})",
             dns.min_refresh, dns.max_refresh
         ));
     }
-    if dc.etcd.is_none() && dc.prefix.is_some() {
-        return fail("`prefix` goes with `etcd`".into());
-    }
-    if dc.etcd.is_some() && (dc.port.is_some() || dc.scheme.is_some()) {
-        return fail(
-            "`port` and `scheme` come from each registered instance's url with `etcd`".into(),
-        );
-    }
-    if dc.port == Some(0) {
-        return fail("`port` must not be 0".into());
-    }
-    let target = if let Some(host) = &dc.dns {
-        let Some(port) = dc.port else {
-            return fail(format!("`dns = \"{host}\"` needs `port`"));
-        };
-        DnsTarget::Host {
-            name: host.clone(),
-            port,
-            scheme,
-        }
-    } else if let Some(srv) = &dc.dns_srv {
-        if dc.port.is_some() {
-            return fail("`port` comes from the SRV records; leave it out".into());
-        }
-        DnsTarget::Srv {
-            name: srv.clone(),
-            scheme,
-        }
-    } else {
-        let urls = dc.etcd.clone().unwrap_or_default();
-        let Some(prefix) = dc.prefix.clone().filter(|p| !p.is_empty()) else {
-            return fail("`etcd` needs `prefix`, like \"/services/NAME/\"".into());
-        };
-        if urls.is_empty() {
-            return fail("`etcd` needs at least one URL".into());
-        }
-        if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
-            return fail(format!("etcd URL `{bad}` must be http://host:port"));
-        }
-        return Some(Source::Etcd { urls, prefix });
-    };
     match discovery::resolver(dns) {
         Ok(resolver) => Some(Source::Dns {
             resolver: Box::new(resolver),

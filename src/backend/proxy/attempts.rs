@@ -353,11 +353,7 @@ mod tests {
     }
 
     /// Runs the loop for `method` on `up` in a task; the test answers through the handle.
-    fn start(
-        up: &'static Upstream,
-        body: Replay,
-        deadline_at: Option<Instant>,
-    ) -> (Task, Handle) {
+    fn start(up: &'static Upstream, body: Replay, deadline_at: Option<Instant>) -> (Task, Handle) {
         let (svc, handle) = mock::pair();
         let transport: &'static Mocked = Box::leak(Box::new(Mocked(Mutex::new(svc))));
         let task = tokio::spawn(async move {
