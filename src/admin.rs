@@ -54,7 +54,7 @@ async fn readyz(State(live): State<Arc<Live>>) -> Response {
     let missing: Vec<&str> = gw
         .services
         .values()
-        .filter(|u| u.config.required && u.available_endpoints() == 0)
+        .filter(|u| u.required && u.available_endpoints() == 0)
         .map(|u| &*u.name)
         .collect();
     if missing.is_empty() {
@@ -98,12 +98,12 @@ async fn services(State(live): State<Arc<Live>>) -> Response {
                     "state": b.state_name(),
                     "open_for_ms": b.open_for_ms(),
                 })),
-                "bulkhead": u.bulkhead.as_ref().zip(u.config.max_concurrent_requests.as_ref()).map(|(b, m)| json!({
-                    "max_concurrent_requests": m.get_ref(),
-                    "in_use": b.in_use(*m.get_ref()),
+                "bulkhead": u.bulkhead.as_ref().map(|b| json!({
+                    "max_concurrent_requests": b.max(),
+                    "in_use": b.in_use(),
                 })),
-                "load_balancing": u.config.load_balancing,
-                "required": u.config.required,
+                "load_balancing": u.load_balancing,
+                "required": u.required,
                 "available_endpoints": u.available_endpoints(),
                 "endpoints": endpoints,
             })

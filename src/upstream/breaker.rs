@@ -71,8 +71,21 @@ struct Bucket {
     failed: AtomicU32,
 }
 
+/// `[services.NAME.circuit_breaker]` as the breaker reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Settings {
+    pub(crate) consecutive_failures: u32,
+    pub(crate) failure_rate: f64,
+    pub(crate) min_requests: u32,
+    pub(crate) open_for_ms: u64,
+    pub(crate) max_open_for_ms: u64,
+    pub(crate) half_open_requests: u32,
+    /// Whether 5xx answers count as failures.
+    pub(crate) count_5xx: bool,
+}
+
 pub(crate) struct Breaker {
-    cfg: CircuitBreakerConfig,
+    cfg: Settings,
     state: AtomicU8,
     open_until_ms: AtomicU64,
     /// Consecutive openings, for the growing `open_for`.
@@ -85,8 +98,17 @@ pub(crate) struct Breaker {
 }
 
 impl Breaker {
-    pub(crate) fn new(cfg: CircuitBreakerConfig) -> Self {
-        let bucket_ms = (cfg.window.get().as_millis() as u64 / BUCKETS as u64).max(1);
+    pub(crate) fn new(c: &CircuitBreakerConfig) -> Self {
+        let bucket_ms = (c.window.get().as_millis() as u64 / BUCKETS as u64).max(1);
+        let cfg = Settings {
+            consecutive_failures: c.consecutive_failures,
+            failure_rate: c.failure_rate,
+            min_requests: c.min_requests,
+            open_for_ms: c.open_for.get().as_millis() as u64,
+            max_open_for_ms: c.max_open_for.get().as_millis() as u64,
+            half_open_requests: c.half_open_requests,
+            count_5xx: c.count_5xx,
+        };
         Breaker {
             cfg,
             state: AtomicU8::new(CLOSED),
@@ -104,7 +126,7 @@ impl Breaker {
         }
     }
 
-    pub(crate) fn config(&self) -> &CircuitBreakerConfig {
+    pub(crate) fn settings(&self) -> &Settings {
         &self.cfg
     }
 
@@ -245,10 +267,10 @@ impl Breaker {
             return;
         }
         let n = self.openings.fetch_add(1, Ordering::AcqRel).min(16);
-        let base = self.cfg.open_for.get().as_millis() as u64;
+        let base = self.cfg.open_for_ms;
         let open_for = base
             .saturating_mul(1 << n)
-            .min(self.cfg.max_open_for.get().as_millis() as u64);
+            .min(self.cfg.max_open_for_ms);
         self.open_until_ms
             .store(now_ms() + open_for, Ordering::Release);
         self.consecutive.store(0, Ordering::Release);
@@ -309,7 +331,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_on_consecutive_failures_and_recovers_through_half_open() {
-        let b = Breaker::new(cfg());
+        let b = Breaker::new(&cfg());
         fail(&b);
         fail(&b);
         succeed(&b); // resets the run
@@ -339,7 +361,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_guard_records_its_verdict_or_gives_a_probe_back_when_dropped() {
-        let b = Breaker::new(cfg());
+        let b = Breaker::new(&cfg());
         for _ in 0..3 {
             b.admit().unwrap().record(Some(false));
         }
@@ -358,7 +380,7 @@ mod tests {
         drop(g3);
         // In a closed circuit, a cancelled attempt that is not the service's doing is not
         // counted: three of them do not open it.
-        let b = Breaker::new(cfg());
+        let b = Breaker::new(&cfg());
         for _ in 0..5 {
             b.admit().unwrap().cancelled(false);
         }
@@ -367,7 +389,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens_for_longer_up_to_the_cap() {
-        let b = Breaker::new(cfg());
+        let b = Breaker::new(&cfg());
         for _ in 0..3 {
             fail(&b);
         }
@@ -395,7 +417,7 @@ mod tests {
     async fn opens_on_failure_rate_once_enough_requests_were_seen() {
         let mut c = cfg();
         c.consecutive_failures = 100;
-        let b = Breaker::new(c);
+        let b = Breaker::new(&c);
         // Alternate: a 50% failure rate, never three failures in a row.
         for i in 0..9 {
             if i % 2 == 0 {
@@ -413,7 +435,7 @@ mod tests {
     async fn old_outcomes_leave_the_window() {
         let mut c = cfg();
         c.consecutive_failures = 100;
-        let b = Breaker::new(c);
+        let b = Breaker::new(&c);
         for _ in 0..4 {
             fail(&b);
             tokio::time::advance(StdDuration::from_millis(10)).await;
@@ -432,7 +454,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn outcomes_that_say_nothing_do_not_count() {
-        let b = Breaker::new(cfg());
+        let b = Breaker::new(&cfg());
         for _ in 0..10 {
             let p = b.try_acquire().unwrap();
             b.record(p, None);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub(crate) struct Bulkhead {
+    max: usize,
     slots: Arc<Semaphore>,
     max_queue: usize,
     queued: AtomicUsize,
@@ -18,6 +19,7 @@ pub(crate) struct Bulkhead {
 impl Bulkhead {
     pub(crate) fn new(max: usize, max_queue: usize, queue_timeout: Duration) -> Self {
         Bulkhead {
+            max,
             slots: Arc::new(Semaphore::new(max)),
             max_queue,
             queued: AtomicUsize::new(0),
@@ -44,8 +46,14 @@ impl Bulkhead {
         got.ok().and_then(Result::ok)
     }
 
-    pub(crate) fn in_use(&self, max: usize) -> usize {
-        max - self.slots.available_permits()
+    /// Slots taken now.
+    pub(crate) fn in_use(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+
+    /// `max_concurrent_requests`.
+    pub(crate) fn max(&self) -> usize {
+        self.max
     }
 }
 

@@ -13,6 +13,27 @@ use http::Uri;
 
 use crate::config::OutlierDetectionConfig;
 
+/// Passive ejection of an endpoint (`[services.NAME.outlier_detection]`), as the request path
+/// reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Outlier {
+    /// Failures in a row that eject the endpoint.
+    pub(crate) consecutive_failures: u32,
+    /// The first ejection; each further one in a row lasts one more of these.
+    pub(crate) base_ejection: Duration,
+    pub(crate) max_ejection: Duration,
+}
+
+impl From<&OutlierDetectionConfig> for Outlier {
+    fn from(c: &OutlierDetectionConfig) -> Self {
+        Outlier {
+            consecutive_failures: c.consecutive_failures,
+            base_ejection: c.base_ejection_time.get(),
+            max_ejection: c.max_ejection_time.get(),
+        }
+    }
+}
+
 /// Milliseconds on a process clock (never 0, so 0 can mean "not set"). Tokio's clock, so tests
 /// can pause and advance it. Its origin lies an hour before the first reading: each test
 /// runtime has a paused clock of its own, which starts at the real time when the runtime does;
@@ -149,7 +170,7 @@ impl Endpoint {
     pub(crate) fn report(
         &self,
         success: bool,
-        od: Option<&OutlierDetectionConfig>,
+        od: Option<&Outlier>,
     ) -> Option<Duration> {
         if success {
             if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
@@ -171,11 +192,7 @@ impl Endpoint {
         }
         self.consecutive_failures.store(0, Ordering::Relaxed);
         let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        let time = od
-            .base_ejection_time
-            .get()
-            .saturating_mul(n)
-            .min(od.max_ejection_time.get());
+        let time = od.base_ejection.saturating_mul(n).min(od.max_ejection);
         self.ejected_until_ms
             .store(now_ms() + time.as_millis() as u64, Ordering::Relaxed);
         Some(time)
@@ -223,6 +240,7 @@ mod tests {
             max_ejection_time: crate::config::Duration::from_secs(25),
         };
         let e = Endpoint::parse("http://h:1").unwrap();
+        let od = Outlier::from(&od);
         assert_eq!(e.report(false, Some(&od)), None);
         assert!(e.available());
         assert_eq!(e.report(false, Some(&od)), Some(Duration::from_secs(10)));

@@ -35,7 +35,7 @@ pub(crate) use pool::{SendError, UpstreamBody};
 pub(crate) use table::{EndpointSet, EndpointTable};
 
 use crate::body::ReqBody;
-use crate::config::{AllUnhealthy, DnsConfig, ServiceConfig, UpstreamProtocol};
+use crate::config::{AllUnhealthy, DnsConfig, LoadBalancing, ServiceConfig, UpstreamProtocol};
 use crate::observe::metrics::ServiceMetrics;
 use crate::resources::Tasks;
 
@@ -77,8 +77,13 @@ pub(crate) struct Parts {
 
 pub(crate) struct Upstream {
     pub(crate) name: Arc<str>,
-    /// The definition this was built from (its run-time settings are read from it).
-    pub(crate) config: ServiceConfig,
+    /// What to do when no endpoint is available.
+    all_unhealthy: AllUnhealthy,
+    /// Passive ejection of failing endpoints.
+    outlier: Option<endpoint::Outlier>,
+    /// `/readyz` waits for this service to have an available endpoint.
+    pub(crate) required: bool,
+    pub(crate) load_balancing: LoadBalancing,
     table: Arc<EndpointTable>,
     /// hyper-util clients, one per worker (`client.get()` is the calling thread's): HTTP/2
     /// requests and health checks.
@@ -201,7 +206,7 @@ impl Upstream {
         let breaker = config
             .circuit_breaker
             .as_ref()
-            .map(|c| breaker::Breaker::new(c.get_ref().clone()));
+            .map(|c| breaker::Breaker::new(c.get_ref()));
         let bulkhead = config.max_concurrent_requests.as_ref().map(|m| {
             bulkhead::Bulkhead::new(
                 *m.get_ref(),
@@ -224,7 +229,13 @@ impl Upstream {
             } else {
                 Version::HTTP_11
             },
-            config,
+            all_unhealthy: config.all_unhealthy,
+            outlier: config
+                .outlier_detection
+                .as_ref()
+                .map(|o| endpoint::Outlier::from(o.get_ref())),
+            required: config.required,
+            load_balancing: config.load_balancing,
             _tasks: tasks,
         }
     }
@@ -269,7 +280,7 @@ impl Upstream {
         let set = self.table.current();
         set.balancer
             .pick(&set.endpoints, headers, Endpoint::available)
-            .or_else(|| match self.config.all_unhealthy {
+            .or_else(|| match self.all_unhealthy {
                 AllUnhealthy::UseAll => set.balancer.pick(&set.endpoints, headers, |_| true),
                 AllUnhealthy::Reject => None,
             })
@@ -301,8 +312,7 @@ impl Upstream {
         if let Some(c) = ep.counters.get() {
             c[usize::from(!success)].inc();
         }
-        let od = self.config.outlier_detection.as_ref().map(|o| o.get_ref());
-        if let Some(time) = ep.report(success, od) {
+        if let Some(time) = ep.report(success, self.outlier.as_ref()) {
             tracing::warn!(
                 service = &*self.name,
                 endpoint = &*ep.url,

@@ -158,7 +158,7 @@ where
         if let (Some(b), Some(g)) = (&up.breaker, permit) {
             let verdict = match (&outcome, failure) {
                 (Attempt::Failed(_, None), _) => None,
-                (Attempt::Response(_), Some(_)) if !b.config().count_5xx => Some(true),
+                (Attempt::Response(_), Some(_)) if !b.settings().count_5xx => Some(true),
                 (_, f) => Some(f.is_none()),
             };
             g.record(verdict);
