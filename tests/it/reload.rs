@@ -165,6 +165,37 @@ async fn pooled_connections_survive_a_reload_of_an_unchanged_service() {
 }
 
 #[tokio::test]
+async fn a_reload_that_changes_a_routes_layers_keeps_its_service_and_pool() {
+    let up = Upstream::start(|_req| async { text(200, "a") }).await;
+    let gw = TestGateway::start(
+        &gateway_toml(
+            "workers = 1",
+            &format!("[services.svc]\nendpoints = [\"{}\"]\n", up.url()),
+        ),
+        &[("web.toml", &routes(""))],
+    )
+    .await;
+    assert_eq!(get(&gw.url("/web/a")).await.text(), "a");
+    assert_eq!(up.connections(), 1);
+
+    // Only route `a`'s own layers change (its deadline, a fallback): the service is the same
+    // resource, with its pooled connection.
+    gw.write_route(
+        "web.toml",
+        &routes("timeout = \"7s\"\nfallback = { status = 200, body = \"later\" }\n"),
+    );
+    let r = admin_reload(&gw).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let cfg = get(&gw.admin_url("/admin/config")).await.json();
+    assert_eq!(cfg["last_reload"]["result"], "success", "{cfg}");
+    for _ in 0..3 {
+        assert_eq!(get(&gw.url("/web/a")).await.text(), "a");
+    }
+    assert_eq!(up.connections(), 1, "the pooled connection outlived the reload");
+    assert_eq!(up.requests(), 4);
+}
+
+#[tokio::test]
 async fn admin_reload_reports_errors_and_restart_only_settings() {
     let up = Upstream::start(|_req| async { text(200, "a") }).await;
     let gw = TestGateway::start(
