@@ -56,8 +56,17 @@ pub(crate) struct Protocols {
 }
 
 impl Protocols {
-    pub(crate) fn new(header_read_timeout: Duration, keep_alive_timeout: Duration) -> Self {
+    /// `max_head` and `max_headers` are hyper's hard caps; the dispatcher enforces the
+    /// configured limits (half of these) with problem+json answers.
+    pub(crate) fn new(
+        header_read_timeout: Duration,
+        keep_alive_timeout: Duration,
+        max_head: usize,
+        max_headers: usize,
+    ) -> Self {
         let mut h1 = http1::Builder::new();
+        // hyper's minimum buffer is 8 KiB.
+        h1.max_buf_size(max_head.max(8192)).max_headers(max_headers);
         // The header-read timeout is ours (`run_http1`): hyper's would allocate and arm a
         // timer for every request.
         h1.timer(TokioTimer::new())
@@ -67,7 +76,9 @@ impl Protocols {
             // request than vectored writes (bench/README.md).
             .writev(false);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new()).max_concurrent_streams(1024);
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(1024)
+            .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
         Protocols {
             http1: h1,
             http2: h2,

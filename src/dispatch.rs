@@ -15,12 +15,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response};
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Limited};
 use hyper::body::Incoming;
 
 use crate::backend::RespBody;
+use crate::body::ClientBody;
 use crate::context::{Client, Exchange, Params, Parts};
 use crate::error::{classify, problem_response, BoxError, GatewayError};
 use crate::gateway::{Gateway, Live};
@@ -28,6 +29,7 @@ use crate::observe::access::{Finish, InFlight, ObservedBody, Record};
 use crate::observe::metrics::RouteMetrics;
 use crate::observe::trace::{new_request_id, valid_request_id};
 use crate::route::RouteCall;
+use crate::routing::head::check_head;
 use crate::routing::{normalize, request_host, Found};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -139,34 +141,48 @@ impl Conn {
             } else {
                 this.route(&gw, trusted, &request_id, req)
             };
-        let log = gw.settings.access_log;
+        // Made before the response exists: if the client goes away first, the request is
+        // dropped here, and the record says so (499, `client_closed`).
+        let mut record = Record {
+            metrics,
+            method,
+            uri,
+            status: StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            code: Some("client_closed"),
+            bytes: 0,
+            request_id,
+            exchange,
+            _global_permit: global_permit,
+            start,
+            log: gw.settings.access_log,
+            _in_flight: in_flight,
+        };
         drop(gw);
         async move {
             let result = match routed {
                 Ok(call) => call.await,
                 Err(e) => Err(e),
             };
-            let mut resp = result.unwrap_or_else(|e| error_response(&*e, &request_id, &metrics));
-            resp.headers_mut()
-                .insert(X_REQUEST_ID.clone(), request_id.clone());
-            let record = Record {
-                metrics,
-                method,
-                uri,
-                status: resp.status(),
-                request_id,
-                exchange,
-                _global_permit: global_permit,
-                start,
-                log,
-                _in_flight: in_flight,
+            let mut resp = match result {
+                Ok(resp) => {
+                    record.code = None;
+                    resp
+                }
+                Err(e) => {
+                    let (resp, code) = error_response(&*e, &record.request_id, &record.metrics);
+                    record.code = Some(code);
+                    resp
+                }
             };
+            resp.headers_mut()
+                .insert(X_REQUEST_ID.clone(), record.request_id.clone());
+            record.status = resp.status();
             Ok(resp.map(|b| ObservedBody::new(b, record)))
         }
     }
 
-    /// Routes the request and starts its route's stack; the caller awaits the returned call.
-    /// Not `async`: this future's state would keep a second copy of the request.
+    /// Checks and routes the request and starts its route's stack; the caller awaits the
+    /// returned call. Not `async`: this future's state would keep a second copy of the request.
     fn route(
         &self,
         gw: &Gateway,
@@ -179,6 +195,10 @@ impl Conn {
         Option<Exchange>,
     ) {
         let unmatched = || gw.unmatched.clone();
+        let authority = match check_head(&mut req, &gw.settings.head) {
+            Ok(a) => a,
+            Err(e) => return (Err(e.into()), unmatched(), None),
+        };
         let path = match normalize(req.uri().path()) {
             Ok(p) => p,
             Err(_) => {
@@ -189,7 +209,7 @@ impl Conn {
                 )
             }
         };
-        let host = request_host(req.uri(), req.headers());
+        let host = request_host(authority.as_ref());
         let (route, params) = match gw.router.find(&host, &path, req.method(), req.headers()) {
             Found::Route { index, params } => {
                 let route = &gw.routes[index];
@@ -213,23 +233,18 @@ impl Conn {
         };
         drop(host);
         let metrics = route.metrics.clone();
-        let max = gw.settings.max_request_body;
+        let max = route.max_request_body;
         // hyper has parsed and checked Content-Length: the body's exact size is that length.
         let declared = http_body::Body::size_hint(req.body()).exact();
         if declared.is_some_and(|n| n > max) {
+            // Answered at once; the body is read and thrown away for a while (bounded), so
+            // that a client still sending it reads the 413 rather than a reset connection.
+            linger(req.into_body());
             return (Err(GatewayError::BodyTooLarge.into()), metrics, None);
         }
         let normalized = match path {
             Cow::Borrowed(_) => None,
             Cow::Owned(p) => Some(p.into_boxed_str()),
-        };
-        // The authority the request names: Host, or an HTTP/2 request's `:authority`.
-        let authority = match req.headers().get(header::HOST) {
-            Some(v) => Some(v.clone()),
-            None => req
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
         let exchange = Exchange::new(Parts {
             route: route.id.clone(),
@@ -247,9 +262,34 @@ impl Conn {
         });
         req.extensions_mut().insert(exchange.clone());
         let limit = usize::try_from(max).unwrap_or(usize::MAX);
-        let req = req.map(|b| Either::Left(Limited::new(b, limit)));
+        let req = req.map(|b| Either::Left(Limited::new(ClientBody(b), limit)));
         (Ok(route.service.call(req)), metrics, Some(exchange))
     }
+}
+
+/// How long, and how much, of a refused body is read before the connection may close.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+const LINGER_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Reads and discards a refused request body, at most `LINGER_TIME` and `LINGER_BYTES` (like
+/// nginx's lingering close): closing a socket with unread data resets it, and a client still
+/// writing its body would get a write error instead of the response.
+fn linger(mut body: Incoming) {
+    tokio::spawn(async move {
+        let drained = async {
+            let mut read = 0u64;
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                let Ok(frame) = frame else { return };
+                if let Some(d) = frame.data_ref() {
+                    read += d.len() as u64;
+                    if read > LINGER_BYTES {
+                        return;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drained).await;
+    });
 }
 
 /// The problem+json response for a request that failed. Failures of backends are expected
@@ -259,7 +299,7 @@ fn error_response(
     e: &(dyn std::error::Error + Send + Sync + 'static),
     request_id: &HeaderValue,
     metrics: &RouteMetrics,
-) -> Response<RespBody> {
+) -> (Response<RespBody>, &'static str) {
     let problem = classify(e);
     let id = request_id.to_str().unwrap_or("-");
     if problem.code == "internal_error" {
@@ -267,5 +307,8 @@ fn error_response(
     } else {
         tracing::debug!(request_id = id, route = metrics.route(), error = %e, code = problem.code, "request failed");
     }
-    problem_response(&problem, request_id).map(Either::Right)
+    (
+        problem_response(&problem, request_id).map(Either::Right),
+        problem.code,
+    )
 }

@@ -27,6 +27,15 @@ pub(crate) enum GatewayError {
     BodyTooLarge,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    /// The client went away before the answer (nginx's 499).
+    #[error("the client closed the request")]
+    ClientClosed,
+    #[error("request target longer than the limit")]
+    UriTooLong,
+    #[error("request header fields larger than the limits")]
+    HeadersTooLarge,
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     #[error("could not connect to the backend")]
     UpstreamConnect(#[source] BoxError),
     #[error("the backend connection failed")]
@@ -120,6 +129,27 @@ impl GatewayError {
             BadRequest(_) => {
                 Problem::new(StatusCode::BAD_REQUEST, "bad_request", "Malformed request")
             }
+            ClientClosed => Problem::new(
+                // nginx's "client closed request": only logs and metrics see it.
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                "client_closed",
+                "The client closed the request",
+            ),
+            UriTooLong => Problem::new(
+                StatusCode::URI_TOO_LONG,
+                "uri_too_long",
+                "Request target too long",
+            ),
+            HeadersTooLarge => Problem::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                "Request header fields too large",
+            ),
+            NotImplemented(_) => Problem::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "not_implemented",
+                "Not implemented by the gateway",
+            ),
             UpstreamConnect(_) => Problem::new(
                 StatusCode::BAD_GATEWAY,
                 "upstream_connect_failed",
@@ -172,6 +202,9 @@ pub(crate) fn classify(err: &(dyn StdError + 'static)) -> Problem {
         if e.is::<http_body_util::LengthLimitError>() {
             return GatewayError::BodyTooLarge.problem();
         }
+        if let Some(b) = e.downcast_ref::<crate::body::ClientBodyError>() {
+            return client_body(b).problem();
+        }
         cur = e.source();
     }
     Problem::new(
@@ -216,6 +249,29 @@ pub(crate) fn problem_response(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+/// What a failed client body means: malformed (400) or cut short by the client (499).
+pub(crate) fn client_body(e: &crate::body::ClientBodyError) -> GatewayError {
+    if e.malformed() {
+        GatewayError::BadRequest("request body")
+    } else {
+        GatewayError::ClientClosed
+    }
+}
+
+/// The first `T` in an error chain.
+pub(crate) fn find_in_chain<'a, T: StdError + 'static>(
+    err: &'a (dyn StdError + 'static),
+) -> Option<&'a T> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// Whether an error chain contains a `T`.

@@ -98,3 +98,15 @@ pub(super) fn d_75s() -> Duration {
 pub(super) fn d_90s() -> Duration {
     Duration::from_secs(90)
 }
+pub(super) fn d_8kib() -> Size {
+    Size(8 * 1024)
+}
+pub(super) fn d_32kib() -> Size {
+    Size(32 * 1024)
+}
+pub(super) fn hundred() -> usize {
+    100
+}
+pub(super) fn default_upgrades() -> Vec<Spanned<String>> {
+    vec![Spanned::new(0..0, "websocket".to_owned())]
+}

@@ -7,7 +7,7 @@ use toml::Spanned;
 
 use super::defaults::*;
 use super::service::RetryConfig;
-use super::units::Duration;
+use super::units::{Duration, Size};
 
 /// `fallback = { … }`: the response a route serves when its backend fails.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -40,6 +40,8 @@ pub(crate) struct FrontendConfig {
     pub(crate) hosts: Vec<Spanned<String>>,
     /// Default total deadline for the routes below.
     pub(crate) timeout: Option<Duration>,
+    /// Default body limit for the routes below (overrides `[server] max_request_body`).
+    pub(crate) max_request_body: Option<Size>,
 }
 
 /// One `[[route]]`. Serde reads it through `RawRoute` (every key a route may have, unknown keys
@@ -56,6 +58,8 @@ pub(crate) struct RouteConfig {
     pub(crate) headers: BTreeMap<String, String>,
     /// Total deadline; overrides the frontend's and the server's. It bounds all retries.
     pub(crate) timeout: Option<Duration>,
+    /// Body limit; overrides the frontend's and the server's.
+    pub(crate) max_request_body: Option<Size>,
     /// Overrides the service's retry policy for this route.
     pub(crate) retry: Option<Spanned<RetryConfig>>,
     /// Allows retrying POST and PATCH on this route.
@@ -97,6 +101,8 @@ pub(crate) struct RawRoute {
     headers: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_request_body: Option<Size>,
     #[serde(skip_serializing_if = "Option::is_none")]
     retry: Option<Spanned<RetryConfig>>,
     #[serde(default)]
@@ -140,6 +146,7 @@ impl TryFrom<RawRoute> for RouteConfig {
             methods: r.methods,
             headers: r.headers,
             timeout: r.timeout,
+            max_request_body: r.max_request_body,
             retry: r.retry,
             idempotent: r.idempotent,
             fallback: r.fallback,
@@ -161,6 +168,7 @@ impl From<RouteConfig> for RawRoute {
             methods: r.methods,
             headers: r.headers,
             timeout: r.timeout,
+            max_request_body: r.max_request_body,
             retry: r.retry,
             idempotent: r.idempotent,
             fallback: r.fallback,
@@ -181,6 +189,10 @@ pub(crate) struct ProxyConfig {
     pub(crate) preserve_host: bool,
     #[serde(default = "yes")]
     pub(crate) forward_query: bool,
+    /// Protocols a client may upgrade to through this route (`Upgrade:`); others are not
+    /// forwarded (the request goes on without `Upgrade`). `h2c` can never be listed.
+    #[serde(default = "default_upgrades")]
+    pub(crate) upgrades: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -56,9 +56,24 @@ pub(crate) struct ServerConfig {
     /// Total deadline of one request unless its route says otherwise.
     #[serde(default = "d_30s")]
     pub(crate) request_timeout: Duration,
-    /// Bodies larger than this get 413.
+    /// Bodies larger than this get 413 (a frontend or route may say otherwise).
     #[serde(default = "default_max_body")]
     pub(crate) max_request_body: Size,
+    /// The request line and headers together; beyond it, 431.
+    #[serde(default = "d_32kib")]
+    pub(crate) max_request_head: Size,
+    /// Header fields in one request; beyond it, 431.
+    #[serde(default = "hundred")]
+    pub(crate) max_header_count: usize,
+    /// One header field (name and value); beyond it, 431.
+    #[serde(default = "d_8kib")]
+    pub(crate) max_header_size: Size,
+    /// The request target; beyond it, 414.
+    #[serde(default = "d_8kib")]
+    pub(crate) max_uri_length: Size,
+    /// Header names with `_`: `drop` (default), `reject` (400) or `allow`.
+    #[serde(default)]
+    pub(crate) underscores_in_headers: Underscores,
     /// Requests in flight across the gateway; beyond it, 503 `overloaded` at once. 0: no limit.
     #[serde(default)]
     pub(crate) max_concurrent_requests: usize,
@@ -90,6 +105,11 @@ impl Default for ServerConfig {
             tls: None,
             request_timeout: d_30s(),
             max_request_body: default_max_body(),
+            max_request_head: d_32kib(),
+            max_header_count: hundred(),
+            max_header_size: d_8kib(),
+            max_uri_length: d_8kib(),
+            underscores_in_headers: Underscores::default(),
             trusted_proxies: Vec::new(),
             max_concurrent_requests: 0,
             max_connections: 0,
@@ -99,6 +119,19 @@ impl Default for ServerConfig {
             workers: 0,
         }
     }
+}
+
+/// What to do with request header names that contain `_`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Underscores {
+    /// Removed before the request goes on (nginx's default).
+    #[default]
+    Drop,
+    /// 400 bad_request.
+    Reject,
+    /// Forwarded as they are.
+    Allow,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

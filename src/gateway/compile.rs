@@ -13,6 +13,7 @@ use crate::config::{ConfigErrors, FrontendFile, LoadedConfig, SourceFile};
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
 use crate::route::{self, BuildContext, Built, Frontend, Inherited, Route};
+use crate::routing::head::Limits;
 use crate::routing::{RouteSpec, Router};
 
 use super::services::compile_services;
@@ -31,6 +32,7 @@ pub(crate) fn compile(
 
     let server = Inherited {
         timeout: loaded.gateway.server.request_timeout.get(),
+        max_request_body: loaded.gateway.server.max_request_body.0,
     };
     let cx = BuildContext {
         resources: &resources,
@@ -72,7 +74,13 @@ pub(crate) fn compile(
     }
     let server = &loaded.gateway.server;
     let settings = Settings {
-        max_request_body: server.max_request_body.0,
+        head: Limits {
+            max_uri: usize::try_from(server.max_uri_length.0).unwrap_or(usize::MAX),
+            max_header_line: usize::try_from(server.max_header_size.0).unwrap_or(usize::MAX),
+            max_head: usize::try_from(server.max_request_head.0).unwrap_or(usize::MAX),
+            max_headers: server.max_header_count,
+            underscores: server.underscores_in_headers,
+        },
         trusted_proxies: server.trusted_proxies.clone(),
         access_log: loaded.gateway.log.access_log,
     };
@@ -222,6 +230,7 @@ fn compile_frontend(
     // Settings the routes inherit: the frontend's own over the server's.
     let settings = Inherited {
         timeout: fe.timeout.map_or(server.timeout, |t| t.get()),
+        max_request_body: fe.max_request_body.map_or(server.max_request_body, |s| s.0),
     };
     let frontend = Frontend {
         name: fname,

@@ -81,7 +81,8 @@ impl Gateway {
 
 /// Server settings the request path reads.
 pub(crate) struct Settings {
-    pub(crate) max_request_body: u64,
+    /// Limits and checks of the request head.
+    pub(crate) head: crate::routing::head::Limits,
     pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
     pub(crate) access_log: bool,
 }
@@ -110,6 +111,8 @@ struct StartupSettings {
     watch: bool,
     limits: (usize, usize),
     workers: usize,
+    /// hyper's caps are made from these at start.
+    head_caps: (u64, usize),
 }
 
 impl StartupSettings {
@@ -126,6 +129,7 @@ impl StartupSettings {
             watch: g.routes.watch,
             limits: (g.server.max_concurrent_requests, g.server.max_connections),
             workers: g.server.workers,
+            head_caps: (g.server.max_request_head.0, g.server.max_header_count),
         }
     }
 
@@ -163,6 +167,10 @@ impl StartupSettings {
         );
         check(self.limits.1 != other.limits.1, "server.max_connections");
         check(self.workers != other.workers, "server.workers");
+        check(
+            self.head_caps != other.head_caps,
+            "server.max_request_head / max_header_count (hyper's hard caps, twice these, are set at start)",
+        );
         out
     }
 }

@@ -44,6 +44,11 @@ pub(crate) struct Record {
     /// taken and dropped on every request) is work for nothing.
     pub(crate) uri: Option<Uri>,
     pub(crate) status: StatusCode,
+    /// The problem code when the gateway answered with an error (`client_closed`,
+    /// `bad_request`, `upstream_failed` …).
+    pub(crate) code: Option<&'static str>,
+    /// Response body bytes sent so far.
+    pub(crate) bytes: u64,
     pub(crate) request_id: HeaderValue,
     /// The request's context, with what the stack learned about the response (the upstream
     /// used, guards such as the bulkhead slot): kept until the body ends. `None` for requests
@@ -61,16 +66,11 @@ pub(crate) struct Record {
 pub(crate) struct ObservedBody<B> {
     inner: B,
     record: Record,
-    bytes: u64,
 }
 
 impl<B> ObservedBody<B> {
     pub(crate) fn new(inner: B, record: Record) -> Self {
-        ObservedBody {
-            inner,
-            record,
-            bytes: 0,
-        }
+        ObservedBody { inner, record }
     }
 }
 
@@ -89,7 +89,7 @@ where
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                this.bytes += data.len() as u64;
+                this.record.bytes += data.len() as u64;
             }
         }
         polled
@@ -104,9 +104,11 @@ where
     }
 }
 
-impl<B> Drop for ObservedBody<B> {
+/// Recorded when the response body ends or is dropped — or, if the client went away before the
+/// response began, when the request is dropped (status 499, `client_closed`).
+impl Drop for Record {
     fn drop(&mut self) {
-        let r = &self.record;
+        let r = &*self;
         let upstream = r.exchange.as_ref().and_then(|x| x.meta().upstream());
         let elapsed = r.start.elapsed();
         r.metrics.record(&r.method, r.status, elapsed.as_secs_f64());
@@ -118,10 +120,11 @@ impl<B> Drop for ObservedBody<B> {
                 method = r.method.as_str(),
                 path = r.uri.as_ref().map_or("-", |u| u.path()),
                 status = r.status.as_u16(),
+                code = r.code.unwrap_or("-"),
                 upstream = upstream.map_or("-", |u| &*u.url),
                 attempts = upstream.map_or(0, |u| u.attempts),
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
-                bytes = self.bytes,
+                bytes = r.bytes,
                 request_id = r.request_id.to_str().unwrap_or("-"),
             );
         }

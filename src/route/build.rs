@@ -43,6 +43,8 @@ pub(crate) struct BuildContext<'a> {
 pub(crate) struct Inherited {
     /// The total deadline.
     pub(crate) timeout: Duration,
+    /// Request bodies larger than this get 413.
+    pub(crate) max_request_body: u64,
 }
 
 impl Inherited {
@@ -50,6 +52,7 @@ impl Inherited {
     fn route(&self, rc: &RouteConfig) -> Inherited {
         Inherited {
             timeout: rc.timeout.map_or(self.timeout, |t| t.get()),
+            max_request_body: rc.max_request_body.map_or(self.max_request_body, |s| s.0),
         }
     }
 }
@@ -166,6 +169,7 @@ pub(crate) fn build(
             metrics: Arc::new(cx.metrics.route(fe.name, rname)),
             id: Arc::from(id),
             params: params.into_iter().map(String::into_boxed_str).collect(),
+            max_request_body: settings.max_request_body,
             service,
         },
     })
@@ -242,7 +246,29 @@ fn proxy(
     }
     // A defined service that did not compile has its own errors.
     let up = cx.resources.get::<Upstream>(sname)?;
+    let mut upgrades = Vec::new();
+    for u in &pc.upgrades {
+        let name = u.get_ref().to_ascii_lowercase();
+        if name == "h2c" {
+            fail(
+                u.span(),
+                format!("route `{rname}`: `h2c` cannot be in `upgrades`: an upgraded HTTP/2 connection would carry requests past the gateway's routing"),
+            );
+        } else if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            fail(
+                u.span(),
+                format!("route `{rname}`: `{name}` in `upgrades` is not a protocol name"),
+            );
+        } else {
+            upgrades.push(name.into_boxed_str());
+        }
+    }
     let opts = ProxyOptions {
+        upgrades: upgrades.into(),
         target: target?,
         forward_query: pc.forward_query,
         preserve_host: pc.preserve_host,

@@ -27,6 +27,8 @@ pub(crate) struct Route {
     pub(crate) id: Arc<str>,
     /// The names the route's path captures, in order (for the request's `Exchange`).
     pub(crate) params: Arc<[Box<str>]>,
+    /// Request bodies larger than this get 413.
+    pub(crate) max_request_body: u64,
     pub(crate) service: RouteService,
     pub(crate) metrics: Arc<RouteMetrics>,
 }

@@ -5,6 +5,7 @@
 //! frontends. Per request that is one hash lookup (or a short wildcard scan), one path match and
 //! a scan of the few routes sharing that path.
 
+pub(crate) mod head;
 mod normalize;
 pub(crate) mod template;
 
@@ -259,19 +260,10 @@ fn allow_header<'a>(filters: impl Iterator<Item = &'a RouteFilter>) -> HeaderVal
     HeaderValue::from_str(&methods.join(", ")).unwrap_or(HeaderValue::from_static(""))
 }
 
-/// The host a request is for: lower case, without port or trailing dot.
-pub(crate) fn request_host<'a>(
-    uri: &'a http::Uri,
-    headers: &'a HeaderMap,
-) -> std::borrow::Cow<'a, str> {
-    let raw = uri
-        .host()
-        .or_else(|| {
-            headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
+/// The host of a request's authority (`routing::head` checked it): lower case, without port or
+/// trailing dot.
+pub(crate) fn request_host(authority: Option<&HeaderValue>) -> std::borrow::Cow<'_, str> {
+    let raw = authority.and_then(|h| h.to_str().ok()).unwrap_or("");
     let host = if let Some(rest) = raw.strip_prefix('[') {
         // [v6]:port
         rest.split(']').next().unwrap_or("")
@@ -381,14 +373,10 @@ mod tests {
 
     #[test]
     fn host_of_request() {
-        let mut h = HeaderMap::new();
-        h.insert("host", HeaderValue::from_static("WWW.Example.com.:8080"));
-        assert_eq!(request_host(&"/x".parse().unwrap(), &h), "www.example.com");
-        h.insert("host", HeaderValue::from_static("[::1]:80"));
-        assert_eq!(request_host(&"/x".parse().unwrap(), &h), "::1");
-        assert_eq!(
-            request_host(&"http://a.b/x".parse().unwrap(), &HeaderMap::new()),
-            "a.b"
-        );
+        let host = |s: &'static str| request_host(Some(&HeaderValue::from_static(s))).into_owned();
+        assert_eq!(host("WWW.Example.com.:8080"), "www.example.com");
+        assert_eq!(host("[::1]:80"), "::1");
+        assert_eq!(host("a.b"), "a.b");
+        assert_eq!(request_host(None), "");
     }
 }

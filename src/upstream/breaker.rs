@@ -268,9 +268,7 @@ impl Breaker {
         }
         let n = self.openings.fetch_add(1, Ordering::AcqRel).min(16);
         let base = self.cfg.open_for_ms;
-        let open_for = base
-            .saturating_mul(1 << n)
-            .min(self.cfg.max_open_for_ms);
+        let open_for = base.saturating_mul(1 << n).min(self.cfg.max_open_for_ms);
         self.open_until_ms
             .store(now_ms() + open_for, Ordering::Release);
         self.consecutive.store(0, Ordering::Release);

@@ -167,11 +167,7 @@ impl Endpoint {
 
     /// Records the outcome of a request for outlier detection. Returns the ejection time when
     /// this failure ejected the endpoint.
-    pub(crate) fn report(
-        &self,
-        success: bool,
-        od: Option<&Outlier>,
-    ) -> Option<Duration> {
+    pub(crate) fn report(&self, success: bool, od: Option<&Outlier>) -> Option<Duration> {
         if success {
             if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
                 self.consecutive_failures.store(0, Ordering::Relaxed);

@@ -191,7 +191,11 @@ async fn a_reload_that_changes_a_routes_layers_keeps_its_service_and_pool() {
     for _ in 0..3 {
         assert_eq!(get(&gw.url("/web/a")).await.text(), "a");
     }
-    assert_eq!(up.connections(), 1, "the pooled connection outlived the reload");
+    assert_eq!(
+        up.connections(),
+        1,
+        "the pooled connection outlived the reload"
+    );
     assert_eq!(up.requests(), 4);
 }
 

@@ -21,8 +21,9 @@ use tokio::time::Instant;
 use tower::retry::budget::Budget as _;
 
 use super::replay::Replay;
+use crate::body::ClientBodyError;
 use crate::body::ReqBody;
-use crate::error::{chain_has, GatewayError};
+use crate::error::{chain_has, client_body, find_in_chain, GatewayError};
 use crate::observe::metrics::{Resilience, UpstreamErrorKind};
 use crate::upstream::breaker::Guard;
 use crate::upstream::retry::{Failure, RetryPolicy};
@@ -233,9 +234,17 @@ fn attempt<'a, T: Transport>(
     })
 }
 
+/// What a failed send means, and whether it is the service's failure (`Some`): a body over the
+/// limit, or a client body that failed (the client went away mid-upload, or sent invalid
+/// chunked framing), is the client's doing — not counted against the endpoint, the breaker or
+/// the upstream error metrics, and never retried.
 fn classify_send_error(up: &Upstream, e: SendError) -> (GatewayError, Option<Failure>) {
     if chain_has::<http_body_util::LengthLimitError>(&e) {
         return (GatewayError::BodyTooLarge, None);
+    }
+    if let Some(b) = find_in_chain::<ClientBodyError>(&e) {
+        tracing::debug!(service = &*up.name, error = %b, "the client's request body failed");
+        return (client_body(b), None);
     }
     match e {
         SendError::Connect(e) => {

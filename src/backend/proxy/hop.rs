@@ -3,6 +3,39 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+/// Whether every protocol the request's `Upgrade` names is one the route allows. `h2c` never
+/// is: an upgraded HTTP/2 connection to the backend would carry requests for any path past
+/// the gateway's routing.
+pub(crate) fn upgrade_allowed(h: &HeaderMap, allowed: &[Box<str>]) -> bool {
+    let mut any = false;
+    for v in h.get_all(header::UPGRADE) {
+        for proto in v.as_bytes().split(|&b| b == b',') {
+            let proto = proto.trim_ascii();
+            // `name/version`: the name decides.
+            let name = proto.split(|&b| b == b'/').next().unwrap_or(proto);
+            if name.is_empty() {
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"h2c")
+                || !allowed
+                    .iter()
+                    .any(|a| name.eq_ignore_ascii_case(a.as_bytes()))
+            {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
+}
+
+/// Removes an upgrade request that is not forwarded: `Upgrade`, `Connection` (and what it
+/// names), `HTTP2-Settings`. The request then goes on as a plain one.
+pub(crate) fn refuse_upgrade(h: &mut HeaderMap) {
+    strip_hop_by_hop(h, false);
+    h.remove("http2-settings");
+}
+
 pub(crate) fn wants_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION)
@@ -135,6 +168,39 @@ mod tests {
         ] {
             assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
         }
+    }
+
+    #[test]
+    fn only_allowed_upgrades_pass_and_h2c_never() {
+        let allowed: Vec<Box<str>> = vec!["websocket".into()];
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("upgrade", HeaderValue::from_static(v));
+            h
+        };
+        assert!(upgrade_allowed(&with("websocket"), &allowed));
+        assert!(upgrade_allowed(&with("WebSocket"), &allowed));
+        assert!(!upgrade_allowed(&with("h2c"), &allowed));
+        assert!(!upgrade_allowed(&with("websocket, h2c"), &allowed));
+        assert!(!upgrade_allowed(&with("foo/1"), &allowed));
+        let h2c_listed: Vec<Box<str>> = vec!["h2c".into(), "websocket".into()];
+        assert!(
+            !upgrade_allowed(&with("h2c"), &h2c_listed),
+            "h2c is never allowed"
+        );
+        let mut h = with("h2c");
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        refuse_upgrade(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-keep"]);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use self::attempts::{Answer, Plan};
-use self::hop::{strip_hop_by_hop, wants_upgrade};
+use self::hop::{refuse_upgrade, strip_hop_by_hop, upgrade_allowed, wants_upgrade};
 use self::replay::Replay;
 use super::forward::forwarding_headers;
 use super::target::UpstreamPath;
@@ -57,6 +57,8 @@ pub(crate) struct ProxyOptions {
     pub(crate) idempotent: bool,
     /// The route's total deadline, sent to gRPC services as `grpc-timeout`.
     pub(crate) deadline: Option<Duration>,
+    /// Protocols a client may upgrade to (lower case; never `h2c`).
+    pub(crate) upgrades: Arc<[Box<str>]>,
 }
 
 #[derive(Clone)]
@@ -108,7 +110,11 @@ impl tower::Service<Request<ReqBody>> for Proxy {
                 h.insert(header::HOST, host.clone());
             }
         }
-        let upgrade = wants_upgrade(req.headers());
+        let mut upgrade = wants_upgrade(req.headers());
+        if upgrade && !upgrade_allowed(req.headers(), &self.opts.upgrades) {
+            refuse_upgrade(req.headers_mut());
+            upgrade = false;
+        }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         // Taken here, before the route's deadline starts its timer: when the deadline cuts the
         // request, `started + deadline` has passed (how a cancelled attempt is told apart).

@@ -8,8 +8,9 @@ use http::header::{self, HeaderMap};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 
+use crate::body::ClientBodyError;
 use crate::body::ReqBody;
-use crate::error::{chain_has, GatewayError};
+use crate::error::{chain_has, client_body, find_in_chain, GatewayError};
 
 /// A request body for one or more attempts.
 pub(crate) enum Replay {
@@ -41,6 +42,8 @@ impl Replay {
         let bytes = body.collect().await.map_err(|e| {
             if chain_has::<http_body_util::LengthLimitError>(&*e) {
                 GatewayError::BodyTooLarge
+            } else if let Some(b) = find_in_chain::<ClientBodyError>(&*e) {
+                client_body(b)
             } else {
                 GatewayError::BadRequest("request body")
             }
