@@ -6,7 +6,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,14 +19,48 @@ use tokio::sync::watch;
 use crate::gateway::Live;
 
 pub(crate) fn router(live: Arc<Live>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+    let guarded = Router::new()
         .route("/metrics", get(metrics))
         .route("/admin/config", get(config))
         .route("/admin/services", get(services))
         .route("/admin/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(live.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(guarded)
         .with_state(live)
+}
+
+/// With `[admin] token` set (the current config's), every route but `/healthz` and `/readyz`
+/// needs `Authorization: Bearer <token>`.
+async fn require_token(State(live): State<Arc<Live>>, req: Request, next: Next) -> Response {
+    let expected = live.snapshot().admin_token.clone();
+    let Some(expected) = expected else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if constant_time_eq(given, expected.as_bytes()) {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer realm=\"gatehouse-admin\"")],
+        Json(json!({"error": "unauthorized", "detail": "send Authorization: Bearer <[admin] token>"})),
+    )
+        .into_response()
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub(crate) async fn serve(listener: TcpListener, live: Arc<Live>, mut stop: watch::Receiver<bool>) {
@@ -236,5 +271,13 @@ mod tests {
         assert_eq!(v["a"]["name"], "n");
         assert_eq!(v["a"]["tls"]["key"], "[redacted]");
         assert_eq!(v["list"][0]["token"], "[redacted]");
+    }
+
+    #[test]
+    fn tokens_are_compared_in_full() {
+        assert!(constant_time_eq(b"abcdef0123456789", b"abcdef0123456789"));
+        assert!(!constant_time_eq(b"abcdef0123456789", b"abcdef012345678X"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
     }
 }

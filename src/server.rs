@@ -61,7 +61,7 @@ impl Server {
         loaded: LoadedConfig,
     ) -> Result<Server, StartError> {
         let server_cfg = loaded.gateway.server.clone();
-        let admin_listen = loaded.gateway.admin.listen;
+        let admin_listen = *loaded.gateway.admin.listen.get_ref();
         let metrics = Arc::new(Metrics::new());
         let n_workers = crate::per_worker::count(server_cfg.workers);
         // Before any service is built: each gets a connection pool per worker.

@@ -11,8 +11,8 @@ use super::units::{Duration, Size};
 pub(super) fn default_listen() -> OneOrMany<SocketAddr> {
     OneOrMany::One(SocketAddr::from(([0, 0, 0, 0], 8080)))
 }
-pub(super) fn default_admin_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9901))
+pub(super) fn default_admin_listen() -> Spanned<SocketAddr> {
+    Spanned::new(0..0, SocketAddr::from(([127, 0, 0, 1], 9901)))
 }
 pub(super) fn default_routes_dir() -> PathBuf {
     PathBuf::from("routes")

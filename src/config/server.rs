@@ -145,13 +145,17 @@ pub(crate) struct TlsConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct AdminConfig {
     #[serde(default = "default_admin_listen")]
-    pub(crate) listen: SocketAddr,
+    pub(crate) listen: Spanned<SocketAddr>,
+    /// Bearer token required for everything but `/healthz` and `/readyz`. Required when
+    /// `listen` is not a loopback address.
+    pub(crate) token: Option<Spanned<String>>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            token: None,
         }
     }
 }

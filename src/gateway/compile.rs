@@ -64,6 +64,7 @@ pub(crate) fn compile(
         let file = &loaded.frontends[*fi].0;
         errors.push(file.error_at(span.clone(), msg));
     }
+    check_admin(&loaded, &mut errors);
     let filter = &loaded.gateway.log.filter;
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(filter.get_ref()) {
         let msg = format!("[log] filter `{}` is not valid: {e}", filter.get_ref());
@@ -87,6 +88,12 @@ pub(crate) fn compile(
     Ok(Gateway {
         generation,
         unmatched: Arc::new(metrics.route("", "")),
+        admin_token: loaded
+            .gateway
+            .admin
+            .token
+            .as_ref()
+            .map(|t| Arc::from(t.get_ref().as_str())),
         loaded: Arc::new(loaded),
         router,
         routes,
@@ -95,6 +102,28 @@ pub(crate) fn compile(
         settings,
         tls,
     })
+}
+
+/// The admin API may listen beyond loopback only behind a token.
+fn check_admin(loaded: &LoadedConfig, errors: &mut ConfigErrors) {
+    let admin = &loaded.gateway.admin;
+    let gfile = &loaded.gateway_file;
+    if let Some(t) = &admin.token {
+        if t.get_ref().len() < 16 {
+            errors.push(gfile.error_at(
+                t.span(),
+                "[admin] token must be at least 16 characters",
+            ));
+        }
+    } else if !admin.listen.get_ref().ip().is_loopback() {
+        errors.push(gfile.error_at(
+            admin.listen.span(),
+            format!(
+                "[admin] listen = \"{}\" is not a loopback address: set [admin] token (like token = \"${{ADMIN_TOKEN}}\") so the admin API is not open to the network",
+                admin.listen.get_ref()
+            ),
+        ));
+    }
 }
 
 fn compile_tls(

@@ -63,6 +63,8 @@ pub struct Gateway {
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Metrics for requests that match no route.
     pub(crate) unmatched: Arc<RouteMetrics>,
+    /// `[admin] token`: required by the admin API when set.
+    pub(crate) admin_token: Option<Arc<str>>,
 }
 
 impl Gateway {
@@ -120,7 +122,7 @@ impl StartupSettings {
         let g = &c.gateway;
         StartupSettings {
             listen: g.server.listen.to_vec(),
-            admin: g.admin.listen,
+            admin: *g.admin.listen.get_ref(),
             log: (g.log.format, g.log.filter.get_ref().clone()),
             header_read_timeout: g.server.header_read_timeout.get(),
             keep_alive_timeout: g.server.keep_alive_timeout.get(),

@@ -345,3 +345,68 @@ proxy = { service = "svc" }
     );
     assert_problem(&post("/web/other", 65).await, 413, "body_too_large");
 }
+
+#[tokio::test]
+async fn the_admin_api_needs_its_token_except_for_health() {
+    let up = echo_upstream().await;
+    let token = "s3cret-admin-token-0123";
+    let gw = TestGateway::start(
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n\n\
+             [log]\naccess_log = false\n\n[services.svc]\nendpoints = [\"{}\"]\n",
+            up.url()
+        ),
+        &[("web.toml", &routes(""))],
+    )
+    .await;
+    for open in ["/healthz", "/readyz"] {
+        assert_eq!(get(&gw.admin_url(open)).await.status, 200, "{open}");
+    }
+    for guarded in ["/metrics", "/admin/config", "/admin/services"] {
+        let r = get(&gw.admin_url(guarded)).await;
+        assert_eq!(r.status, 401, "{guarded}");
+        let wrong = send(
+            http::Request::get(gw.admin_url(guarded))
+                .header("authorization", "Bearer s3cret-admin-token-0124")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(wrong.status, 401, "{guarded}");
+        let right = send(
+            http::Request::get(gw.admin_url(guarded))
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(right.status, 200, "{guarded}");
+        assert!(!right.text().contains(token), "{guarded} shows the token");
+    }
+    let reload = send(
+        http::Request::post(gw.admin_url("/admin/reload"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reload.status, 401);
+}
+
+#[test]
+fn an_admin_api_beyond_loopback_without_a_token_is_refused() {
+    let dir = write_config(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"0.0.0.0:0\"\n",
+        &[],
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["check", "--config"])
+        .arg(dir.path().join("gateway.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("gateway.toml:5:10: [admin] listen = \"0.0.0.0:0\" is not a loopback address"),
+        "{stdout}"
+    );
+}
