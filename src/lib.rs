@@ -16,6 +16,7 @@ mod context;
 pub mod demo;
 mod dispatch;
 mod error;
+pub mod fuzz;
 pub mod gateway;
 mod layers;
 pub mod observe;

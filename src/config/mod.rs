@@ -6,7 +6,7 @@ mod defaults;
 mod route;
 mod server;
 mod service;
-mod source;
+pub(crate) mod source;
 mod units;
 pub(crate) mod watch;
 

@@ -272,7 +272,16 @@ pub(crate) fn parse_file<T: serde::de::DeserializeOwned>(
 ) -> Result<(SourceFile, T), ConfigErrors> {
     let raw = std::fs::read_to_string(path)
         .map_err(|e| ConfigErrors(vec![ConfigError::file(path, format!("cannot read: {e}"))]))?;
-    let text = expand_env(path, &raw, |n| std::env::var(n).ok())?;
+    parse_text(path, &raw, |n| std::env::var(n).ok())
+}
+
+/// Parses the text of a config file (`${VAR}` expanded with `lookup`), errors located in it.
+pub(crate) fn parse_text<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    raw: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<(SourceFile, T), ConfigErrors> {
+    let text = expand_env(path, raw, lookup)?;
     let file = SourceFile {
         path: Arc::from(path),
         text: Arc::from(text),

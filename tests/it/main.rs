@@ -6,6 +6,7 @@ mod check;
 mod dns;
 mod errors;
 mod etcd;
+mod fuzz_corpus;
 mod hardening;
 mod parking;
 mod pool;
