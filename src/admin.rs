@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::middleware::{self, Next};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};

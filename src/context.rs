@@ -212,6 +212,51 @@ impl Params {
     }
 }
 
+/// Exchanges for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// An exchange for `uri` whose route captured `names` with `values` (each found in the
+    /// path in turn, as matchit hands them over: slices of the path).
+    pub(crate) fn exchange(uri: &str, names: &[&str], values: &[&str]) -> Exchange {
+        with_client(uri, names, values, None, false, false)
+    }
+
+    pub(crate) fn with_client(
+        uri: &str,
+        names: &[&str],
+        values: &[&str],
+        host: Option<&'static str>,
+        trusted: bool,
+        tls: bool,
+    ) -> Exchange {
+        let uri: Uri = uri.parse().unwrap();
+        let path = uri.path().to_owned();
+        let mut params = Params::for_names(names.iter().map(|n| Box::from(*n)).collect());
+        let mut rest = 0;
+        for v in values {
+            let at = rest + path[rest..].find(v).unwrap();
+            assert!(params.push(&path, &path[at..at + v.len()]));
+            rest = at + v.len();
+        }
+        Exchange::new(Parts {
+            route: Arc::from("web/x"),
+            uri,
+            normalized: None,
+            params,
+            host: host.map(HeaderValue::from_static),
+            request_id: HeaderValue::from_static("rid-1"),
+            client: Client {
+                peer: "10.0.0.9:5000".parse().unwrap(),
+                peer_ip: HeaderValue::from_static("10.0.0.9"),
+                tls,
+                trusted,
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

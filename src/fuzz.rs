@@ -127,7 +127,10 @@ pub fn request(mut req: Request<()>) {
     let route = &gw.routes[index];
     let mut captured = Params::for_names(route.params.clone());
     for (_, v) in params.iter() {
-        assert!(captured.push(&path, v), "matchit values are slices of the path");
+        assert!(
+            captured.push(&path, v),
+            "matchit values are slices of the path"
+        );
     }
     let normalized = match &path {
         std::borrow::Cow::Borrowed(_) => None,

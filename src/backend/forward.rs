@@ -65,24 +65,10 @@ pub(crate) fn forwarding_headers(h: &mut HeaderMap, x: &Exchange) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{Client, Params, Parts};
-    use std::sync::Arc;
+    use crate::context::testing::with_client;
 
     fn exchange(trusted: bool, tls: bool) -> Exchange {
-        Exchange::new(Parts {
-            route: Arc::from("web/x"),
-            uri: "/x".parse().unwrap(),
-            normalized: None,
-            params: Params::default(),
-            host: Some(HeaderValue::from_static("shop.example")),
-            request_id: HeaderValue::from_static("rid-1"),
-            client: Client {
-                peer: "10.0.0.9:5000".parse().unwrap(),
-                peer_ip: HeaderValue::from_static("10.0.0.9"),
-                tls,
-                trusted,
-            },
-        })
+        with_client("/x", &[], &[], Some("shop.example"), trusted, tls)
     }
 
     #[test]

@@ -87,33 +87,7 @@ impl UpstreamPath {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{Client, Params, Parts};
-    use http::HeaderValue;
-    use std::sync::Arc;
-
-    fn exchange(uri: &str, names: &[&str], values: &[&str]) -> Exchange {
-        let uri: http::Uri = uri.parse().unwrap();
-        let path = uri.path().to_owned();
-        let mut params = Params::for_names(names.iter().map(|n| Box::from(*n)).collect());
-        for v in values {
-            let at = path.find(v).unwrap();
-            assert!(params.push(&path, &path[at..at + v.len()]));
-        }
-        Exchange::new(Parts {
-            route: Arc::from("web/x"),
-            uri,
-            normalized: None,
-            params,
-            host: None,
-            request_id: HeaderValue::from_static("id"),
-            client: Client {
-                peer: "127.0.0.1:1".parse().unwrap(),
-                peer_ip: HeaderValue::from_static("127.0.0.1"),
-                tls: false,
-                trusted: false,
-            },
-        })
-    }
+    use crate::context::testing::exchange;
 
     #[test]
     fn rewrites() {

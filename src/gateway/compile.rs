@@ -110,10 +110,7 @@ fn check_admin(loaded: &LoadedConfig, errors: &mut ConfigErrors) {
     let gfile = &loaded.gateway_file;
     if let Some(t) = &admin.token {
         if t.get_ref().len() < 16 {
-            errors.push(gfile.error_at(
-                t.span(),
-                "[admin] token must be at least 16 characters",
-            ));
+            errors.push(gfile.error_at(t.span(), "[admin] token must be at least 16 characters"));
         }
     } else if !admin.listen.get_ref().ip().is_loopback() {
         errors.push(gfile.error_at(

@@ -27,5 +27,8 @@ fn the_fuzz_corpus_and_regressions_run_clean() {
             }
         }
     }
-    assert!(ran >= 9, "the committed corpus has at least the seed inputs, ran {ran}");
+    assert!(
+        ran >= 9,
+        "the committed corpus has at least the seed inputs, ran {ran}"
+    );
 }

@@ -406,7 +406,9 @@ fn an_admin_api_beyond_loopback_without_a_token_is_refused() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
-        stdout.contains("gateway.toml:5:10: [admin] listen = \"0.0.0.0:0\" is not a loopback address"),
+        stdout.contains(
+            "gateway.toml:5:10: [admin] listen = \"0.0.0.0:0\" is not a loopback address"
+        ),
         "{stdout}"
     );
 }
