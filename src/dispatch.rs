@@ -17,11 +17,11 @@ use std::time::Instant;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{Either, Limited};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::backend::RespBody;
-use crate::body::ClientBody;
+use crate::body::{linger, ClientBody};
 use crate::context::{Client, Exchange, Params, Parts};
 use crate::error::{classify, problem_response, BoxError, GatewayError};
 use crate::gateway::{Gateway, Live};
@@ -261,35 +261,9 @@ impl Conn {
             },
         });
         req.extensions_mut().insert(exchange.clone());
-        let limit = usize::try_from(max).unwrap_or(usize::MAX);
-        let req = req.map(|b| Either::Left(Limited::new(ClientBody(b), limit)));
+        let req = req.map(|b| Either::Left(ClientBody::new(b, max)));
         (Ok(route.service.call(req)), metrics, Some(exchange))
     }
-}
-
-/// How long, and how much, of a refused body is read before the connection may close.
-const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
-const LINGER_BYTES: u64 = 64 * 1024 * 1024;
-
-/// Reads and discards a refused request body, at most `LINGER_TIME` and `LINGER_BYTES` (like
-/// nginx's lingering close): closing a socket with unread data resets it, and a client still
-/// writing its body would get a write error instead of the response.
-fn linger(mut body: Incoming) {
-    tokio::spawn(async move {
-        let drained = async {
-            let mut read = 0u64;
-            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-                let Ok(frame) = frame else { return };
-                if let Some(d) = frame.data_ref() {
-                    read += d.len() as u64;
-                    if read > LINGER_BYTES {
-                        return;
-                    }
-                }
-            }
-        };
-        let _ = tokio::time::timeout(LINGER_TIME, drained).await;
-    });
 }
 
 /// The problem+json response for a request that failed. Failures of backends are expected

@@ -199,7 +199,7 @@ pub(crate) fn classify(err: &(dyn StdError + 'static)) -> Problem {
         if e.is::<tower::timeout::error::Elapsed>() {
             return GatewayError::UpstreamTimeout.problem();
         }
-        if e.is::<http_body_util::LengthLimitError>() {
+        if e.is::<crate::body::BodyTooLarge>() {
             return GatewayError::BodyTooLarge.problem();
         }
         if let Some(b) = e.downcast_ref::<crate::body::ClientBodyError>() {

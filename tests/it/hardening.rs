@@ -202,28 +202,38 @@ async fn a_coding_other_than_chunked_is_501() {
     assert_eq!(up.requests(), 0, "nothing reached the backend");
 }
 
-#[tokio::test]
-async fn a_refused_body_is_read_so_the_client_sees_the_413() {
-    let up = reading_upstream().await;
-    let gw = gateway(&up, "max_request_body = \"1KiB\"", "").await;
-    let len = 16 * 1024 * 1024;
+/// Sends `head`, then `body_len` bytes (chunked framing if `chunked`) while reading; returns the
+/// answer's status line and whether the whole body could be written.
+async fn upload_while_reading(
+    gw: &TestGateway,
+    head: String,
+    body_len: usize,
+    chunked: bool,
+) -> (String, bool) {
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(
-        format!("POST /web/x HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
     let writer = tokio::spawn(async move {
         let chunk = vec![b'a'; 64 * 1024];
         let mut sent = 0;
-        while sent < len {
-            if wr.write_all(&chunk).await.is_err() {
-                return Err(sent);
+        while sent < body_len {
+            let ok = if chunked {
+                let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+                framed.extend_from_slice(&chunk);
+                framed.extend_from_slice(b"\r\n");
+                wr.write_all(&framed).await
+            } else {
+                wr.write_all(&chunk).await
+            };
+            if ok.is_err() {
+                return false;
             }
             sent += chunk.len();
         }
-        Ok(sent)
+        if chunked && wr.write_all(b"0\r\n\r\n").await.is_err() {
+            return false;
+        }
+        true
     });
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -235,10 +245,39 @@ async fn a_refused_body_is_read_so_the_client_sees_the_413() {
         assert!(n > 0, "closed before the answer");
         out.extend_from_slice(&buf[..n]);
     }
-    let head = String::from_utf8_lossy(&out);
-    assert_eq!(status_of(&head), "413", "{head}");
-    let written = writer.await.unwrap();
-    assert_eq!(written, Ok(len), "the whole body could be written");
+    let line = String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    (line, writer.await.unwrap())
+}
+
+#[tokio::test]
+async fn a_refused_body_is_read_so_the_client_sees_the_413() {
+    let up = reading_upstream().await;
+    let gw = gateway(&up, "max_request_body = \"1KiB\"", "").await;
+    let len = 16 * 1024 * 1024;
+    // Declared too large: refused before the backend is asked.
+    let (line, all_written) = upload_while_reading(
+        &gw,
+        format!("POST /web/x HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n"),
+        len,
+        false,
+    )
+    .await;
+    assert_eq!(status_of(&line), "413", "{line}");
+    assert!(all_written, "the whole declared body could be written");
+    // Chunked, found too large while it streams to the backend.
+    let (line, all_written) = upload_while_reading(
+        &gw,
+        "POST /web/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
+        len,
+        true,
+    )
+    .await;
+    assert_eq!(status_of(&line), "413", "{line}");
+    assert!(all_written, "the whole chunked body could be written");
 }
 
 #[tokio::test]

@@ -53,9 +53,14 @@ async fn sighup_reloads_and_access_log_has_one_event_per_request() {
         get(&gw.url("/web/b")).await.text() == "b"
     })
     .await;
-    assert!(!gw
-        .events(|v| v["message"] == "config reloaded" && v["trigger"] == "sighup")
-        .is_empty());
+    // The event is written after the new config is in service: wait for it too.
+    eventually(10, "the reload's log event", || {
+        let found = !gw
+            .events(|v| v["message"] == "config reloaded" && v["trigger"] == "sighup")
+            .is_empty();
+        async move { found }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -21,8 +21,8 @@ use tokio::time::Instant;
 use tower::retry::budget::Budget as _;
 
 use super::replay::Replay;
-use crate::body::ClientBodyError;
 use crate::body::ReqBody;
+use crate::body::{BodyTooLarge, ClientBodyError};
 use crate::error::{chain_has, client_body, find_in_chain, GatewayError};
 use crate::observe::metrics::{Resilience, UpstreamErrorKind};
 use crate::upstream::breaker::Guard;
@@ -239,7 +239,7 @@ fn attempt<'a, T: Transport>(
 /// chunked framing), is the client's doing — not counted against the endpoint, the breaker or
 /// the upstream error metrics, and never retried.
 fn classify_send_error(up: &Upstream, e: SendError) -> (GatewayError, Option<Failure>) {
-    if chain_has::<http_body_util::LengthLimitError>(&e) {
+    if chain_has::<BodyTooLarge>(&e) {
         return (GatewayError::BodyTooLarge, None);
     }
     if let Some(b) = find_in_chain::<ClientBodyError>(&e) {

@@ -8,8 +8,8 @@ use http::header::{self, HeaderMap};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 
-use crate::body::ClientBodyError;
 use crate::body::ReqBody;
+use crate::body::{BodyTooLarge, ClientBodyError};
 use crate::error::{chain_has, client_body, find_in_chain, GatewayError};
 
 /// A request body for one or more attempts.
@@ -40,7 +40,7 @@ impl Replay {
             return Ok(Replay::Kept(full));
         }
         let bytes = body.collect().await.map_err(|e| {
-            if chain_has::<http_body_util::LengthLimitError>(&*e) {
+            if chain_has::<BodyTooLarge>(&*e) {
                 GatewayError::BodyTooLarge
             } else if let Some(b) = find_in_chain::<ClientBodyError>(&*e) {
                 client_body(b)
