@@ -18,7 +18,7 @@ use http::{HeaderValue, Uri};
 pub(crate) struct Exchange(Arc<Inner>);
 
 struct Inner {
-    route: Arc<str>,
+    route: Arc<RouteInfo>,
     uri: Uri,
     /// The normalized path when it differs from the URI's path.
     normalized: Option<Box<str>>,
@@ -26,6 +26,7 @@ struct Inner {
     host: Option<HeaderValue>,
     request_id: HeaderValue,
     client: Client,
+    started: std::time::Instant,
     meta: ResponseMeta,
 }
 
@@ -42,15 +43,26 @@ pub(crate) struct Client {
     pub(crate) trusted: bool,
 }
 
+/// What a request's context knows of its route: one shared value per compiled route.
+#[derive(Debug)]
+pub(crate) struct RouteInfo {
+    /// `frontend/route`.
+    pub(crate) id: Box<str>,
+    /// The names the route's path captures, in order.
+    pub(crate) params: Box<[Box<str>]>,
+}
+
 /// Everything the dispatcher found out before the route's stack runs.
 pub(crate) struct Parts {
-    pub(crate) route: Arc<str>,
+    pub(crate) route: Arc<RouteInfo>,
     pub(crate) uri: Uri,
     pub(crate) normalized: Option<Box<str>>,
     pub(crate) params: Params,
     pub(crate) host: Option<HeaderValue>,
     pub(crate) request_id: HeaderValue,
     pub(crate) client: Client,
+    /// When the dispatcher took the request (before the route's deadline started).
+    pub(crate) started: std::time::Instant,
 }
 
 impl Exchange {
@@ -63,6 +75,7 @@ impl Exchange {
             host: p.host,
             request_id: p.request_id,
             client: p.client,
+            started: p.started,
             meta: ResponseMeta::default(),
         }))
     }
@@ -70,7 +83,7 @@ impl Exchange {
     /// `frontend/route`.
     #[allow(dead_code)] // API of the seam: read by the layers and backends to come (auth, cache, aggregate, plugins)
     pub(crate) fn route(&self) -> &str {
-        &self.0.route
+        &self.0.route.id
     }
 
     /// The request target as the client sent it.
@@ -91,14 +104,19 @@ impl Exchange {
 
     /// A captured path parameter by name.
     pub(crate) fn param(&self, name: &str) -> Option<&str> {
-        self.0.params.get(self.path(), name)
+        self.params().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
     /// Every captured parameter, in the order of the route's path.
     #[allow(dead_code)] // API of the seam: read by the layers and backends to come (auth, cache, aggregate, plugins)
     pub(crate) fn params(&self) -> impl Iterator<Item = (&str, &str)> {
         let path = self.path();
-        self.0.params.iter(path)
+        self.0
+            .route
+            .params
+            .iter()
+            .zip(self.0.params.spans())
+            .map(move |(n, (s, e))| (&**n, path.get(s as usize..e as usize).unwrap_or("")))
     }
 
     /// The authority the request was routed by (Host, or HTTP/2 `:authority`).
@@ -112,6 +130,11 @@ impl Exchange {
 
     pub(crate) fn client(&self) -> &Client {
         &self.0.client
+    }
+
+    /// When the dispatcher took the request: before the route's deadline started its timer.
+    pub(crate) fn started(&self) -> std::time::Instant {
+        self.0.started
     }
 
     /// What the gateway learned about the response.
@@ -150,11 +173,10 @@ impl ResponseMeta {
     }
 }
 
-/// The path parameters a route captured, as byte ranges of the matched path, with the
-/// route's parameter names. Up to `INLINE` parameters are kept without allocating.
+/// The path parameters a route captured, as byte ranges of the matched path (the names are the
+/// route's, in `RouteInfo`). Up to `INLINE` parameters are kept without allocating.
 #[derive(Clone, Default)]
 pub(crate) struct Params {
-    names: Option<Arc<[Box<str>]>>,
     inline: [(u32, u32); INLINE],
     len: u8,
     more: Vec<(u32, u32)>,
@@ -163,14 +185,6 @@ pub(crate) struct Params {
 const INLINE: usize = 4;
 
 impl Params {
-    /// An empty list for a route whose parameters are `names`.
-    pub(crate) fn for_names(names: Arc<[Box<str>]>) -> Self {
-        Params {
-            names: Some(names),
-            ..Params::default()
-        }
-    }
-
     /// Records the next parameter's value, `value` being a slice of `path`. A value that is
     /// not part of `path` is refused (`false`).
     pub(crate) fn push(&mut self, path: &str, value: &str) -> bool {
@@ -198,21 +212,8 @@ impl Params {
             .chain(self.more.iter())
             .copied()
     }
-
-    fn iter<'a>(&'a self, path: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
-        let names = self.names.as_deref().unwrap_or(&[]);
-        names
-            .iter()
-            .zip(self.spans())
-            .map(move |(n, (s, e))| (&**n, path.get(s as usize..e as usize).unwrap_or("")))
-    }
-
-    fn get<'a>(&'a self, path: &'a str, name: &str) -> Option<&'a str> {
-        self.iter(path).find(|(n, _)| *n == name).map(|(_, v)| v)
-    }
 }
 
-/// Exchanges for unit tests.
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
@@ -233,7 +234,7 @@ pub(crate) mod testing {
     ) -> Exchange {
         let uri: Uri = uri.parse().unwrap();
         let path = uri.path().to_owned();
-        let mut params = Params::for_names(names.iter().map(|n| Box::from(*n)).collect());
+        let mut params = Params::default();
         let mut rest = 0;
         for v in values {
             let at = rest + path[rest..].find(v).unwrap();
@@ -241,7 +242,10 @@ pub(crate) mod testing {
             rest = at + v.len();
         }
         Exchange::new(Parts {
-            route: Arc::from("web/x"),
+            route: Arc::new(RouteInfo {
+                id: "web/x".into(),
+                params: names.iter().map(|n| Box::from(*n)).collect(),
+            }),
             uri,
             normalized: None,
             params,
@@ -253,6 +257,7 @@ pub(crate) mod testing {
                 tls,
                 trusted,
             },
+            started: std::time::Instant::now(),
         })
     }
 }
@@ -262,11 +267,10 @@ mod tests {
     use super::*;
 
     fn exchange(uri: &str, normalized: Option<&str>, names: &[&str], values: &[&str]) -> Exchange {
-        let names: Arc<[Box<str>]> = names.iter().map(|n| Box::from(*n)).collect();
         let uri: Uri = uri.parse().unwrap();
         let normalized: Option<Box<str>> = normalized.map(Box::from);
         let path = normalized.as_deref().unwrap_or(uri.path()).to_owned();
-        let mut params = Params::for_names(names);
+        let mut params = Params::default();
         // Values as matchit hands them over: slices of the path it matched.
         let mut rest = path.as_str();
         for v in values {
@@ -277,7 +281,10 @@ mod tests {
         }
         // The exchange keeps its own copy of the path: the spans must index into that one.
         Exchange::new(Parts {
-            route: Arc::from("web/user"),
+            route: Arc::new(RouteInfo {
+                id: "web/user".into(),
+                params: names.iter().map(|n| Box::from(*n)).collect(),
+            }),
             uri,
             normalized,
             params,
@@ -289,6 +296,7 @@ mod tests {
                 tls: false,
                 trusted: false,
             },
+            started: std::time::Instant::now(),
         })
     }
 

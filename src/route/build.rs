@@ -22,6 +22,7 @@ use crate::config::{
     BackendConfig, ConfigErrors, FallbackConfig, ProxyConfig, RespondConfig, RouteConfig,
     SourceFile,
 };
+use crate::context::RouteInfo;
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
 use crate::routing::template::route_params;
@@ -167,8 +168,10 @@ pub(crate) fn build(
         },
         route: Route {
             metrics: Arc::new(cx.metrics.route(fe.name, rname)),
-            id: Arc::from(id),
-            params: params.into_iter().map(String::into_boxed_str).collect(),
+            info: Arc::new(RouteInfo {
+                id: id.into_boxed_str(),
+                params: params.into_iter().map(String::into_boxed_str).collect(),
+            }),
             max_request_body: settings.max_request_body,
             service,
         },

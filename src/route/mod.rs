@@ -15,6 +15,7 @@ use tower::{Service, ServiceExt};
 
 use crate::backend::RespBody;
 use crate::body::ReqBody;
+use crate::context::RouteInfo;
 use crate::error::BoxError;
 use crate::observe::metrics::RouteMetrics;
 
@@ -23,10 +24,8 @@ pub(crate) use chain::{chain, Layers};
 
 /// One compiled route.
 pub(crate) struct Route {
-    /// `frontend/route`.
-    pub(crate) id: Arc<str>,
-    /// The names the route's path captures, in order (for the request's `Exchange`).
-    pub(crate) params: Arc<[Box<str>]>,
+    /// Its id and parameter names, shared with each request's `Exchange`.
+    pub(crate) info: Arc<RouteInfo>,
     /// Request bodies larger than this get 413.
     pub(crate) max_request_body: u64,
     pub(crate) service: RouteService,

@@ -47,19 +47,44 @@ pub(crate) fn check_head<B>(
     if h.len() > limits.max_headers {
         return Err(GatewayError::HeadersTooLarge);
     }
+    // One pass over the fields: sizes, `_` in names, and the Host and Transfer-Encoding fields
+    // (compared by their standard names, without hashing).
     let mut head = uri_len;
     let mut underscore = false;
+    let mut host: Option<&HeaderValue> = None;
+    let mut hosts = 0u32;
+    let mut codings = 0u32;
+    let mut only_chunked = true;
     for (name, value) in h {
         let line = name.as_str().len() + value.len();
         if line > limits.max_header_line {
             return Err(GatewayError::HeadersTooLarge);
         }
         head += line + 4;
-        underscore |= name.as_str().as_bytes().contains(&b'_');
+        if *name == header::HOST {
+            hosts += 1;
+            host.get_or_insert(value);
+        } else if *name == header::TRANSFER_ENCODING {
+            codings += 1;
+            only_chunked &= value
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked");
+        } else {
+            underscore |= name.as_str().as_bytes().contains(&b'_');
+        }
     }
     if head > limits.max_head {
         return Err(GatewayError::HeadersTooLarge);
     }
+    // Only one coding, `chunked`. (hyper has refused a list that does not end with it.)
+    if codings > 0 && !(codings == 1 && only_chunked) {
+        return Err(GatewayError::NotImplemented("transfer coding"));
+    }
+    if hosts > 1 {
+        return Err(GatewayError::BadRequest("more than one Host header"));
+    }
+    let authority = authority(req, host.cloned())?;
     if underscore {
         match limits.underscores {
             Underscores::Allow => {}
@@ -69,20 +94,7 @@ pub(crate) fn check_head<B>(
             Underscores::Drop => drop_underscores(req.headers_mut()),
         }
     }
-    if let Some(te) = req.headers().get(header::TRANSFER_ENCODING) {
-        // Only one coding, `chunked`. (hyper has refused a list that does not end with it.)
-        let only_chunked = req
-            .headers()
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .count()
-            == 1
-            && te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
-        if !only_chunked {
-            return Err(GatewayError::NotImplemented("transfer coding"));
-        }
-    }
-    authority(req)
+    Ok(authority)
 }
 
 fn drop_underscores(h: &mut HeaderMap) {
@@ -98,12 +110,10 @@ fn drop_underscores(h: &mut HeaderMap) {
 
 /// The one authority of a request: the target's (absolute form, HTTP/2 `:authority`) or the
 /// single `Host`; they must agree when both are there.
-fn authority<B>(req: &Request<B>) -> Result<Option<HeaderValue>, GatewayError> {
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
-        return Err(GatewayError::BadRequest("more than one Host header"));
-    }
+fn authority<B>(
+    req: &Request<B>,
+    host: Option<HeaderValue>,
+) -> Result<Option<HeaderValue>, GatewayError> {
     let target = req.uri().authority();
     if host.is_none() && target.is_none() && req.version() == Version::HTTP_11 {
         return Err(GatewayError::BadRequest("HTTP/1.1 request without Host"));
@@ -115,9 +125,9 @@ fn authority<B>(req: &Request<B>) -> Result<Option<HeaderValue>, GatewayError> {
                     "Host disagrees with the request target",
                 ));
             }
-            h.clone()
+            h
         }
-        (Some(h), None) => h.clone(),
+        (Some(h), None) => h,
         (None, Some(t)) => HeaderValue::from_str(t.as_str())
             .map_err(|_| GatewayError::BadRequest("request authority"))?,
         (None, None) => return Ok(None),
@@ -127,6 +137,18 @@ fn authority<B>(req: &Request<B>) -> Result<Option<HeaderValue>, GatewayError> {
     }
     Ok(Some(value))
 }
+
+/// Bytes allowed in a host name (reg-name: letters, digits, `-._~`).
+static HOST_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_' || b == b'~';
+        i += 1;
+    }
+    t
+};
 
 /// `host[:port]` with a reg-name, IPv4 or bracketed IPv6 host; no user info. Empty is allowed
 /// (RFC 9112 §3.2: a target without an authority is sent with an empty `Host`).
@@ -159,10 +181,7 @@ fn valid_authority(b: &[u8]) -> bool {
     };
     let port_ok =
         port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
-    let host_ok = !host.is_empty()
-        && host
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'));
+    let host_ok = !host.is_empty() && host.iter().all(|&c| HOST_BYTE[usize::from(c)]);
     port_ok && host_ok
 }
 

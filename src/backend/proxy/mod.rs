@@ -116,9 +116,10 @@ impl tower::Service<Request<ReqBody>> for Proxy {
             upgrade = false;
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        // Taken here, before the route's deadline starts its timer: when the deadline cuts the
-        // request, `started + deadline` has passed (how a cancelled attempt is told apart).
-        let started = Instant::now();
+        // Taken by the dispatcher, before the route's deadline started its timer: when the
+        // deadline cuts the request, `started + deadline` has passed (how a cancelled attempt
+        // is told apart).
+        let started = Instant::from_std(exchange.started());
         Box::pin(self.clone().forward(req, client_upgrade, exchange, started))
     }
 }
