@@ -30,7 +30,7 @@ use crate::observe::metrics::RouteMetrics;
 use crate::observe::trace::{new_request_id, valid_request_id};
 use crate::route::RouteCall;
 use crate::routing::head::check_head;
-use crate::routing::{normalize, request_host, Found};
+use crate::routing::{normalize, Found};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -216,7 +216,7 @@ impl Conn {
                 )
             }
         };
-        let host = request_host(authority.as_ref());
+        let host = authority.as_ref().map_or(Cow::Borrowed(""), |a| a.host());
         let (route, params) = match gw.router.find(&host, &path, req.method(), req.headers()) {
             Found::Route { index, params } => {
                 let route = &gw.routes[index];
@@ -258,7 +258,7 @@ impl Conn {
             uri: req.uri().clone(),
             normalized,
             params,
-            host: authority,
+            host: authority.map(|a| a.into_value()),
             request_id: request_id.clone(),
             client: Client {
                 peer: self.peer,

@@ -59,7 +59,7 @@ use crate::config::{FrontendFile, GatewayConfig, LoadedConfig};
 use crate::context::{Client, Exchange, Params, Parts};
 use crate::observe::metrics::Metrics;
 use crate::routing::head::{check_head, Limits};
-use crate::routing::{normalize, request_host, Found};
+use crate::routing::{normalize, Found};
 
 /// `${VAR}` expansion of a config file's text (variables: `A`=`x`, `B`=`"quoted\nline"`).
 pub fn expand(text: &str) {
@@ -119,7 +119,9 @@ pub fn request(mut req: Request<()>) {
         return;
     };
     let gw = gateway();
-    let host = request_host(authority.as_ref());
+    let host = authority
+        .as_ref()
+        .map_or(std::borrow::Cow::Borrowed(""), |a| a.host());
     let Found::Route { index, params } = gw.router.find(&host, &path, req.method(), req.headers())
     else {
         return;
@@ -141,7 +143,7 @@ pub fn request(mut req: Request<()>) {
         uri: req.uri().clone(),
         normalized,
         params: captured,
-        host: authority,
+        host: authority.map(|a| a.into_value()),
         request_id: HeaderValue::from_static("fuzz"),
         client: Client {
             peer: ([127, 0, 0, 1], 1).into(),

@@ -37,7 +37,7 @@ pub(crate) struct Limits {
 pub(crate) fn check_head<B>(
     req: &mut Request<B>,
     limits: &Limits,
-) -> Result<Option<HeaderValue>, GatewayError> {
+) -> Result<Option<Authority>, GatewayError> {
     let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
         + req.uri().authority().map_or(0, |a| a.as_str().len());
     if uri_len > limits.max_uri {
@@ -113,7 +113,7 @@ fn drop_underscores(h: &mut HeaderMap) {
 fn authority<B>(
     req: &Request<B>,
     host: Option<HeaderValue>,
-) -> Result<Option<HeaderValue>, GatewayError> {
+) -> Result<Option<Authority>, GatewayError> {
     let target = req.uri().authority();
     if host.is_none() && target.is_none() && req.version() == Version::HTTP_11 {
         return Err(GatewayError::BadRequest("HTTP/1.1 request without Host"));
@@ -132,10 +132,10 @@ fn authority<B>(
             .map_err(|_| GatewayError::BadRequest("request authority"))?,
         (None, None) => return Ok(None),
     };
-    if !valid_authority(value.as_bytes()) {
+    let Some(host) = host_range(value.as_bytes()) else {
         return Err(GatewayError::BadRequest("Host is not a valid host[:port]"));
-    }
-    Ok(Some(value))
+    };
+    Ok(Some(Authority { value, host }))
 }
 
 /// Bytes allowed in a host name (reg-name: letters, digits, `-._~`).
@@ -150,39 +150,74 @@ static HOST_BYTE: [bool; 256] = {
     t
 };
 
-/// `host[:port]` with a reg-name, IPv4 or bracketed IPv6 host; no user info. Empty is allowed
-/// (RFC 9112 §3.2: a target without an authority is sent with an empty `Host`).
-fn valid_authority(b: &[u8]) -> bool {
+/// A request's one authority, checked: its value, and where the host is in it.
+#[derive(Debug, Clone)]
+pub(crate) struct Authority {
+    value: HeaderValue,
+    host: std::ops::Range<usize>,
+}
+
+impl Authority {
+    /// The value, as `Host` would carry it.
+    pub(crate) fn into_value(self) -> HeaderValue {
+        self.value
+    }
+
+    /// The host, for routing: lower case, without port, brackets or trailing dot.
+    pub(crate) fn host(&self) -> std::borrow::Cow<'_, str> {
+        let b = &self.value.as_bytes()[self.host.clone()];
+        let b = b.strip_suffix(b".").unwrap_or(b);
+        // ASCII only: `host_range` allowed nothing else.
+        let s = std::str::from_utf8(b).unwrap_or("");
+        if b.iter().any(u8::is_ascii_uppercase) {
+            std::borrow::Cow::Owned(s.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(s)
+        }
+    }
+}
+
+/// Where the host is in `host[:port]` (a reg-name, IPv4 or bracketed IPv6 host; no user info),
+/// or `None` if the value is not that. Empty is allowed (RFC 9112 §3.2: a target without an
+/// authority is sent with an empty `Host`).
+fn host_range(b: &[u8]) -> Option<std::ops::Range<usize>> {
     if b.is_empty() {
-        return true;
+        return Some(0..0);
     }
     let (host, port) = if let Some(rest) = b.strip_prefix(b"[") {
-        let Some(end) = rest.iter().position(|&c| c == b']') else {
-            return false;
-        };
-        let (v6, after) = (&rest[..end], &rest[end + 1..]);
+        let end = rest.iter().position(|&c| c == b']')?;
+        let v6 = &rest[..end];
         if v6.is_empty()
             || !v6
                 .iter()
                 .all(|c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.'))
         {
-            return false;
+            return None;
         }
-        match after {
-            [] => (&b"x"[..], None),
-            [b':', port @ ..] => (&b"x"[..], Some(port)),
-            _ => return false,
-        }
+        let port = match &rest[end + 1..] {
+            [] => None,
+            [b':', port @ ..] => Some(port),
+            _ => return None,
+        };
+        (1..1 + end, port)
     } else {
-        match b.iter().rposition(|&c| c == b':') {
-            Some(i) => (&b[..i], Some(&b[i + 1..])),
-            None => (b, None),
+        let (end, port) = match b.iter().rposition(|&c| c == b':') {
+            Some(i) => (i, Some(&b[i + 1..])),
+            None => (b.len(), None),
+        };
+        if end == 0 || !b[..end].iter().all(|&c| HOST_BYTE[usize::from(c)]) {
+            return None;
         }
+        (0..end, port)
     };
     let port_ok =
         port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
-    let host_ok = !host.is_empty() && host.iter().all(|&c| HOST_BYTE[usize::from(c)]);
-    port_ok && host_ok
+    port_ok.then_some(host)
+}
+
+#[cfg(test)]
+fn valid_authority(b: &[u8]) -> bool {
+    host_range(b).is_some()
 }
 
 #[cfg(test)]
@@ -207,7 +242,11 @@ mod tests {
         r.body(()).unwrap()
     }
 
-    fn code(r: Result<Option<HeaderValue>, GatewayError>) -> &'static str {
+    fn value(r: Result<Option<Authority>, GatewayError>) -> Option<HeaderValue> {
+        r.unwrap().map(Authority::into_value)
+    }
+
+    fn code(r: Result<Option<Authority>, GatewayError>) -> &'static str {
         r.map_or_else(|e| e.problem().code, |_| "ok")
     }
 
@@ -215,7 +254,7 @@ mod tests {
     fn one_host_is_the_authority() {
         let mut r = req("/x", &[("host", "Shop.example:8080")]);
         assert_eq!(
-            check_head(&mut r, &limits()).unwrap().unwrap(),
+            value(check_head(&mut r, &limits())).unwrap(),
             "Shop.example:8080"
         );
         let mut r = req("/x", &[("host", "a.example"), ("host", "b.example")]);
@@ -228,13 +267,13 @@ mod tests {
         );
         let mut r = req("/x", &[]);
         *r.version_mut() = Version::HTTP_10;
-        assert_eq!(check_head(&mut r, &limits()).unwrap(), None);
+        assert_eq!(value(check_head(&mut r, &limits())), None);
     }
 
     #[test]
     fn an_absolute_target_and_host_must_agree() {
         let mut r = req("http://a.example/x", &[("host", "a.example")]);
-        assert_eq!(check_head(&mut r, &limits()).unwrap().unwrap(), "a.example");
+        assert_eq!(value(check_head(&mut r, &limits())).unwrap(), "a.example");
         let mut r = req("http://a.example/x", &[("host", "A.EXAMPLE")]);
         assert!(
             check_head(&mut r, &limits()).is_ok(),
@@ -245,10 +284,20 @@ mod tests {
         // HTTP/2: :authority alone is the authority.
         let mut r = req("http://h2.example/x", &[]);
         *r.version_mut() = Version::HTTP_2;
-        assert_eq!(
-            check_head(&mut r, &limits()).unwrap().unwrap(),
-            "h2.example"
-        );
+        assert_eq!(value(check_head(&mut r, &limits())).unwrap(), "h2.example");
+    }
+
+    #[test]
+    fn the_routing_host_is_lower_case_without_port_or_trailing_dot() {
+        let host = |s: &'static str| {
+            let value = HeaderValue::from_static(s);
+            let host = host_range(value.as_bytes()).unwrap();
+            Authority { value, host }.host().into_owned()
+        };
+        assert_eq!(host("WWW.Example.com.:8080"), "www.example.com");
+        assert_eq!(host("[::1]:80"), "::1");
+        assert_eq!(host("a.b"), "a.b");
+        assert_eq!(host(""), "");
     }
 
     #[test]

@@ -260,24 +260,6 @@ fn allow_header<'a>(filters: impl Iterator<Item = &'a RouteFilter>) -> HeaderVal
     HeaderValue::from_str(&methods.join(", ")).unwrap_or(HeaderValue::from_static(""))
 }
 
-/// The host of a request's authority (`routing::head` checked it): lower case, without port or
-/// trailing dot.
-pub(crate) fn request_host(authority: Option<&HeaderValue>) -> std::borrow::Cow<'_, str> {
-    let raw = authority.and_then(|h| h.to_str().ok()).unwrap_or("");
-    let host = if let Some(rest) = raw.strip_prefix('[') {
-        // [v6]:port
-        rest.split(']').next().unwrap_or("")
-    } else {
-        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(host.to_ascii_lowercase())
-    } else {
-        std::borrow::Cow::Borrowed(host)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,14 +351,5 @@ mod tests {
         ]);
         let which: Vec<usize> = errs.iter().map(|e| e.0).collect();
         assert_eq!(which, vec![1, 2, 4], "{errs:?}");
-    }
-
-    #[test]
-    fn host_of_request() {
-        let host = |s: &'static str| request_host(Some(&HeaderValue::from_static(s))).into_owned();
-        assert_eq!(host("WWW.Example.com.:8080"), "www.example.com");
-        assert_eq!(host("[::1]:80"), "::1");
-        assert_eq!(host("a.b"), "a.b");
-        assert_eq!(request_host(None), "");
     }
 }

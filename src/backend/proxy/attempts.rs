@@ -78,12 +78,13 @@ enum Attempt<B> {
 }
 
 /// Runs the attempts. `build` makes the request for one attempt at an endpoint from the parts,
-/// the headers (cloned when the request may be sent again, else moved) and the body.
+/// the headers (cloned when the request may be sent again, else moved) and the body. Parts
+/// and body are borrowed: the caller's future holds them, and this one's state stays small.
 pub(crate) async fn run<T, F>(
     plan: Plan<'_>,
     transport: &T,
-    mut parts: http::request::Parts,
-    mut body: Replay,
+    parts: &mut http::request::Parts,
+    body: &mut Replay,
     build: F,
 ) -> Result<Answer<T::Body>, GatewayError>
 where
@@ -143,7 +144,7 @@ where
             };
             // Bound by `let`, so that the `Result` is not a temporary of the whole statement,
             // kept across the await.
-            let built = build(&parts, headers, &ep, this_body);
+            let built = build(parts, headers, &ep, this_body);
             built?
         })
         .await;
@@ -371,7 +372,8 @@ mod tests {
                 policy: up.retry.as_ref(),
                 deadline_at,
             };
-            let a = run(plan, transport, request(Method::GET), body, build).await?;
+            let (mut parts, mut body) = (request(Method::GET), body);
+            let a = run(plan, transport, &mut parts, &mut body, build).await?;
             Ok((a.resp.status().as_u16(), a.ep.url.to_string(), a.attempts))
         });
         (task, handle)

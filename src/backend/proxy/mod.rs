@@ -146,8 +146,8 @@ impl Proxy {
                 && !upgrade
                 && method_allows_retry(req.method(), req.headers(), self.opts.idempotent)
         });
-        let (parts, body) = req.into_parts();
-        let body = match policy {
+        let (mut parts, body) = req.into_parts();
+        let mut body = match policy {
             None => Replay::once(body),
             Some(p) => Replay::buffer(&parts.headers, body, p.max_body_buffer).await?,
         };
@@ -156,9 +156,13 @@ impl Proxy {
             policy,
             deadline_at: self.opts.deadline.map(|d| started + d),
         };
-        let answer = attempts::run(plan, up, parts, body, |parts, headers, ep, body| {
-            self.request_for(parts, headers, upgrade, ep, body, started)
-        })
+        let answer = attempts::run(
+            plan,
+            up,
+            &mut parts,
+            &mut body,
+            |parts, headers, ep, body| self.request_for(parts, headers, upgrade, ep, body, started),
+        )
         .await?;
         let Answer {
             mut resp,
