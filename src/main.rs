@@ -198,6 +198,18 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)]) {
         out,
         "  curl -i -X DELETE {base}/web/users/1   (405 with Allow)"
     );
+    let _ = writeln!(
+        out,
+        "  head -c 100000 /dev/zero | curl -i --data-binary @- {base}/web/orders   (413: the route's max_request_body)"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -i -H 'Transfer-Encoding: gzip, chunked' -d x {base}/web/orders   (501: only chunked)"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -s -H 'X_Forwarded_For: 6.6.6.6' {base}/web/echo/x   (names with _ are dropped)"
+    );
     let _ = writeln!(out, "  curl http://{admin}/metrics");
     let _ = writeln!(out, "  curl http://{admin}/admin/config");
     let _ = writeln!(out, "  curl -X POST http://{admin}/admin/reload");
