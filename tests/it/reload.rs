@@ -47,12 +47,19 @@ async fn reload_under_load_loses_no_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
+    // The first failure, to say what it was.
+    let first = Arc::new(std::sync::Mutex::new(None::<String>));
     let url = gw.url("/web/a");
     let mut load = Vec::new();
     for _ in 0..200 {
         let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), url.clone());
+        let first = first.clone();
         load.push(tokio::spawn(async move {
             let c = client();
+            let fail = |what: String| {
+                failed.fetch_add(1, Ordering::Relaxed);
+                first.lock().unwrap().get_or_insert(what);
+            };
             while !stop.load(Ordering::Relaxed) {
                 match c.get(url.parse().unwrap()).await {
                     Ok(r) if r.status() == 200 => {
@@ -60,12 +67,14 @@ async fn reload_under_load_loses_no_request() {
                         if body.text() == "a" {
                             ok.fetch_add(1, Ordering::Relaxed);
                         } else {
-                            failed.fetch_add(1, Ordering::Relaxed);
+                            fail(format!("200 with body {:?}", body.text()));
                         }
                     }
-                    _ => {
-                        failed.fetch_add(1, Ordering::Relaxed);
+                    Ok(r) => {
+                        let status = r.status();
+                        fail(format!("{status}: {}", read(r).await.text()));
                     }
+                    Err(e) => fail(format!("client error: {e:?}")),
                 }
             }
         }));
@@ -119,7 +128,7 @@ async fn reload_under_load_loses_no_request() {
         before_stop > 1000,
         "too little load to mean anything: {before_stop}"
     );
-    assert_eq!(failed, 0);
+    assert_eq!(failed, 0, "first failure: {:?}", first.lock().unwrap());
 
     let m = get(&gw.admin_url("/metrics")).await.text();
     let line = |name: &str| {
