@@ -66,7 +66,13 @@ impl Protocols {
     ) -> Self {
         let mut h1 = http1::Builder::new();
         // hyper's minimum buffer is 8 KiB.
-        h1.max_buf_size(max_head.max(8192)).max_headers(max_headers);
+        h1.max_buf_size(max_head.max(8192));
+        // Up to 100 header fields hyper parses into arrays on the stack; a larger limit makes it
+        // allocate both arrays for every request. So its own limit stays at 100 unless more
+        // are allowed (the dispatcher answers `max_header_count` below that with problem+json).
+        if max_headers > HYPER_DEFAULT_MAX_HEADERS {
+            h1.max_headers(max_headers);
+        }
         // The header-read timeout is ours (`run_http1`): hyper's would allocate and arm a
         // timer for every request.
         h1.timer(TokioTimer::new())
@@ -88,6 +94,9 @@ impl Protocols {
         }
     }
 }
+
+/// hyper's own header-count limit, with its arrays on the stack.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
 /// Parked before hyper's header-read timer (which also runs on an idle connection) can fire.
 fn park_after(header_read_timeout: Duration) -> Duration {

@@ -80,14 +80,15 @@ impl Server {
                 source,
             })?;
 
-        // hyper's own caps: twice the configured limits, which the dispatcher enforces.
+        // hyper's own caps: twice the head size the dispatcher enforces, and as many header
+        // fields as it allows (at least hyper's default, 100).
         let protocols = Arc::new(Protocols::new(
             server_cfg.header_read_timeout.get(),
             server_cfg.keep_alive_timeout.get(),
             usize::try_from(server_cfg.max_request_head.0)
                 .unwrap_or(usize::MAX / 2)
                 .saturating_mul(2),
-            server_cfg.max_header_count.saturating_mul(2),
+            server_cfg.max_header_count,
         ));
 
         let (stop, stop_rx) = watch::channel(false);

@@ -171,7 +171,7 @@ impl StartupSettings {
         check(self.workers != other.workers, "server.workers");
         check(
             self.head_caps != other.head_caps,
-            "server.max_request_head / max_header_count (hyper's hard caps, twice these, are set at start)",
+            "server.max_request_head / max_header_count (hyper's hard caps made from them are set at start)",
         );
         out
     }

@@ -2,8 +2,8 @@
 //! proven otherwise.
 //!
 //! - Limits (`[server]`): request target length (414), header count, header line size and
-//!   total head size (431), each answered with problem+json. (hyper's own buffer and header
-//!   count limits sit at twice these, as a hard cap on what it holds.)
+//!   total head size (431), each answered with problem+json. (hyper's own caps — twice the head
+//!   size, and the header count but at least 100 — bound what it holds before this runs.)
 //! - Header names with `_`: dropped by default (like nginx), since a backend that maps `-` to
 //!   `_` (CGI, WSGI, PHP) would otherwise take `X_Forwarded_For` for the `X-Forwarded-For` the
 //!   gateway sets; `underscores_in_headers = "reject"` answers 400, `"allow"` forwards them.
