@@ -221,8 +221,10 @@ impl Conn {
             Found::Route { index, params } => {
                 let route = &gw.routes[index];
                 let mut captured = Params::default();
-                for (_, v) in params.iter() {
-                    captured.push(&path, v);
+                if !route.info.params.is_empty() {
+                    for (_, v) in params.iter() {
+                        captured.push(&path, v);
+                    }
                 }
                 (route, captured)
             }

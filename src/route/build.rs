@@ -154,6 +154,11 @@ pub(crate) fn build(
     } else {
         format!("{}{}", fe.prefix, rc.path.get_ref())
     };
+    // Only a proxy's path template reads the parameters today.
+    let reads_params = match &rc.backend {
+        BackendConfig::Proxy(p) => p.get_ref().path.is_some(),
+        BackendConfig::Respond(_) => false,
+    };
     let (line, _) = file.locate(rc.name.span().start);
     let id = format!("{}/{rname}", fe.name);
     Some(Built {
@@ -170,7 +175,11 @@ pub(crate) fn build(
             metrics: Arc::new(cx.metrics.route(fe.name, rname)),
             info: Arc::new(RouteInfo {
                 id: id.into_boxed_str(),
-                params: params.into_iter().map(String::into_boxed_str).collect(),
+                params: if reads_params {
+                    params.into_iter().map(String::into_boxed_str).collect()
+                } else {
+                    Box::default()
+                },
             }),
             max_request_body: settings.max_request_body,
             service,
