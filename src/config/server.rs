@@ -10,7 +10,7 @@ use toml::Spanned;
 
 use super::defaults::*;
 use super::service::ServiceConfig;
-use super::units::{Duration, Size};
+use super::units::{nonzero_count, nonzero_size, Duration, Size};
 
 /// `gateway.toml`: the gateway's own settings and the shared definitions.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -60,16 +60,16 @@ pub(crate) struct ServerConfig {
     #[serde(default = "default_max_body")]
     pub(crate) max_request_body: Size,
     /// The request line and headers together; beyond it, 431.
-    #[serde(default = "d_32kib")]
+    #[serde(default = "d_32kib", deserialize_with = "nonzero_size")]
     pub(crate) max_request_head: Size,
     /// Header fields in one request; beyond it, 431.
-    #[serde(default = "hundred")]
+    #[serde(default = "hundred", deserialize_with = "nonzero_count")]
     pub(crate) max_header_count: usize,
     /// One header field (name and value); beyond it, 431.
-    #[serde(default = "d_8kib")]
+    #[serde(default = "d_8kib", deserialize_with = "nonzero_size")]
     pub(crate) max_header_size: Size,
     /// The request target; beyond it, 414.
-    #[serde(default = "d_8kib")]
+    #[serde(default = "d_8kib", deserialize_with = "nonzero_size")]
     pub(crate) max_uri_length: Size,
     /// Header names with `_`: `drop` (default), `reject` (400) or `allow`.
     #[serde(default)]

@@ -88,9 +88,41 @@ impl Serialize for Size {
     }
 }
 
+/// A size that must not be zero (a head limit of 0 would refuse every request).
+pub(crate) fn nonzero_size<'de, D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+    let s = Size::deserialize(d)?;
+    if s.0 == 0 {
+        return Err(de::Error::custom("this limit must be greater than zero"));
+    }
+    Ok(s)
+}
+
+/// A count that must not be zero.
+pub(crate) fn nonzero_count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if n == 0 {
+        return Err(de::Error::custom("this limit must be greater than zero"));
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_limits_of_zero_are_refused_where_they_are_written() {
+        let err =
+            toml::from_str::<crate::config::ServerConfig>("max_header_count = 0").unwrap_err();
+        assert!(err.message().contains("greater than zero"), "{err}");
+        assert_eq!(err.span(), Some(19..20));
+        for key in ["max_request_head", "max_header_size", "max_uri_length"] {
+            let err = toml::from_str::<crate::config::ServerConfig>(&format!("{key} = \"0KiB\""))
+                .unwrap_err();
+            assert!(err.message().contains("greater than zero"), "{key}: {err}");
+        }
+        assert!(toml::from_str::<crate::config::ServerConfig>("max_uri_length = \"2KiB\"").is_ok());
+    }
 
     #[test]
     fn durations() {
