@@ -27,7 +27,20 @@ struct Inner {
     request_id: HeaderValue,
     client: Client,
     started: std::time::Instant,
+    /// Who the request is from, once authentication has said so.
+    identity: OnceLock<Identity>,
     meta: ResponseMeta,
+}
+
+/// Who a request is from, as authentication established it.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    /// The provider that accepted the request (`[auth.*.NAME]`).
+    pub(crate) provider: Arc<str>,
+    /// The claims of a JWT.
+    pub(crate) claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
+    /// The consumer of an API key.
+    pub(crate) consumer: Option<Arc<str>>,
 }
 
 /// The client connection a request came on.
@@ -66,6 +79,9 @@ pub(crate) struct Parts {
     pub(crate) client: Client,
     /// When the dispatcher took the request (before the route's deadline started).
     pub(crate) started: std::time::Instant,
+    /// Whether anything reads which upstream answered (the access log does): when nothing
+    /// does, the proxy does not record it.
+    pub(crate) wants_upstream: bool,
 }
 
 impl Exchange {
@@ -79,7 +95,11 @@ impl Exchange {
             request_id: p.request_id,
             client: p.client,
             started: p.started,
-            meta: ResponseMeta::default(),
+            identity: OnceLock::new(),
+            meta: ResponseMeta {
+                wants_upstream: p.wants_upstream,
+                ..ResponseMeta::default()
+            },
         }))
     }
 
@@ -144,6 +164,33 @@ impl Exchange {
     pub(crate) fn meta(&self) -> &ResponseMeta {
         &self.0.meta
     }
+
+    /// Who the request is from (set once, by authentication).
+    pub(crate) fn identity(&self) -> Option<&Identity> {
+        self.0.identity.get()
+    }
+
+    pub(crate) fn set_identity(&self, id: Identity) {
+        let _ = self.0.identity.set(id);
+    }
+
+    /// The context of a call the gateway makes on this request's behalf (external auth,
+    /// an aggregate's calls): the same route, URI and client, a response record of its own.
+    pub(crate) fn sub_request(&self) -> Exchange {
+        let i = &self.0;
+        Exchange(Arc::new(Inner {
+            route: i.route.clone(),
+            uri: i.uri.clone(),
+            normalized: i.normalized.clone(),
+            params: i.params.clone(),
+            host: i.host.clone(),
+            request_id: i.request_id.clone(),
+            client: i.client.clone(),
+            started: i.started,
+            identity: OnceLock::new(),
+            meta: ResponseMeta::default(),
+        }))
+    }
 }
 
 /// Which upstream endpoint answered, after how many attempts.
@@ -156,12 +203,18 @@ pub(crate) struct UpstreamUsed {
 /// Response metadata, each cell written at most once by the part of the stack that knows it.
 #[derive(Default)]
 pub(crate) struct ResponseMeta {
+    wants_upstream: bool,
     upstream: OnceLock<UpstreamUsed>,
     /// Held until the client's response body ends (the service's bulkhead slot).
     guard: OnceLock<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl ResponseMeta {
+    /// Whether `upstream` is read by anything (a part that knows it may skip recording it).
+    pub(crate) fn wants_upstream(&self) -> bool {
+        self.wants_upstream
+    }
+
     pub(crate) fn set_upstream(&self, used: UpstreamUsed) {
         let _ = self.upstream.set(used);
     }
@@ -261,6 +314,7 @@ pub(crate) mod testing {
                 trusted,
             },
             started: std::time::Instant::now(),
+            wants_upstream: true,
         })
     }
 }
@@ -300,6 +354,7 @@ mod tests {
                 trusted: false,
             },
             started: std::time::Instant::now(),
+            wants_upstream: true,
         })
     }
 

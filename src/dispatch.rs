@@ -216,7 +216,11 @@ impl Conn {
                 )
             }
         };
-        let host = authority.as_ref().map_or(Cow::Borrowed(""), |a| a.host());
+        // The host is made for routing only where routes are chosen by host.
+        let host = match &authority {
+            Some(a) if gw.router.routes_by_host() => a.host(),
+            _ => Cow::Borrowed(""),
+        };
         let (route, params) = match gw.router.find(&host, &path, req.method(), req.headers()) {
             Found::Route { index, params } => {
                 let route = &gw.routes[index];
@@ -269,6 +273,7 @@ impl Conn {
                 trusted,
             },
             started,
+            wants_upstream: gw.settings.access_log,
         });
         req.extensions_mut().insert(exchange.clone());
         let req = req.map(|b| Either::Left(ClientBody::new(b, max)));

@@ -152,6 +152,7 @@ pub fn request(mut req: Request<()>) {
             trusted: req.headers().contains_key("x-trusted"),
         },
         started: std::time::Instant::now(),
+        wants_upstream: false,
     });
     for (name, value) in x.params() {
         assert!(x.path().contains(value) || value.is_empty(), "{name}");
@@ -160,7 +161,7 @@ pub fn request(mut req: Request<()>) {
     for tpl in ["/v1/{id}/{rest}", "/x"] {
         let names: Vec<String> = x.params().map(|(n, _)| n.to_owned()).collect();
         if let Ok(t) = crate::backend::target::UpstreamPath::template(tpl, &names) {
-            let target = t.build(&x, true);
+            let target = t.build(&x, x.query());
             // What the proxy does with it: it must be a request target or be refused.
             let _ = http::Uri::try_from(target);
         }

@@ -8,6 +8,7 @@
 //! and `observe` look at it from the side.
 
 mod admin;
+mod auth;
 mod backend;
 mod body;
 pub mod config;

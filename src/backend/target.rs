@@ -19,11 +19,28 @@ pub(crate) enum UpstreamPath {
     Template(Box<[Part]>),
 }
 
+/// An upstream path template that cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TemplateError {
+    #[error("upstream path `{0}` must start with `/`")]
+    NoSlash(String),
+    #[error("upstream path `{0}`: unclosed `{{`")]
+    Unclosed(String),
+    #[error("upstream path `{0}`: stray `}}`")]
+    Stray(String),
+    #[error("upstream path `{tpl}` uses `{{{name}}}`, which the route path does not capture (it captures: {captured})")]
+    NotCaptured {
+        tpl: String,
+        name: String,
+        captured: String,
+    },
+}
+
 impl UpstreamPath {
     /// Parses an upstream template; every `{name}` must be captured by the route path.
-    pub(crate) fn template(tpl: &str, captured: &[String]) -> Result<Self, String> {
+    pub(crate) fn template(tpl: &str, captured: &[String]) -> Result<Self, TemplateError> {
         if !tpl.starts_with('/') {
-            return Err(format!("upstream path `{tpl}` must start with `/`"));
+            return Err(TemplateError::NoSlash(tpl.to_owned()));
         }
         let mut parts = Vec::new();
         let mut rest = tpl;
@@ -33,20 +50,25 @@ impl UpstreamPath {
             }
             let close = rest[open..]
                 .find('}')
-                .ok_or_else(|| format!("upstream path `{tpl}`: unclosed `{{`"))?;
+                .ok_or_else(|| TemplateError::Unclosed(tpl.to_owned()))?;
             let raw = &rest[open + 1..open + close];
             let name = raw.strip_prefix('*').unwrap_or(raw);
             if !captured.iter().any(|c| c == name) {
-                return Err(format!(
-                    "upstream path `{tpl}` uses `{{{raw}}}`, which the route path does not capture (it captures: {})",
-                    if captured.is_empty() { "nothing".to_owned() } else { captured.join(", ") }
-                ));
+                return Err(TemplateError::NotCaptured {
+                    tpl: tpl.to_owned(),
+                    name: raw.to_owned(),
+                    captured: if captured.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        captured.join(", ")
+                    },
+                });
             }
             parts.push(Part::Param(name.into()));
             rest = &rest[open + close + 1..];
         }
         if rest.contains('}') {
-            return Err(format!("upstream path `{tpl}`: stray `}}`"));
+            return Err(TemplateError::Stray(tpl.to_owned()));
         }
         if !rest.is_empty() {
             parts.push(Part::Lit(rest.into()));
@@ -54,10 +76,11 @@ impl UpstreamPath {
         Ok(UpstreamPath::Template(parts.into_boxed_slice()))
     }
 
-    /// The origin-form target (path and query) to send upstream.
-    pub(crate) fn build(&self, x: &Exchange, forward_query: bool) -> String {
+    /// The origin-form target to send upstream: this template's path and `query` (the
+    /// request's query as it reaches the backend: a layer above may have removed a parameter,
+    /// like an API key).
+    pub(crate) fn build(&self, x: &Exchange, query: Option<&str>) -> String {
         let path = x.path();
-        let query = if forward_query { x.query() } else { None };
         let mut out = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1) + 16);
         match self {
             UpstreamPath::StripPrefix(n) => {
@@ -94,14 +117,18 @@ mod tests {
         let captured = vec!["id".to_owned(), "rest".to_owned()];
         let x = exchange("/web/users/42/a/b?q=1", &["id", "rest"], &["42", "a/b"]);
         let t = UpstreamPath::template("/v1/u/{id}/x/{rest}", &captured).unwrap();
-        assert_eq!(t.build(&x, true), "/v1/u/42/x/a/b?q=1");
-        assert_eq!(t.build(&x, false), "/v1/u/42/x/a/b");
+        assert_eq!(t.build(&x, x.query()), "/v1/u/42/x/a/b?q=1");
+        assert_eq!(t.build(&x, None), "/v1/u/42/x/a/b");
         let s = UpstreamPath::StripPrefix(4);
-        assert_eq!(s.build(&x, false), "/users/42/a/b");
-        assert_eq!(s.build(&exchange("/web", &[], &[]), true), "/");
-        assert!(UpstreamPath::template("/v1/{nope}", &captured)
-            .unwrap_err()
-            .contains("does not capture"));
-        assert!(UpstreamPath::template("v1", &captured).is_err());
+        assert_eq!(s.build(&x, None), "/users/42/a/b");
+        assert_eq!(s.build(&exchange("/web", &[], &[]), None), "/");
+        assert!(matches!(
+            UpstreamPath::template("/v1/{nope}", &captured),
+            Err(TemplateError::NotCaptured { name, .. }) if name == "nope"
+        ));
+        assert_eq!(
+            UpstreamPath::template("v1", &captured),
+            Err(TemplateError::NoSlash("v1".into()))
+        );
     }
 }

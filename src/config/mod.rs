@@ -2,16 +2,19 @@
 //! expansion, and errors located as `file:line:col`. Semantic checks that need the whole picture
 //! (unknown services, route conflicts) run in `gateway::compile`, which reports them the same way.
 
+mod auth;
 mod defaults;
 mod route;
 mod server;
 mod service;
 pub(crate) mod source;
 mod units;
+mod view;
 pub(crate) mod watch;
 
 use std::path::{Path, PathBuf};
 
+pub(crate) use auth::*;
 pub(crate) use route::*;
 pub(crate) use server::*;
 pub(crate) use service::*;
@@ -19,6 +22,7 @@ pub(crate) use source::SourceFile;
 pub use source::{ConfigError, ConfigErrors};
 #[cfg(test)]
 pub(crate) use units::{Duration, Size};
+pub(crate) use view::ConfigView;
 
 /// Everything one load read from disk: gateway.toml and the route files, with their text so that
 /// later checks can point into them.

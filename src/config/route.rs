@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use toml::Spanned;
 
+use super::auth::{AuthRef, CorsConfig, RequireConfig};
 use super::defaults::*;
 use super::service::RetryConfig;
 use super::units::{Duration, Size};
@@ -42,6 +43,12 @@ pub(crate) struct FrontendConfig {
     pub(crate) timeout: Option<Duration>,
     /// Default body limit for the routes below (overrides `[server] max_request_body`).
     pub(crate) max_request_body: Option<Size>,
+    /// Authentication of the routes below (a route may say otherwise).
+    pub(crate) auth: Option<Spanned<AuthRef>>,
+    /// What the identity must have, for the routes below.
+    pub(crate) require: Option<Spanned<RequireConfig>>,
+    /// CORS for the routes below; preflights are answered by the gateway.
+    pub(crate) cors: Option<Spanned<CorsConfig>>,
 }
 
 /// One `[[route]]`. Serde reads it through `RawRoute` (every key a route may have, unknown keys
@@ -66,6 +73,10 @@ pub(crate) struct RouteConfig {
     pub(crate) idempotent: bool,
     /// Served when the backend fails (502, 503, 504).
     pub(crate) fallback: Option<Spanned<FallbackConfig>>,
+    /// Overrides the frontend's authentication (`"none"` opens the route explicitly).
+    pub(crate) auth: Option<Spanned<AuthRef>>,
+    /// Overrides the frontend's `require`.
+    pub(crate) require: Option<Spanned<RequireConfig>>,
     /// What answers the route: exactly one of the backend keys.
     pub(crate) backend: BackendConfig,
 }
@@ -110,15 +121,27 @@ pub(crate) struct RawRoute {
     #[serde(skip_serializing_if = "Option::is_none")]
     fallback: Option<Spanned<FallbackConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<Spanned<AuthRef>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    require: Option<Spanned<RequireConfig>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     proxy: Option<Spanned<ProxyConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     respond: Option<Spanned<RespondConfig>>,
 }
 
-impl TryFrom<RawRoute> for RouteConfig {
-    type Error = String;
+/// A route without exactly one backend.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("route `{route}` must have exactly one backend: `proxy` or `respond` (it has {}{})", .found.len(), if .found.is_empty() { String::new() } else { format!(": {}", .found.join(", ")) })]
+pub(crate) struct BackendChoiceError {
+    route: String,
+    found: Vec<&'static str>,
+}
 
-    fn try_from(r: RawRoute) -> Result<Self, String> {
+impl TryFrom<RawRoute> for RouteConfig {
+    type Error = BackendChoiceError;
+
+    fn try_from(r: RawRoute) -> Result<Self, BackendChoiceError> {
         let mut found = Vec::new();
         if let Some(p) = r.proxy {
             found.push(BackendConfig::Proxy(p));
@@ -128,16 +151,10 @@ impl TryFrom<RawRoute> for RouteConfig {
         }
         let name = r.name.get_ref();
         if found.len() != 1 {
-            let keys: Vec<&str> = found.iter().map(BackendConfig::key).collect();
-            return Err(format!(
-                "route `{name}` must have exactly one backend: `proxy` or `respond` (it has {}{})",
-                found.len(),
-                if keys.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", keys.join(", "))
-                }
-            ));
+            return Err(BackendChoiceError {
+                route: name.clone(),
+                found: found.iter().map(BackendConfig::key).collect(),
+            });
         }
         let backend = found.remove(0);
         Ok(RouteConfig {
@@ -150,6 +167,8 @@ impl TryFrom<RawRoute> for RouteConfig {
             retry: r.retry,
             idempotent: r.idempotent,
             fallback: r.fallback,
+            auth: r.auth,
+            require: r.require,
             backend,
         })
     }
@@ -172,6 +191,8 @@ impl From<RouteConfig> for RawRoute {
             retry: r.retry,
             idempotent: r.idempotent,
             fallback: r.fallback,
+            auth: r.auth,
+            require: r.require,
             proxy,
             respond,
         }

@@ -28,6 +28,8 @@ pub struct GatewayConfig {
     pub(crate) dns: DnsConfig,
     #[serde(default)]
     pub(crate) services: BTreeMap<String, Spanned<ServiceConfig>>,
+    #[serde(default)]
+    pub(crate) auth: super::auth::AuthConfig,
 }
 
 /// One address or a list of them (`listen = "…"` or `listen = ["…", "…"]`).

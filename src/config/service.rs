@@ -62,55 +62,74 @@ pub(crate) struct RawDiscovery {
     prefix: Option<String>,
 }
 
-impl TryFrom<RawDiscovery> for DiscoveryConfig {
-    type Error = String;
+/// A `discovery` table that is not exactly one kind of discovery.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum DiscoveryError {
+    #[error("discovery: give exactly one of `dns`, `dns_srv` or `etcd`")]
+    Kinds,
+    #[error("discovery: scheme `{0}` must be http or https")]
+    Scheme(String),
+    #[error("discovery: `port` must not be 0")]
+    PortZero,
+    #[error("discovery: `port` and `scheme` come from each registered instance's url with `etcd`")]
+    EtcdPort,
+    #[error("discovery: `etcd` needs `prefix`, like \"/services/NAME/\"")]
+    EtcdPrefix,
+    #[error("discovery: `etcd` needs at least one URL")]
+    EtcdUrls,
+    #[error("discovery: etcd URL `{0}` must be http://host:port")]
+    EtcdUrl(String),
+    #[error("discovery: `prefix` goes with `etcd`")]
+    Prefix,
+    #[error("discovery: `dns = \"{0}\"` needs `port`")]
+    DnsPort(String),
+    #[error("discovery: `port` comes from the SRV records; leave it out")]
+    SrvPort,
+}
 
-    fn try_from(d: RawDiscovery) -> Result<Self, String> {
-        let fail = |msg: &str| Err(format!("discovery: {msg}"));
+impl TryFrom<RawDiscovery> for DiscoveryConfig {
+    type Error = DiscoveryError;
+
+    fn try_from(d: RawDiscovery) -> Result<Self, DiscoveryError> {
+        let fail = |e: DiscoveryError| Err(e);
         let kinds = d.dns.is_some() as u8 + d.dns_srv.is_some() as u8 + d.etcd.is_some() as u8;
         if kinds != 1 {
-            return fail("give exactly one of `dns`, `dns_srv` or `etcd`");
+            return fail(DiscoveryError::Kinds);
         }
         let https = match d.scheme.as_deref() {
             None | Some("http") => false,
             Some("https") => true,
-            Some(other) => {
-                return Err(format!("discovery: scheme `{other}` must be http or https"))
-            }
+            Some(other) => return fail(DiscoveryError::Scheme(other.to_owned())),
         };
         if d.port == Some(0) {
-            return fail("`port` must not be 0");
+            return fail(DiscoveryError::PortZero);
         }
         if let Some(urls) = d.etcd {
             if d.port.is_some() || d.scheme.is_some() {
-                return fail(
-                    "`port` and `scheme` come from each registered instance's url with `etcd`",
-                );
+                return fail(DiscoveryError::EtcdPort);
             }
             let Some(prefix) = d.prefix.filter(|p| !p.is_empty()) else {
-                return fail("`etcd` needs `prefix`, like \"/services/NAME/\"");
+                return fail(DiscoveryError::EtcdPrefix);
             };
             if urls.is_empty() {
-                return fail("`etcd` needs at least one URL");
+                return fail(DiscoveryError::EtcdUrls);
             }
             if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
-                return Err(format!(
-                    "discovery: etcd URL `{bad}` must be http://host:port"
-                ));
+                return fail(DiscoveryError::EtcdUrl(bad.clone()));
             }
             return Ok(DiscoveryConfig::Etcd { urls, prefix });
         }
         if d.prefix.is_some() {
-            return fail("`prefix` goes with `etcd`");
+            return fail(DiscoveryError::Prefix);
         }
         if let Some(name) = d.dns {
             let Some(port) = d.port else {
-                return Err(format!("discovery: `dns = \"{name}\"` needs `port`"));
+                return fail(DiscoveryError::DnsPort(name));
             };
             return Ok(DiscoveryConfig::Dns { name, port, https });
         }
         if d.port.is_some() {
-            return fail("`port` comes from the SRV records; leave it out");
+            return fail(DiscoveryError::SrvPort);
         }
         Ok(DiscoveryConfig::Srv {
             name: d.dns_srv.unwrap_or_default(),

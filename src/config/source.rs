@@ -25,13 +25,14 @@ impl SourceFile {
         (line, col)
     }
 
-    pub(crate) fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+    /// A located error; `message` is any typed error of the module that found it.
+    pub(crate) fn error_at(&self, span: Range<usize>, message: impl fmt::Display) -> ConfigError {
         let (line, col) = self.locate(span.start);
         ConfigError {
             file: self.path.to_path_buf(),
             line,
             col,
-            message: message.into(),
+            message: message.to_string(),
         }
     }
 }

@@ -21,14 +21,24 @@ impl Duration {
     }
 }
 
+/// A duration or size that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UnitError {
+    #[error("invalid duration {0:?} ({1}); write it like \"250ms\" or \"30s\"")]
+    Duration(String, String),
+    #[error("duration {0:?} must be greater than zero")]
+    ZeroDuration(String),
+    #[error("invalid size {0:?} ({1}); write it like \"64KiB\" or \"8MiB\"")]
+    Size(String, String),
+}
+
 impl std::str::FromStr for Duration {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let d = humantime::parse_duration(s.trim()).map_err(|e| {
-            format!("invalid duration {s:?} ({e}); write it like \"250ms\" or \"30s\"")
-        })?;
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, UnitError> {
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| UnitError::Duration(s.to_owned(), e.to_string()))?;
         if d.is_zero() {
-            return Err(format!("duration {s:?} must be greater than zero"));
+            return Err(UnitError::ZeroDuration(s.to_owned()));
         }
         Ok(Duration(d))
     }
@@ -58,12 +68,12 @@ impl fmt::Display for Duration {
 pub(crate) struct Size(pub u64);
 
 impl std::str::FromStr for Size {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, UnitError> {
         s.trim()
             .parse::<bytesize::ByteSize>()
             .map(|b| Size(b.as_u64()))
-            .map_err(|e| format!("invalid size {s:?} ({e}); write it like \"64KiB\" or \"8MiB\""))
+            .map_err(|e| UnitError::Size(s.to_owned(), e.to_string()))
     }
 }
 
@@ -128,10 +138,10 @@ mod tests {
     fn durations() {
         assert_eq!("250ms".parse::<Duration>().unwrap().get().as_millis(), 250);
         assert_eq!("30s".parse::<Duration>().unwrap().get().as_secs(), 30);
-        assert!("0s"
-            .parse::<Duration>()
-            .unwrap_err()
-            .contains("greater than zero"));
+        assert_eq!(
+            "0s".parse::<Duration>().unwrap_err(),
+            UnitError::ZeroDuration("0s".into())
+        );
         assert!("soon".parse::<Duration>().is_err());
     }
 

@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::{Gateway, Settings};
-use crate::config::{ConfigErrors, FrontendFile, LoadedConfig, SourceFile};
+use crate::config::{ConfigErrors, ConfigView, FrontendFile, LoadedConfig, SourceFile};
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
 use crate::route::{self, BuildContext, Built, Frontend, Inherited, Route};
@@ -28,6 +28,13 @@ pub(crate) fn compile(
     let gfile = &loaded.gateway_file;
     let mut resources = Resources::new();
     let services = compile_services(&loaded, previous, metrics, &mut resources, &mut errors);
+    let providers = crate::auth::build_providers(
+        &loaded,
+        previous.map(|p| &p.resources),
+        &mut resources,
+        metrics,
+        &mut errors,
+    );
     let tls = compile_tls(&loaded, &mut errors);
 
     let server = Inherited {
@@ -38,6 +45,7 @@ pub(crate) fn compile(
         resources: &resources,
         defined: loaded.gateway.services.keys().map(String::as_str).collect(),
         metrics,
+        providers: &providers,
     };
     let mut built = Vec::new();
     // For each route: its file and where its name is, to locate router errors.
@@ -94,7 +102,7 @@ pub(crate) fn compile(
             .token
             .as_ref()
             .map(|t| Arc::from(t.get_ref().as_str())),
-        loaded: Arc::new(loaded),
+        config: Arc::new(ConfigView::new(&loaded)),
         router,
         routes,
         services,
@@ -258,12 +266,33 @@ fn compile_frontend(
         timeout: fe.timeout.map_or(server.timeout, |t| t.get()),
         max_request_body: fe.max_request_body.map_or(server.max_request_body, |s| s.0),
     };
+    // Every header any provider used in this frontend sets from an identity: removed from
+    // each request of the frontend, whatever its route's auth.
+    let mut strip: Vec<http::HeaderName> = Vec::new();
+    let uses = fe
+        .auth
+        .iter()
+        .chain(ff.route.iter().filter_map(|r| r.get_ref().auth.as_ref()));
+    for a in uses {
+        for n in a.get_ref().names() {
+            if let Some(p) = cx.providers.get(n) {
+                for h in p.identity_headers() {
+                    if !strip.contains(&h) {
+                        strip.push(h);
+                    }
+                }
+            }
+        }
+    }
     let frontend = Frontend {
         name: fname,
         prefix,
         hosts: &hosts,
         settings: &settings,
         file,
+        auth: fe.auth.as_ref(),
+        require: fe.require.as_ref(),
+        strip: strip.into(),
     };
     let mut route_names = HashSet::new();
     for spanned in &ff.route {

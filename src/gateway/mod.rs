@@ -41,7 +41,7 @@ pub fn load_and_compile(
     }
 }
 
-use crate::config::{self, ConfigErrors, LoadedConfig};
+use crate::config::{self, ConfigErrors, ConfigView, LoadedConfig};
 use crate::observe::metrics::{Metrics, RouteMetrics};
 use crate::resources::Resources;
 use crate::route::Route;
@@ -51,7 +51,8 @@ use crate::upstream::Upstream;
 /// One compiled config generation.
 pub struct Gateway {
     pub(crate) generation: u64,
-    pub(crate) loaded: Arc<LoadedConfig>,
+    /// The effective config as `/admin/config` shows it (rendered, secrets masked).
+    pub(crate) config: Arc<ConfigView>,
     pub(crate) router: Router,
     /// Indexed by the router's route index.
     pub(crate) routes: Vec<Route>,
@@ -69,7 +70,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn frontend_count(&self) -> usize {
-        self.loaded.frontends.len()
+        self.config.frontend_count
     }
 
     pub fn route_count(&self) -> usize {

@@ -16,9 +16,12 @@ use crate::config::{
 };
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
+use crate::upstream::bulkhead::Limits;
 use crate::upstream::discovery::{self, DnsTarget};
+use crate::upstream::endpoint::Outlier;
 use crate::upstream::retry::RetryPolicy;
 use crate::upstream::{self, Endpoint, HashKey, Parts, Source, TlsSettings, Upstream};
+use crate::upstream::{breaker, health};
 
 pub(super) fn compile_services(
     loaded: &LoadedConfig,
@@ -63,6 +66,17 @@ struct ServiceKey {
     dns: Option<DnsConfig>,
 }
 
+/// A service's settings, each checked by the run-time type that uses it.
+#[derive(Default)]
+struct Checked {
+    hash_key: Option<HashKey>,
+    retry: Option<RetryPolicy>,
+    breaker: Option<breaker::Settings>,
+    bulkhead: Option<Limits>,
+    health: Option<health::Probe>,
+    outlier: Option<Outlier>,
+}
+
 /// Checks one service and builds its `Upstream`; `None` when it has errors (recorded).
 fn build_service(
     loaded: &LoadedConfig,
@@ -104,9 +118,10 @@ fn build_service(
                 Some(Source::Static(endpoints))
             }
         };
-        let hash_key = check_balancing(gfile, name, cfg, spanned.span(), errors);
+        let mut checked = Checked::default();
+        check_balancing(gfile, name, cfg, spanned.span(), &mut checked, errors);
         let tls = upstream_tls(loaded, name, cfg, spanned.span(), errors);
-        let retry = check_resilience(gfile, name, cfg, spanned.span(), errors);
+        check_resilience(gfile, name, cfg, spanned.span(), &mut checked, errors);
         if let (Some(source), Some(tls), true) = (source, tls, errors.0.len() == before) {
             // A discovered service rebuilt with the same source starts from what the previous
             // build knew: no gap until the next answer, and endpoint state kept.
@@ -121,9 +136,13 @@ fn build_service(
             let parts = Parts {
                 seed,
                 source,
-                hash_key,
+                hash_key: checked.hash_key,
                 tls,
-                retry,
+                retry: checked.retry,
+                breaker: checked.breaker,
+                health: checked.health,
+                outlier: checked.outlier,
+                bulkhead: checked.bulkhead,
             };
             return Some(Upstream::new(
                 name,
@@ -227,7 +246,7 @@ fn discovery_source(
             resolver: Box::new(resolver),
             target,
         }),
-        Err(msg) => fail(msg),
+        Err(e) => fail(e.to_string()),
     }
 }
 
@@ -237,8 +256,9 @@ fn check_resilience(
     name: &str,
     cfg: &crate::config::ServiceConfig,
     span: Range<usize>,
+    s: &mut Checked,
     errors: &mut ConfigErrors,
-) -> Option<RetryPolicy> {
+) {
     let retry = cfg
         .retry
         .as_ref()
@@ -249,47 +269,33 @@ fn check_resilience(
                 None
             }
         });
+    s.retry = retry;
     if let Some(cb) = &cfg.circuit_breaker {
-        let c = cb.get_ref();
-        let mut bad = |msg: String| {
-            errors.push(gfile.error_at(
-                cb.span(),
-                format!("service `{name}` circuit_breaker: {msg}"),
-            ))
-        };
-        if c.consecutive_failures == 0 || c.min_requests == 0 || c.half_open_requests == 0 {
-            bad(
-                "consecutive_failures, min_requests and half_open_requests must be at least 1"
-                    .into(),
-            );
-        }
-        if !(c.failure_rate > 0.0 && c.failure_rate <= 1.0) {
-            bad(format!(
-                "failure_rate = {} must be above 0 and at most 1",
-                c.failure_rate
-            ));
-        }
-        if c.open_for.get() > c.max_open_for.get() {
-            bad(format!(
-                "open_for ({}) must not exceed max_open_for ({})",
-                c.open_for, c.max_open_for
-            ));
+        match breaker::Settings::from_config(cb.get_ref()) {
+            Ok(b) => s.breaker = Some(b),
+            Err(list) => {
+                for e in list {
+                    let msg = format!("service `{name}` circuit_breaker: {e}");
+                    errors.push(gfile.error_at(cb.span(), msg));
+                }
+            }
         }
     }
-    if let Some(m) = &cfg.max_concurrent_requests {
-        if *m.get_ref() == 0 {
-            errors.push(gfile.error_at(
-                m.span(),
-                format!("service `{name}`: max_concurrent_requests must be at least 1"),
-            ));
+    let bulkhead = Limits::from_config(
+        cfg.max_concurrent_requests.as_ref().map(|m| *m.get_ref()),
+        cfg.max_queued_requests,
+        cfg.queue_timeout.get(),
+    );
+    match bulkhead {
+        Ok(b) => s.bulkhead = b,
+        Err(e) => {
+            let at = cfg
+                .max_concurrent_requests
+                .as_ref()
+                .map_or(span, |m| m.span());
+            errors.push(gfile.error_at(at, format!("service `{name}`: {e}")));
         }
-    } else if cfg.max_queued_requests > 0 {
-        errors.push(gfile.error_at(
-            span,
-            format!("service `{name}`: max_queued_requests needs max_concurrent_requests"),
-        ));
     }
-    retry
 }
 
 /// Checks load balancing, health check and outlier detection settings; returns the hash key.
@@ -298,8 +304,9 @@ fn check_balancing(
     name: &str,
     cfg: &crate::config::ServiceConfig,
     span: Range<usize>,
+    s: &mut Checked,
     errors: &mut ConfigErrors,
-) -> Option<HashKey> {
+) {
     let consistent = cfg.load_balancing == LoadBalancing::ConsistentHash;
     let key = match &cfg.hash_key {
         Some(k) if !consistent => {
@@ -326,48 +333,27 @@ fn check_balancing(
         }
         None => None,
     };
+    s.hash_key = key;
     if let Some(hc) = &cfg.health_check {
-        let h = hc.get_ref();
-        let mut bad = |msg: String| {
-            errors.push(gfile.error_at(hc.span(), format!("service `{name}` health_check: {msg}")))
-        };
-        if !h.path.starts_with('/') {
-            bad(format!("path `{}` must start with `/`", h.path));
-        }
-        if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
-            bad("healthy_threshold and unhealthy_threshold must be at least 1".into());
-        }
-        if h.timeout.get() > h.interval.get() {
-            bad(format!(
-                "timeout ({}) must not be longer than interval ({})",
-                h.timeout, h.interval
-            ));
-        }
-        if let Some(s) = h
-            .expected_statuses
-            .iter()
-            .find(|s| !(100..=599).contains(*s))
-        {
-            bad(format!("expected status {s} is not an HTTP status"));
+        match health::Probe::from_config(hc.get_ref()) {
+            Ok(p) => s.health = Some(p),
+            Err(list) => {
+                for e in list {
+                    let msg = format!("service `{name}` health_check: {e}");
+                    errors.push(gfile.error_at(hc.span(), msg));
+                }
+            }
         }
     }
     if let Some(od) = &cfg.outlier_detection {
-        let o = od.get_ref();
-        let mut bad = |msg: String| {
-            errors.push(gfile.error_at(
-                od.span(),
-                format!("service `{name}` outlier_detection: {msg}"),
-            ))
-        };
-        if o.consecutive_failures == 0 {
-            bad("consecutive_failures must be at least 1".into());
-        }
-        if o.base_ejection_time.get() > o.max_ejection_time.get() {
-            bad(format!(
-                "base_ejection_time ({}) must not exceed max_ejection_time ({})",
-                o.base_ejection_time, o.max_ejection_time
-            ));
+        match Outlier::from_config(od.get_ref()) {
+            Ok(o) => s.outlier = Some(o),
+            Err(list) => {
+                for e in list {
+                    let msg = format!("service `{name}` outlier_detection: {e}");
+                    errors.push(gfile.error_at(od.span(), msg));
+                }
+            }
         }
     }
-    key
 }

@@ -113,6 +113,7 @@ impl Drop for Record {
         let elapsed = r.start.elapsed();
         r.metrics.record(&r.method, r.status, elapsed.as_secs_f64());
         if r.log {
+            let identity = r.exchange.as_ref().and_then(|x| x.identity());
             tracing::info!(
                 target: "gatehouse::access",
                 frontend = r.metrics.frontend(),
@@ -126,6 +127,8 @@ impl Drop for Record {
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 bytes = r.bytes,
                 request_id = r.request_id.to_str().unwrap_or("-"),
+                auth = identity.map_or("-", |i| &*i.provider),
+                consumer = identity.and_then(|i| i.consumer.as_deref()).unwrap_or("-"),
             );
         }
     }

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub(crate) connections_total: IntCounterVec,
     /// Idle HTTP/1 client connections parked without hyper's buffers (`conn.rs`).
     pub(crate) connections_parked: IntGauge,
+    /// Authentication outcomes by route, provider and outcome (`ok` or the reason).
+    pub(crate) auth_total: IntCounterVec,
+    /// JWKS fetches by provider and result.
+    pub(crate) jwks_fetches_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -129,8 +133,26 @@ impl Metrics {
             "Idle HTTP/1 client connections waiting for their next request without per-connection buffers",
         )
         .expect("static metric definition is valid");
+        let auth_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_auth_total",
+                "Authentication outcomes by route, provider and outcome (ok, or why not)",
+            ),
+            &["route", "provider", "outcome"],
+        )
+        .expect("static metric definition is valid");
+        let jwks_fetches_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_jwks_fetches_total",
+                "JWKS fetches by provider and result (attempt, failure)",
+            ),
+            &["provider", "result"],
+        )
+        .expect("static metric definition is valid");
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(auth_total.clone()),
+            Box::new(jwks_fetches_total.clone()),
             Box::new(connections_total.clone()),
             Box::new(connections_parked.clone()),
             Box::new(request_duration.clone()),
@@ -152,6 +174,8 @@ impl Metrics {
         config_reloads_total.with_label_values(&["failure"]);
         Metrics {
             registry,
+            auth_total,
+            jwks_fetches_total,
             connections_total,
             connections_parked,
             requests_total,

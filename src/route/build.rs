@@ -15,12 +15,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use super::{chain, Layers, Route, RouteService};
+use crate::auth::{AuthLayer, AuthPolicy, Providers, Require};
 use crate::backend::proxy::{Proxy, ProxyOptions};
 use crate::backend::respond::Respond;
 use crate::backend::target::UpstreamPath;
 use crate::config::{
-    BackendConfig, ConfigErrors, FallbackConfig, ProxyConfig, RespondConfig, RouteConfig,
-    SourceFile,
+    AuthRef, BackendConfig, ConfigErrors, FallbackConfig, ProxyConfig, RequireConfig,
+    RespondConfig, RouteConfig, SourceFile,
 };
 use crate::context::RouteInfo;
 use crate::observe::metrics::Metrics;
@@ -37,6 +38,8 @@ pub(crate) struct BuildContext<'a> {
     /// Every service gateway.toml defines, built or not (sorted).
     pub(crate) defined: Vec<&'a str>,
     pub(crate) metrics: &'a Metrics,
+    /// The `[auth.*]` providers.
+    pub(crate) providers: &'a Providers,
 }
 
 /// Settings a frontend passes down to its routes (after applying `[server]` defaults).
@@ -66,6 +69,11 @@ pub(crate) struct Frontend<'a> {
     pub(crate) hosts: &'a [String],
     pub(crate) settings: &'a Inherited,
     pub(crate) file: &'a SourceFile,
+    pub(crate) auth: Option<&'a toml::Spanned<AuthRef>>,
+    pub(crate) require: Option<&'a toml::Spanned<RequireConfig>>,
+    /// The identity headers any provider of this frontend sets: removed from every request
+    /// of the frontend.
+    pub(crate) strip: Arc<[HeaderName]>,
 }
 
 /// A built route, ready for the router.
@@ -94,7 +102,7 @@ pub(crate) fn build(
     let params = match route_params(rc.path.get_ref()) {
         Ok(p) => p,
         Err(msg) => {
-            fail(rc.path.span(), msg);
+            fail(rc.path.span(), msg.to_string());
             Vec::new()
         }
     };
@@ -122,8 +130,11 @@ pub(crate) fn build(
                 None
             }
         });
+    let id = format!("{}/{rname}", fe.name);
+    let auth = auth_layer(cx, fe, rc, &id, &mut fail);
     let layers = Layers {
         fallback,
+        auth,
         ..Layers::deadline(settings.timeout)
     };
     let service = match &rc.backend {
@@ -160,7 +171,6 @@ pub(crate) fn build(
         BackendConfig::Respond(_) => false,
     };
     let (line, _) = file.locate(rc.name.span().start);
-    let id = format!("{}/{rname}", fe.name);
     Some(Built {
         spec: RouteSpec {
             full_path,
@@ -185,6 +195,79 @@ pub(crate) fn build(
             service,
         },
     })
+}
+
+/// The route's authentication layer: its providers (its own `auth`, else the frontend's),
+/// its `require`, and the frontend's identity headers to strip. `None` when there is nothing
+/// to do (no auth anywhere in the frontend).
+fn auth_layer(
+    cx: &BuildContext<'_>,
+    fe: &Frontend<'_>,
+    rc: &RouteConfig,
+    id: &str,
+    fail: &mut impl FnMut(Range<usize>, String),
+) -> Option<AuthLayer> {
+    let auth = rc.auth.as_ref().or(fe.auth);
+    let names = auth.map(|a| a.get_ref().names()).unwrap_or_default();
+    let span = auth.map_or(0..0, |a| a.span());
+    let mut providers = Vec::new();
+    for n in names {
+        if n == "none" {
+            fail(
+                span.clone(),
+                "`none` cannot be one of several providers; write `auth = \"none\"`".into(),
+            );
+            continue;
+        }
+        match cx.providers.get(n) {
+            Some(p) => providers.push(p.clone()),
+            None => {
+                let known = cx.providers.names();
+                fail(
+                    span.clone(),
+                    format!(
+                        "unknown auth provider `{}` (defined: {})",
+                        n,
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
+    }
+    let require = rc.require.as_ref().or(fe.require);
+    if let Some(r) = require {
+        if providers.is_empty()
+            && (!r.get_ref().scopes.is_empty() || !r.get_ref().claims.is_empty())
+        {
+            fail(
+                r.span(),
+                format!("route `{}`: `require` needs `auth`", rc.name.get_ref()),
+            );
+        }
+    }
+    if providers.is_empty() && fe.strip.is_empty() {
+        return None;
+    }
+    let require = require.map_or_else(Require::default, |r| Require {
+        scopes: r.get_ref().scopes.clone().into(),
+        claims: r
+            .get_ref()
+            .claims
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into_boxed_slice()))
+            .collect(),
+    });
+    Some(AuthLayer::new(AuthPolicy {
+        providers,
+        require,
+        strip: fe.strip.clone(),
+        outcomes: cx.metrics.auth_total.clone(),
+        route: Arc::from(id),
+    }))
 }
 
 fn methods(rc: &RouteConfig, fail: &mut impl FnMut(Range<usize>, String)) -> Option<Box<[Method]>> {
@@ -238,7 +321,7 @@ fn proxy(
         Some(t) => match UpstreamPath::template(t.get_ref(), params) {
             Ok(u) => Some(u),
             Err(msg) => {
-                fail(t.span(), msg);
+                fail(t.span(), msg.to_string());
                 None
             }
         },
@@ -291,7 +374,20 @@ fn proxy(
     Some(chain(Proxy::new(up.clone(), opts), layers))
 }
 
-fn fallback(f: &FallbackConfig) -> Result<Respond, String> {
+/// A `respond` or `fallback` table that cannot become a response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RespondError {
+    #[error("respond status {0} must be between 200 and 599")]
+    Status(u16),
+    #[error("respond header name `{0}` is not valid")]
+    HeaderName(String),
+    #[error("respond header `{0}` has an invalid value")]
+    HeaderValue(String),
+    #[error("content_type `{0}` is not a valid header value")]
+    ContentType(String),
+}
+
+fn fallback(f: &FallbackConfig) -> Result<Respond, RespondError> {
     respond(&RespondConfig {
         status: f.status,
         body: f.body.clone(),
@@ -300,22 +396,19 @@ fn fallback(f: &FallbackConfig) -> Result<Respond, String> {
     })
 }
 
-fn respond(r: &RespondConfig) -> Result<Respond, String> {
+fn respond(r: &RespondConfig) -> Result<Respond, RespondError> {
     let status = StatusCode::from_u16(r.status)
         .ok()
         .filter(|s| s.as_u16() >= 200 && s.as_u16() <= 599)
-        .ok_or_else(|| format!("respond status {} must be between 200 and 599", r.status))?;
+        .ok_or(RespondError::Status(r.status))?;
     let mut headers = HeaderMap::new();
     for (k, v) in &r.headers {
-        let name = HeaderName::from_str(k)
-            .map_err(|_| format!("respond header name `{k}` is not valid"))?;
-        let value = HeaderValue::from_str(v)
-            .map_err(|_| format!("respond header `{k}` has an invalid value"))?;
+        let name = HeaderName::from_str(k).map_err(|_| RespondError::HeaderName(k.clone()))?;
+        let value = HeaderValue::from_str(v).map_err(|_| RespondError::HeaderValue(k.clone()))?;
         headers.append(name, value);
     }
     if let Some(ct) = &r.content_type {
-        let v = HeaderValue::from_str(ct)
-            .map_err(|_| format!("content_type `{ct}` is not a valid header value"))?;
+        let v = HeaderValue::from_str(ct).map_err(|_| RespondError::ContentType(ct.clone()))?;
         headers.insert(http::header::CONTENT_TYPE, v);
     }
     Ok(Respond::new(status, headers, Bytes::from(r.body.clone())))

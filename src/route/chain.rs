@@ -27,6 +27,7 @@ use tower::timeout::TimeoutLayer;
 use tower::ServiceBuilder;
 
 use super::{RouteService, RouteStack};
+use crate::auth::AuthLayer;
 use crate::backend::respond::Respond;
 use crate::layers::fallback::FallbackLayer;
 
@@ -37,6 +38,8 @@ pub(crate) type BoxLayer = Arc<dyn Fn(RouteService) -> RouteService + Send + Syn
 pub(crate) struct Layers {
     /// Plugins, in the order the route lists them (the first is outermost).
     pub(crate) plugins: Vec<BoxLayer>,
+    /// Authentication and authorization (and the identity headers stripped).
+    pub(crate) auth: Option<AuthLayer>,
     /// Served when the backend fails.
     pub(crate) fallback: Option<Respond>,
     /// The route's total deadline.
@@ -48,6 +51,7 @@ impl Layers {
     pub(crate) fn deadline(deadline: Duration) -> Self {
         Layers {
             plugins: Vec::new(),
+            auth: None,
             fallback: None,
             deadline,
         }
@@ -58,12 +62,14 @@ impl Layers {
 pub(crate) fn chain<S: RouteStack>(backend: S, layers: Layers) -> RouteService {
     let Layers {
         plugins,
+        auth,
         fallback,
         deadline,
     } = layers;
     // Innermost part, typed: no box between the backend and the dispatcher's one call.
     let inner = ServiceBuilder::new()
-        // (issue 12) .option_layer(cors) .option_layer(auth)
+        // (issue 12) .option_layer(cors)
+        .option_layer(auth)
         // (issue 13) .option_layer(rate_limit)
         // (issue 15) .option_layer(cache)
         .option_layer(fallback.map(FallbackLayer::new))

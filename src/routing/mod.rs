@@ -138,6 +138,11 @@ impl Router {
         (router, errors)
     }
 
+    /// Whether any route is chosen by host: if not, `find` needs no host.
+    pub(crate) fn routes_by_host(&self) -> bool {
+        !self.exact.is_empty() || !self.wildcard.is_empty()
+    }
+
     /// Routes a request. `host` is lower case without port; `path` is normalized.
     pub(crate) fn find<'r, 'p>(
         &'r self,

@@ -20,22 +20,29 @@ pub(crate) enum HashKey {
     Ip,
 }
 
+/// A `hash_key` that names no key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HashKeyError {
+    #[error("hash_key `{0}`: `{1}` is not a header name")]
+    Header(String, String),
+    #[error("hash_key `{0}` must be `header:NAME`, `cookie:NAME` or `ip`")]
+    Unknown(String),
+}
+
 impl HashKey {
-    pub(crate) fn parse(s: &str) -> Result<HashKey, String> {
+    pub(crate) fn parse(s: &str) -> Result<HashKey, HashKeyError> {
         if s == "ip" {
             return Ok(HashKey::Ip);
         }
         if let Some(h) = s.strip_prefix("header:") {
             return http::HeaderName::from_bytes(h.as_bytes())
                 .map(HashKey::Header)
-                .map_err(|_| format!("hash_key `{s}`: `{h}` is not a header name"));
+                .map_err(|_| HashKeyError::Header(s.to_owned(), h.to_owned()));
         }
         if let Some(c) = s.strip_prefix("cookie:").filter(|c| !c.is_empty()) {
             return Ok(HashKey::Cookie(c.to_owned()));
         }
-        Err(format!(
-            "hash_key `{s}` must be `header:NAME`, `cookie:NAME` or `ip`"
-        ))
+        Err(HashKeyError::Unknown(s.to_owned()))
     }
 
     fn extract<'a>(&self, h: &'a HeaderMap) -> Option<&'a [u8]> {
@@ -252,7 +259,13 @@ mod tests {
             Some(&b"xyz"[..])
         );
         assert_eq!(HashKey::Ip.extract(&h), Some(&b"203.0.113.9"[..]));
-        assert!(HashKey::parse("body").is_err());
-        assert!(HashKey::parse("header:bad header").is_err());
+        assert_eq!(
+            HashKey::parse("body"),
+            Err(HashKeyError::Unknown("body".into()))
+        );
+        assert!(matches!(
+            HashKey::parse("header:bad header"),
+            Err(HashKeyError::Header(..))
+        ));
     }
 }

@@ -77,6 +77,7 @@ pub(crate) struct Settings {
     pub(crate) consecutive_failures: u32,
     pub(crate) failure_rate: f64,
     pub(crate) min_requests: u32,
+    pub(crate) window_ms: u64,
     pub(crate) open_for_ms: u64,
     pub(crate) max_open_for_ms: u64,
     pub(crate) half_open_requests: u32,
@@ -97,18 +98,52 @@ pub(crate) struct Breaker {
     bucket_ms: u64,
 }
 
-impl Breaker {
-    pub(crate) fn new(c: &CircuitBreakerConfig) -> Self {
-        let bucket_ms = (c.window.get().as_millis() as u64 / BUCKETS as u64).max(1);
-        let cfg = Settings {
+/// A `circuit_breaker` table that cannot make a breaker.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum BreakerConfigError {
+    #[error("consecutive_failures, min_requests and half_open_requests must be at least 1")]
+    Zero,
+    #[error("failure_rate = {0} must be above 0 and at most 1")]
+    Rate(f64),
+    #[error("open_for ({0}) must not exceed max_open_for ({1})")]
+    OpenFor(String, String),
+}
+
+impl Settings {
+    /// Checks a `circuit_breaker` table; every mistake in it is reported.
+    pub(crate) fn from_config(c: &CircuitBreakerConfig) -> Result<Self, Vec<BreakerConfigError>> {
+        let mut errors = Vec::new();
+        if c.consecutive_failures == 0 || c.min_requests == 0 || c.half_open_requests == 0 {
+            errors.push(BreakerConfigError::Zero);
+        }
+        if !(c.failure_rate > 0.0 && c.failure_rate <= 1.0) {
+            errors.push(BreakerConfigError::Rate(c.failure_rate));
+        }
+        if c.open_for.get() > c.max_open_for.get() {
+            errors.push(BreakerConfigError::OpenFor(
+                c.open_for.to_string(),
+                c.max_open_for.to_string(),
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Settings {
             consecutive_failures: c.consecutive_failures,
             failure_rate: c.failure_rate,
             min_requests: c.min_requests,
+            window_ms: c.window.get().as_millis() as u64,
             open_for_ms: c.open_for.get().as_millis() as u64,
             max_open_for_ms: c.max_open_for.get().as_millis() as u64,
             half_open_requests: c.half_open_requests,
             count_5xx: c.count_5xx,
-        };
+        })
+    }
+}
+
+impl Breaker {
+    pub(crate) fn new(cfg: Settings) -> Self {
+        let bucket_ms = (cfg.window_ms / BUCKETS as u64).max(1);
         Breaker {
             cfg,
             state: AtomicU8::new(CLOSED),
@@ -317,6 +352,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn every_mistake_in_a_table_is_reported() {
+        let mut c = cfg();
+        c.min_requests = 0;
+        c.failure_rate = 1.5;
+        c.open_for = Duration::from_secs(60);
+        assert_eq!(
+            Settings::from_config(&c).unwrap_err(),
+            vec![
+                BreakerConfigError::Zero,
+                BreakerConfigError::Rate(1.5),
+                BreakerConfigError::OpenFor("1m".into(), "12s".into()),
+            ]
+        );
+        assert_eq!(Settings::from_config(&cfg()).unwrap().window_ms, 10_000);
+    }
+
     fn fail(b: &Breaker) {
         let p = b.try_acquire().unwrap();
         b.record(p, Some(false));
@@ -329,7 +381,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_on_consecutive_failures_and_recovers_through_half_open() {
-        let b = Breaker::new(&cfg());
+        let b = Breaker::new(Settings::from_config(&cfg()).unwrap());
         fail(&b);
         fail(&b);
         succeed(&b); // resets the run
@@ -359,7 +411,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_guard_records_its_verdict_or_gives_a_probe_back_when_dropped() {
-        let b = Breaker::new(&cfg());
+        let b = Breaker::new(Settings::from_config(&cfg()).unwrap());
         for _ in 0..3 {
             b.admit().unwrap().record(Some(false));
         }
@@ -378,7 +430,7 @@ mod tests {
         drop(g3);
         // In a closed circuit, a cancelled attempt that is not the service's doing is not
         // counted: three of them do not open it.
-        let b = Breaker::new(&cfg());
+        let b = Breaker::new(Settings::from_config(&cfg()).unwrap());
         for _ in 0..5 {
             b.admit().unwrap().cancelled(false);
         }
@@ -387,7 +439,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens_for_longer_up_to_the_cap() {
-        let b = Breaker::new(&cfg());
+        let b = Breaker::new(Settings::from_config(&cfg()).unwrap());
         for _ in 0..3 {
             fail(&b);
         }
@@ -415,7 +467,7 @@ mod tests {
     async fn opens_on_failure_rate_once_enough_requests_were_seen() {
         let mut c = cfg();
         c.consecutive_failures = 100;
-        let b = Breaker::new(&c);
+        let b = Breaker::new(Settings::from_config(&c).unwrap());
         // Alternate: a 50% failure rate, never three failures in a row.
         for i in 0..9 {
             if i % 2 == 0 {
@@ -433,7 +485,7 @@ mod tests {
     async fn old_outcomes_leave_the_window() {
         let mut c = cfg();
         c.consecutive_failures = 100;
-        let b = Breaker::new(&c);
+        let b = Breaker::new(Settings::from_config(&c).unwrap());
         for _ in 0..4 {
             fail(&b);
             tokio::time::advance(StdDuration::from_millis(10)).await;
@@ -452,7 +504,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn outcomes_that_say_nothing_do_not_count() {
-        let b = Breaker::new(&cfg());
+        let b = Breaker::new(Settings::from_config(&cfg()).unwrap());
         for _ in 0..10 {
             let p = b.try_acquire().unwrap();
             b.record(p, None);

@@ -16,14 +16,51 @@ pub(crate) struct Bulkhead {
     queue_timeout: Duration,
 }
 
+/// A service's `max_concurrent_requests`, `max_queued_requests` and `queue_timeout`, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    max: usize,
+    max_queue: usize,
+    queue_timeout: Duration,
+}
+
+/// Bulkhead settings that make no bulkhead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BulkheadConfigError {
+    #[error("max_concurrent_requests must be at least 1")]
+    Zero,
+    #[error("max_queued_requests needs max_concurrent_requests")]
+    QueueWithoutLimit,
+}
+
+impl Limits {
+    /// `None` when the service has no bulkhead (`max_concurrent_requests` unset).
+    pub(crate) fn from_config(
+        max: Option<usize>,
+        max_queue: usize,
+        queue_timeout: Duration,
+    ) -> Result<Option<Self>, BulkheadConfigError> {
+        match max {
+            Some(0) => Err(BulkheadConfigError::Zero),
+            Some(max) => Ok(Some(Limits {
+                max,
+                max_queue,
+                queue_timeout,
+            })),
+            None if max_queue > 0 => Err(BulkheadConfigError::QueueWithoutLimit),
+            None => Ok(None),
+        }
+    }
+}
+
 impl Bulkhead {
-    pub(crate) fn new(max: usize, max_queue: usize, queue_timeout: Duration) -> Self {
+    pub(crate) fn new(l: Limits) -> Self {
         Bulkhead {
-            max,
-            slots: Arc::new(Semaphore::new(max)),
-            max_queue,
+            max: l.max,
+            slots: Arc::new(Semaphore::new(l.max)),
+            max_queue: l.max_queue,
             queued: AtomicUsize::new(0),
-            queue_timeout,
+            queue_timeout: l.queue_timeout,
         }
     }
 
@@ -63,7 +100,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn full_bulkhead_refuses_or_queues_with_a_timeout() {
-        let b = Arc::new(Bulkhead::new(2, 1, Duration::from_millis(100)));
+        let b = Arc::new(Bulkhead::new(
+            Limits::from_config(Some(2), 1, Duration::from_millis(100))
+                .unwrap()
+                .unwrap(),
+        ));
         let p1 = b.acquire().await.unwrap();
         let _p2 = b.acquire().await.unwrap();
         // One may queue; it gets the slot freed within the timeout.
@@ -77,7 +118,11 @@ mod tests {
         drop(p1);
         assert!(waiter.await.unwrap());
         // A queued request that waits too long is refused.
-        let b2 = Bulkhead::new(1, 1, Duration::from_millis(100));
+        let b2 = Bulkhead::new(
+            Limits::from_config(Some(1), 1, Duration::from_millis(100))
+                .unwrap()
+                .unwrap(),
+        );
         let _hold = b2.acquire().await.unwrap();
         let start = tokio::time::Instant::now();
         assert!(b2.acquire().await.is_none());

@@ -16,10 +16,15 @@ use super::table::EndpointTable;
 use crate::config::DnsConfig;
 use tokio::task::JoinHandle;
 
+/// The system's resolver configuration cannot be read (no `[dns] servers` given).
+#[derive(Debug, thiserror::Error)]
+#[error("system resolver: {0}")]
+pub(crate) struct ResolverError(#[from] hickory_resolver::ResolveError);
+
 /// A resolver for `[dns]`: its servers, or the system's.
-pub(crate) fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
+pub(crate) fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, ResolverError> {
     let mut builder = if cfg.servers.is_empty() {
-        TokioResolver::builder_tokio().map_err(|e| format!("system resolver: {e}"))?
+        TokioResolver::builder_tokio()?
     } else {
         let mut rc = ResolverConfig::new();
         for s in &cfg.servers {

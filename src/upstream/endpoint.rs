@@ -24,13 +24,36 @@ pub(crate) struct Outlier {
     pub(crate) max_ejection: Duration,
 }
 
-impl From<&OutlierDetectionConfig> for Outlier {
-    fn from(c: &OutlierDetectionConfig) -> Self {
-        Outlier {
+/// An `outlier_detection` table that cannot eject.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum OutlierConfigError {
+    #[error("consecutive_failures must be at least 1")]
+    Zero,
+    #[error("base_ejection_time ({0}) must not exceed max_ejection_time ({1})")]
+    Ejection(String, String),
+}
+
+impl Outlier {
+    /// Checks an `outlier_detection` table; every mistake in it is reported.
+    pub(crate) fn from_config(c: &OutlierDetectionConfig) -> Result<Self, Vec<OutlierConfigError>> {
+        let mut errors = Vec::new();
+        if c.consecutive_failures == 0 {
+            errors.push(OutlierConfigError::Zero);
+        }
+        if c.base_ejection_time.get() > c.max_ejection_time.get() {
+            errors.push(OutlierConfigError::Ejection(
+                c.base_ejection_time.to_string(),
+                c.max_ejection_time.to_string(),
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Outlier {
             consecutive_failures: c.consecutive_failures,
             base_ejection: c.base_ejection_time.get(),
             max_ejection: c.max_ejection_time.get(),
-        }
+        })
     }
 }
 
@@ -75,35 +98,61 @@ pub(crate) struct Endpoint {
     pub(crate) counters: OnceLock<[prometheus::IntCounter; 2]>,
 }
 
+/// An endpoint URL that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("endpoint `{url}` {problem}")]
+pub(crate) struct EndpointError {
+    pub(crate) url: String,
+    pub(crate) problem: EndpointProblem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum EndpointProblem {
+    #[error("is not a valid URL: {0}")]
+    Invalid(String),
+    #[error("needs a scheme, like `http://HOST:PORT`")]
+    NoScheme,
+    #[error("must use the http or https scheme")]
+    Scheme,
+    #[error("has no host")]
+    NoHost,
+    #[error("must not have a path or query; put the path in the route's `proxy.path`")]
+    Path,
+    #[error("has a host that is not a valid Host header")]
+    HostHeader,
+}
+
 impl Endpoint {
     /// Parses an endpoint URL: `http://host:port` with no path.
-    pub(crate) fn parse(url: &str) -> Result<Endpoint, String> {
+    pub(crate) fn parse(url: &str) -> Result<Endpoint, EndpointError> {
+        let fail = |problem| EndpointError {
+            url: url.to_owned(),
+            problem,
+        };
         let uri: Uri = url
             .parse()
-            .map_err(|e| format!("endpoint `{url}` is not a valid URL: {e}"))?;
+            .map_err(|e: http::uri::InvalidUri| fail(EndpointProblem::Invalid(e.to_string())))?;
         let scheme = uri
             .scheme()
             .cloned()
-            .ok_or_else(|| format!("endpoint `{url}` needs a scheme, like `http://{url}`"))?;
+            .ok_or_else(|| fail(EndpointProblem::NoScheme))?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
-            return Err(format!("endpoint `{url}`: scheme must be http or https"));
+            return Err(fail(EndpointProblem::Scheme));
         }
         let authority = uri
             .authority()
             .cloned()
-            .ok_or_else(|| format!("endpoint `{url}` has no host"))?;
+            .ok_or_else(|| fail(EndpointProblem::NoHost))?;
         if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-            return Err(format!(
-                "endpoint `{url}` must not have a path or query; put the path in the route's `proxy.path`"
-            ));
+            return Err(fail(EndpointProblem::Path));
         }
         let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
         let host = match authority.port_u16() {
             Some(p) if p != default_port => format!("{}:{p}", authority.host()),
             _ => authority.host().to_owned(),
         };
-        let host = http::HeaderValue::from_str(&host)
-            .map_err(|_| format!("endpoint `{url}`: the host is not a valid Host header"))?;
+        let host =
+            http::HeaderValue::from_str(&host).map_err(|_| fail(EndpointProblem::HostHeader))?;
         Ok(Endpoint {
             id: super::pool::next_id(),
             url: Arc::from(url),
@@ -217,13 +266,18 @@ mod tests {
         assert_eq!(e.host, "api.example.com");
         let e = Endpoint::parse("http://[::1]:80").unwrap();
         assert_eq!(e.host, "[::1]");
-        assert!(Endpoint::parse("127.0.0.1:8081")
-            .unwrap_err()
-            .contains("scheme"));
-        assert!(Endpoint::parse("http://h:1/v1")
-            .unwrap_err()
-            .contains("path"));
-        assert!(Endpoint::parse("ftp://h:1").is_err());
+        assert_eq!(
+            Endpoint::parse("127.0.0.1:8081").unwrap_err().problem,
+            EndpointProblem::NoScheme
+        );
+        assert_eq!(
+            Endpoint::parse("http://h:1/v1").unwrap_err().problem,
+            EndpointProblem::Path
+        );
+        assert_eq!(
+            Endpoint::parse("ftp://h:1").unwrap_err().problem,
+            EndpointProblem::Scheme
+        );
         assert!(Endpoint::parse("https://h:1").is_ok());
         assert!(Endpoint::parse("http://h:1/").is_ok());
     }
@@ -236,7 +290,7 @@ mod tests {
             max_ejection_time: crate::config::Duration::from_secs(25),
         };
         let e = Endpoint::parse("http://h:1").unwrap();
-        let od = Outlier::from(&od);
+        let od = Outlier::from_config(&od).unwrap();
         assert_eq!(e.report(false, Some(&od)), None);
         assert!(e.available());
         assert_eq!(e.report(false, Some(&od)), Some(Duration::from_secs(10)));

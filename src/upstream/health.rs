@@ -17,14 +17,80 @@ use super::HttpClient;
 use crate::body::req_full;
 use crate::config::HealthCheckConfig;
 
+/// `[services.NAME.health_check]` as the checks read it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Probe {
+    path: http::uri::PathAndQuery,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+    /// Statuses that count as healthy; empty: 200–399.
+    expected_statuses: Box<[u16]>,
+}
+
+/// A `health_check` table that cannot make a probe.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HealthConfigError {
+    #[error("path `{0}` must start with `/`")]
+    Path(String),
+    #[error("healthy_threshold and unhealthy_threshold must be at least 1")]
+    Threshold,
+    #[error("timeout ({0}) must not be longer than interval ({1})")]
+    Timeout(String, String),
+    #[error("expected status {0} is not an HTTP status")]
+    Status(u16),
+}
+
+impl Probe {
+    /// Checks a `health_check` table; every mistake in it is reported.
+    pub(crate) fn from_config(h: &HealthCheckConfig) -> Result<Self, Vec<HealthConfigError>> {
+        let mut errors = Vec::new();
+        let path = match h.path.parse::<http::uri::PathAndQuery>() {
+            Ok(p) if h.path.starts_with('/') => Some(p),
+            _ => {
+                errors.push(HealthConfigError::Path(h.path.clone()));
+                None
+            }
+        };
+        if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+            errors.push(HealthConfigError::Threshold);
+        }
+        if h.timeout.get() > h.interval.get() {
+            errors.push(HealthConfigError::Timeout(
+                h.timeout.to_string(),
+                h.interval.to_string(),
+            ));
+        }
+        if let Some(s) = h
+            .expected_statuses
+            .iter()
+            .find(|s| !(100..=599).contains(*s))
+        {
+            errors.push(HealthConfigError::Status(*s));
+        }
+        match path {
+            Some(path) if errors.is_empty() => Ok(Probe {
+                path,
+                interval: h.interval.get(),
+                timeout: h.timeout.get(),
+                healthy_threshold: h.healthy_threshold,
+                unhealthy_threshold: h.unhealthy_threshold,
+                expected_statuses: h.expected_statuses.clone().into(),
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
 pub(crate) fn spawn(
     table: Arc<EndpointTable>,
     client: HttpClient,
-    cfg: HealthCheckConfig,
+    cfg: Probe,
 ) -> Option<JoinHandle<()>> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
     Some(handle.spawn(async move {
-        let mut tick = tokio::time::interval(cfg.interval.get());
+        let mut tick = tokio::time::interval(cfg.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -40,7 +106,7 @@ pub(crate) fn spawn(
     }))
 }
 
-async fn check(service: &str, ep: &Endpoint, client: &HttpClient, cfg: &HealthCheckConfig) {
+async fn check(service: &str, ep: &Endpoint, client: &HttpClient, cfg: &Probe) {
     let ok = probe(ep, client, cfg).await;
     if ok {
         ep.check_failures.store(0, Ordering::Relaxed);
@@ -62,11 +128,11 @@ async fn check(service: &str, ep: &Endpoint, client: &HttpClient, cfg: &HealthCh
     }
 }
 
-async fn probe(ep: &Endpoint, client: &HttpClient, cfg: &HealthCheckConfig) -> bool {
+async fn probe(ep: &Endpoint, client: &HttpClient, cfg: &Probe) -> bool {
     let uri = Uri::builder()
         .scheme(ep.scheme.clone())
         .authority(ep.authority.clone())
-        .path_and_query(cfg.path.as_str())
+        .path_and_query(cfg.path.clone())
         .build();
     let Ok(uri) = uri else { return false };
     let Ok(req) = Request::get(uri)
@@ -82,9 +148,32 @@ async fn probe(ep: &Endpoint, client: &HttpClient, cfg: &HealthCheckConfig) -> b
         resp.into_body().collect().await.ok()?;
         Some(status)
     };
-    match tokio::time::timeout(cfg.timeout.get(), attempt).await {
+    match tokio::time::timeout(cfg.timeout, attempt).await {
         Ok(Some(status)) if cfg.expected_statuses.is_empty() => (200..400).contains(&status),
         Ok(Some(status)) => cfg.expected_statuses.contains(&status),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_is_checked_when_built() {
+        let mut h: HealthCheckConfig = toml::from_str("").unwrap();
+        let p = Probe::from_config(&h).unwrap();
+        assert!(p.path.as_str().starts_with('/'));
+        h.path = "health".into();
+        h.healthy_threshold = 0;
+        h.expected_statuses = vec![200, 700];
+        assert_eq!(
+            Probe::from_config(&h).unwrap_err(),
+            vec![
+                HealthConfigError::Path("health".into()),
+                HealthConfigError::Threshold,
+                HealthConfigError::Status(700),
+            ]
+        );
     }
 }

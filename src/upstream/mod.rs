@@ -73,6 +73,10 @@ pub(crate) struct Parts {
     pub(crate) hash_key: Option<HashKey>,
     pub(crate) tls: TlsSettings,
     pub(crate) retry: Option<retry::RetryPolicy>,
+    pub(crate) breaker: Option<breaker::Settings>,
+    pub(crate) health: Option<health::Probe>,
+    pub(crate) outlier: Option<endpoint::Outlier>,
+    pub(crate) bulkhead: Option<bulkhead::Limits>,
 }
 
 pub(crate) struct Upstream {
@@ -117,6 +121,10 @@ impl Upstream {
             hash_key,
             tls,
             retry,
+            breaker,
+            health,
+            outlier,
+            bulkhead,
         } = parts;
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(config.connect_timeout.get()));
@@ -185,12 +193,8 @@ impl Upstream {
         if let Some((urls, prefix)) = etcd_source {
             tasks.extend(etcd::spawn(table.clone(), urls, prefix));
         }
-        if let Some(hc) = &config.health_check {
-            tasks.extend(health::spawn(
-                table.clone(),
-                client.get().clone(),
-                hc.get_ref().clone(),
-            ));
+        if let Some(probe) = health {
+            tasks.extend(health::spawn(table.clone(), client.get().clone(), probe));
         }
         let (percent, min_per_sec) = config.retry.as_ref().map_or((20, 10), |r| {
             (
@@ -203,17 +207,8 @@ impl Upstream {
             min_per_sec,
             percent as f32 / 100.0,
         );
-        let breaker = config
-            .circuit_breaker
-            .as_ref()
-            .map(|c| breaker::Breaker::new(c.get_ref()));
-        let bulkhead = config.max_concurrent_requests.as_ref().map(|m| {
-            bulkhead::Bulkhead::new(
-                *m.get_ref(),
-                config.max_queued_requests,
-                config.queue_timeout.get(),
-            )
-        });
+        let breaker = breaker.map(breaker::Breaker::new);
+        let bulkhead = bulkhead.map(bulkhead::Bulkhead::new);
         Upstream {
             retry,
             budget,
@@ -230,10 +225,7 @@ impl Upstream {
                 Version::HTTP_11
             },
             all_unhealthy: config.all_unhealthy,
-            outlier: config
-                .outlier_detection
-                .as_ref()
-                .map(|o| endpoint::Outlier::from(o.get_ref())),
+            outlier,
             required: config.required,
             load_balancing: config.load_balancing,
             _tasks: tasks,

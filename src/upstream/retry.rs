@@ -30,25 +30,32 @@ pub(crate) enum Failure {
     Status(u16),
 }
 
+/// A `retry` table that cannot become a policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RetryConfigError {
+    #[error("attempts = {0} must be between 1 and 10 (the first attempt included)")]
+    Attempts(u32),
+    #[error("backoff ({backoff}) must not exceed max_backoff ({max})")]
+    Backoff { backoff: String, max: String },
+    #[error("budget_percent = {0} must be at most 1000")]
+    Budget(u32),
+    #[error("retry_on `{0}`: expected connect-failure, reset, timeout, 408, 429 or a 5xx status")]
+    Condition(String),
+}
+
 impl RetryPolicy {
-    pub(crate) fn parse(cfg: &RetryConfig) -> Result<RetryPolicy, String> {
+    pub(crate) fn parse(cfg: &RetryConfig) -> Result<RetryPolicy, RetryConfigError> {
         if cfg.attempts == 0 || cfg.attempts > 10 {
-            return Err(format!(
-                "attempts = {} must be between 1 and 10 (the first attempt included)",
-                cfg.attempts
-            ));
+            return Err(RetryConfigError::Attempts(cfg.attempts));
         }
         if cfg.backoff.get() > cfg.max_backoff.get() {
-            return Err(format!(
-                "backoff ({}) must not exceed max_backoff ({})",
-                cfg.backoff, cfg.max_backoff
-            ));
+            return Err(RetryConfigError::Backoff {
+                backoff: cfg.backoff.to_string(),
+                max: cfg.max_backoff.to_string(),
+            });
         }
         if cfg.budget_percent > 1000 {
-            return Err(format!(
-                "budget_percent = {} must be at most 1000",
-                cfg.budget_percent
-            ));
+            return Err(RetryConfigError::Budget(cfg.budget_percent));
         }
         let mut p = RetryPolicy {
             attempts: cfg.attempts,
@@ -67,12 +74,10 @@ impl RetryPolicy {
                 "reset" => p.on_reset = true,
                 "timeout" => p.on_timeout = true,
                 s => match s.parse::<u16>() {
-                    Ok(code) if (500..=599).contains(&code) || code == 429 || code == 408 => statuses.push(code),
-                    _ => {
-                        return Err(format!(
-                            "retry_on `{s}`: expected connect-failure, reset, timeout, 408, 429 or a 5xx status"
-                        ))
+                    Ok(code) if (500..=599).contains(&code) || code == 429 || code == 408 => {
+                        statuses.push(code)
                     }
+                    _ => return Err(RetryConfigError::Condition(s.to_owned())),
                 },
             }
         }
@@ -146,12 +151,16 @@ mod tests {
         assert!(!p.retries(Failure::Status(500)));
         let mut bad = cfg();
         bad.retry_on = vec!["404".into()];
-        assert!(RetryPolicy::parse(&bad)
-            .unwrap_err()
-            .contains("retry_on `404`"));
+        assert_eq!(
+            RetryPolicy::parse(&bad).unwrap_err(),
+            RetryConfigError::Condition("404".into())
+        );
         bad = cfg();
         bad.attempts = 0;
-        assert!(RetryPolicy::parse(&bad).is_err());
+        assert_eq!(
+            RetryPolicy::parse(&bad).unwrap_err(),
+            RetryConfigError::Attempts(0)
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! tests only, a verification override. Built when the config is compiled, so file errors are
 //! config errors.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -33,14 +33,42 @@ fn system_roots() -> &'static RootCertStore {
     })
 }
 
+/// A `[services.X.tls]` table that cannot become a client configuration.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TlsConfigError {
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("tls.{key} {}: cannot read {what}: {source}", path.display())]
+    Read {
+        key: &'static str,
+        what: &'static str,
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("tls.ca {}: no usable CA certificate", .0.display())]
+    NoCa(PathBuf),
+    #[error("tls.cert and tls.key do not form a usable pair: {0}")]
+    Pair(rustls::Error),
+    #[error("tls.cert and tls.key go together (mutual TLS)")]
+    HalfPair,
+}
+
 /// Builds the client configuration. `resolve` makes config paths absolute.
 pub(crate) fn client_config(
     tls: Option<&UpstreamTlsConfig>,
-    resolve: impl Fn(&Path) -> std::path::PathBuf,
-) -> Result<ClientConfig, String> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+    resolve: impl Fn(&Path) -> PathBuf,
+) -> Result<ClientConfig, TlsConfigError> {
+    let read = |key, what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TlsConfigError::Read {
+            key,
+            what,
+            path,
+            source,
+        }
+    };
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = match tls {
         Some(t) if t.insecure_skip_verify => builder
             .dangerous()
@@ -49,19 +77,11 @@ pub(crate) fn client_config(
             let path = resolve(ca);
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
                 .and_then(|it| it.collect())
-                .map_err(|e| {
-                    format!(
-                        "tls.ca {}: cannot read PEM certificates: {e}",
-                        path.display()
-                    )
-                })?;
+                .map_err(read("ca", "PEM certificates", &path))?;
             let mut store = RootCertStore::empty();
             let (added, _) = store.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(format!(
-                    "tls.ca {}: no usable CA certificate",
-                    path.display()
-                ));
+                return Err(TlsConfigError::NoCa(path));
             }
             builder.with_root_certificates(store)
         }
@@ -72,24 +92,15 @@ pub(crate) fn client_config(
             let (cp, kp) = (resolve(cert), resolve(key));
             let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cp)
                 .and_then(|it| it.collect())
-                .map_err(|e| {
-                    format!(
-                        "tls.cert {}: cannot read PEM certificates: {e}",
-                        cp.display()
-                    )
-                })?;
-            let key = PrivateKeyDer::from_pem_file(&kp).map_err(|e| {
-                format!(
-                    "tls.key {}: cannot read a PEM private key: {e}",
-                    kp.display()
-                )
-            })?;
+                .map_err(read("cert", "PEM certificates", &cp))?;
+            let key =
+                PrivateKeyDer::from_pem_file(&kp).map_err(read("key", "a PEM private key", &kp))?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("tls.cert and tls.key do not form a usable pair: {e}"))?
+                .map_err(TlsConfigError::Pair)?
         }
         Some((None, None)) | None => builder.with_no_client_auth(),
-        Some(_) => return Err("tls.cert and tls.key go together (mutual TLS)".into()),
+        Some(_) => return Err(TlsConfigError::HalfPair),
     };
     // ALPN is left to hyper-rustls, which sets it from the protocols the connector enables.
     Ok(config)

@@ -93,7 +93,12 @@ impl tower::Service<Request<ReqBody>> for Proxy {
                 "a proxied request has no exchange".into()
             )));
         };
-        let target = self.opts.target.build(&exchange, self.opts.forward_query);
+        let query = if self.opts.forward_query {
+            req.uri().query()
+        } else {
+            None
+        };
+        let target = self.opts.target.build(&exchange, query);
         match Uri::from_maybe_shared(Bytes::from(target)) {
             Ok(u) => *req.uri_mut() = u,
             Err(_) => {
@@ -178,10 +183,12 @@ impl Proxy {
         }
         strip_hop_by_hop(resp.headers_mut(), switching);
         let meta = exchange.meta();
-        meta.set_upstream(UpstreamUsed {
-            url: ep.url.clone(),
-            attempts,
-        });
+        if meta.wants_upstream() {
+            meta.set_upstream(UpstreamUsed {
+                url: ep.url.clone(),
+                attempts,
+            });
+        }
         if let Some(slot) = slot {
             meta.hold(slot);
         }
@@ -318,6 +325,18 @@ mod tests {
                 server_name: None,
             },
             retry,
+            breaker: cfg
+                .circuit_breaker
+                .as_ref()
+                .map(|c| crate::upstream::breaker::Settings::from_config(c.get_ref()).unwrap()),
+            health: None,
+            outlier: None,
+            bulkhead: crate::upstream::bulkhead::Limits::from_config(
+                cfg.max_concurrent_requests.as_ref().map(|m| *m.get_ref()),
+                cfg.max_queued_requests,
+                cfg.queue_timeout.get(),
+            )
+            .unwrap(),
         };
         Upstream::new(
             "svc",

@@ -1,0 +1,211 @@
+//! JWT verification with `jsonwebtoken`: the token's `alg` must be on the provider's allow-list
+//! and of the key's family (no HS256 "signed" with an RSA public key; `none` cannot be listed or
+//! parsed); `kid` is only a lookup key; `jku`, `x5u` and an embedded `jwk` are never used.
+//! `exp`, `nbf` (and `iat` not in the future) are checked with the leeway, `iss` and `aud` as
+//! configured, and `required_claims` must be present. Tokens over `max_token_size` are refused
+//! before any parsing.
+//!
+//! Verified tokens are cached (same bytes → same claims) until their `exp`, bounded by
+//! `cache_max_age` and `cache_max_entries`; a cached token whose key has left the JWKS is
+//! verified again (and so rejected).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use super::jwks::{Jwks, Key};
+use super::AuthFailure;
+
+/// Key families: an algorithm verifies only with a key of its family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    Hmac,
+    Rsa,
+    Ec,
+    Ed,
+}
+
+pub(crate) fn family(alg: Algorithm) -> Family {
+    use Algorithm::*;
+    match alg {
+        HS256 | HS384 | HS512 => Family::Hmac,
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => Family::Rsa,
+        ES256 | ES384 => Family::Ec,
+        EdDSA => Family::Ed,
+    }
+}
+
+pub(crate) fn family_of_jwk(jwk: &Jwk) -> Option<Family> {
+    Some(match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Family::Rsa,
+        AlgorithmParameters::EllipticCurve(_) => Family::Ec,
+        AlgorithmParameters::OctetKeyPair(_) => Family::Ed,
+        // Symmetric keys are never taken from a JWKS: anyone who can read it could sign.
+        AlgorithmParameters::OctetKey(_) => return None,
+    })
+}
+
+/// Where a provider's keys are.
+pub(crate) enum Keys {
+    /// `public_key` or `secret`: one key.
+    Static(Arc<Key>),
+    Jwks(Arc<Jwks>),
+}
+
+/// What a verified token says.
+pub(crate) struct Verified {
+    pub(crate) claims: Arc<Map<String, Value>>,
+    /// Seconds since the epoch.
+    exp: Option<u64>,
+    kid: Option<String>,
+}
+
+pub(crate) struct JwtVerifier {
+    pub(crate) algorithms: Box<[Algorithm]>,
+    pub(crate) issuer: Option<String>,
+    pub(crate) audiences: Box<[String]>,
+    pub(crate) leeway: Duration,
+    pub(crate) required: Box<[String]>,
+    pub(crate) max_token: usize,
+    pub(crate) keys: Keys,
+    pub(crate) cache: moka::sync::Cache<Box<str>, Arc<Verified>>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl JwtVerifier {
+    /// Verifies `token`, from the cache when it was verified before.
+    pub(crate) async fn verify(&self, token: &str) -> Result<Arc<Map<String, Value>>, AuthFailure> {
+        if token.len() > self.max_token {
+            return Err(AuthFailure::Invalid("token too large"));
+        }
+        if let Some(v) = self.cache.get(token) {
+            let fresh = v
+                .exp
+                .is_none_or(|exp| exp + self.leeway.as_secs() > now_secs());
+            if fresh && self.key_still_there(v.kid.as_deref()) {
+                return Ok(v.claims.clone());
+            }
+            self.cache.invalidate(token);
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthFailure::Invalid("malformed token"))?;
+        let alg = header.alg;
+        if !self.algorithms.contains(&alg) {
+            return Err(AuthFailure::Invalid("algorithm not allowed"));
+        }
+        let key = self.key_for(header.kid.as_deref(), alg).await?;
+        let claims = self.check(token, alg, &key.key)?;
+        let exp = claims.get("exp").and_then(Value::as_u64);
+        let claims = Arc::new(claims);
+        let verified = Arc::new(Verified {
+            claims: claims.clone(),
+            exp,
+            kid: header.kid,
+        });
+        self.cache.insert(Box::from(token), verified);
+        Ok(claims)
+    }
+
+    fn key_still_there(&self, kid: Option<&str>) -> bool {
+        match (&self.keys, kid) {
+            (Keys::Static(_), _) => true,
+            (Keys::Jwks(j), Some(kid)) => j.keys().by_kid.contains_key(kid),
+            (Keys::Jwks(j), None) => !j.keys().unnamed.is_empty(),
+        }
+    }
+
+    /// The key to verify a token of `alg` with `kid`: a JWKS is refetched (single flight,
+    /// cooldown) when it does not know the kid.
+    async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<Arc<Key>, AuthFailure> {
+        let fits = |k: &Arc<Key>| k.family == family(alg) && k.alg.is_none_or(|a| a == alg);
+        let jwks = match &self.keys {
+            Keys::Static(k) if fits(k) => return Ok(k.clone()),
+            Keys::Static(_) => return Err(AuthFailure::Invalid("algorithm does not fit the key")),
+            Keys::Jwks(j) => j,
+        };
+        let pick = |set: &super::jwks::KeySet| match kid {
+            Some(kid) => set.by_kid.get(kid).filter(|k| fits(k)).cloned(),
+            None => set.unnamed.iter().find(|k| fits(k)).cloned(),
+        };
+        if let Some(k) = pick(&jwks.keys()) {
+            return Ok(k);
+        }
+        let have_keys = jwks.refetch().await;
+        if let Some(k) = pick(&jwks.keys()) {
+            return Ok(k);
+        }
+        if have_keys {
+            Err(AuthFailure::Invalid("unknown key"))
+        } else {
+            Err(AuthFailure::Unavailable("no verification keys"))
+        }
+    }
+
+    fn check(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        key: &DecodingKey,
+    ) -> Result<Map<String, Value>, AuthFailure> {
+        let mut v = Validation::new(alg);
+        v.leeway = self.leeway.as_secs();
+        v.validate_nbf = true;
+        v.required_spec_claims.clear();
+        v.required_spec_claims.insert("exp".to_owned());
+        match &self.issuer {
+            Some(iss) => v.set_issuer(&[iss]),
+            None => v.iss = None,
+        }
+        if self.audiences.is_empty() {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.audiences);
+        }
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind::*;
+            AuthFailure::Invalid(match e.kind() {
+                ExpiredSignature => "token expired",
+                ImmatureSignature => "token not yet valid",
+                InvalidIssuer => "wrong issuer",
+                InvalidAudience => "wrong audience",
+                InvalidSignature => "bad signature",
+                MissingRequiredClaim(_) => "missing claim",
+                InvalidAlgorithm => "algorithm does not fit the key",
+                _ => "invalid token",
+            })
+        })?;
+        let claims = data.claims;
+        if self.issuer.is_some() && !claims.contains_key("iss") {
+            return Err(AuthFailure::Invalid("wrong issuer"));
+        }
+        if let Some(iat) = claims.get("iat").and_then(Value::as_u64) {
+            if iat > now_secs() + self.leeway.as_secs() {
+                return Err(AuthFailure::Invalid("token issued in the future"));
+            }
+        }
+        if let Some(missing) = self.required.iter().find(|c| !claims.contains_key(*c)) {
+            tracing::debug!(claim = %missing, "token lacks a required claim");
+            return Err(AuthFailure::Invalid("missing claim"));
+        }
+        Ok(claims)
+    }
+}
+
+/// A token cache bounded in entries, each entry kept at most `max_age`.
+pub(crate) fn token_cache(
+    entries: u64,
+    max_age: Duration,
+) -> moka::sync::Cache<Box<str>, Arc<Verified>> {
+    moka::sync::Cache::builder()
+        .max_capacity(entries)
+        .time_to_live(max_age)
+        .build()
+}
