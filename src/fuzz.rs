@@ -6,7 +6,8 @@
 use std::path::Path;
 
 /// Runs the fuzz target `target` on one input, as `cargo fuzz` would; `false` for an unknown
-/// target. The targets: `config`, `env_expand`, `request_head`, `route_path`.
+/// target. The targets: `config`, `env_expand`, `request_head`, `route_path`,
+/// `auth_credentials`.
 pub fn run(target: &str, data: &[u8]) -> bool {
     match target {
         "config" => {
@@ -27,6 +28,7 @@ pub fn run(target: &str, data: &[u8]) -> bool {
                 request(req);
             }
         }
+        "auth_credentials" => crate::auth::fuzz_credentials(data),
         _ => return false,
     }
     true

@@ -429,6 +429,44 @@ impl Require {
     }
 }
 
+/// The fuzz target `auth_credentials`: `data` as a token in each place a token or key is read
+/// from (a bearer header, a cookie, the query), the JWT header parsed, the API key looked up
+/// and removed from the query, and claims of the input made header values.
+pub(crate) fn fuzz_credentials(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let from = [
+        TokenFrom::Header(header::AUTHORIZATION),
+        TokenFrom::Cookie("session".into()),
+        TokenFrom::Query("token".into()),
+    ];
+    let mut b = Request::get(format!("/x?token={}&api_key={}", text, text).as_str());
+    if let Ok(v) = HeaderValue::from_bytes(data) {
+        b = b
+            .header(header::AUTHORIZATION, v.clone())
+            .header(header::COOKIE, v);
+    }
+    if let Ok(mut req) = b.body(()) {
+        if let Ok((token, _)) = find_token(&from, &req) {
+            let _ = jsonwebtoken::decode_header(&token);
+        }
+        let keys = api_key::ApiKeys {
+            from: api_key::KeyFrom::Query("api_key".into()),
+            keys: std::collections::HashMap::new(),
+        };
+        let _ = keys.authenticate(&mut req);
+        let left = req.uri().query().unwrap_or("").split('&');
+        assert!(!left
+            .map(|p| p.split('=').next())
+            .any(|k| k == Some("api_key")));
+    }
+    let _ = jsonwebtoken::decode_header(&text);
+    if let Ok(v) = serde_json::from_slice::<Value>(data) {
+        if let Some(h) = claim_header(&v) {
+            assert!(!h.as_bytes().iter().any(|b| *b == b'\r' || *b == b'\n'));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

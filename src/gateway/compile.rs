@@ -266,6 +266,14 @@ fn compile_frontend(
         timeout: fe.timeout.map_or(server.timeout, |t| t.get()),
         max_request_body: fe.max_request_body.map_or(server.max_request_body, |s| s.0),
     };
+    if let Some(c) = &fe.cors {
+        // Refused rather than ignored: a browser app would otherwise fail in ways that point
+        // nowhere near the config.
+        errors.push(at(
+            c.span(),
+            "`cors` is not supported yet (issue 12 is open); answer preflights in the service for now".to_owned(),
+        ));
+    }
     // Every header any provider used in this frontend sets from an identity: removed from
     // each request of the frontend, whatever its route's auth.
     let mut strip: Vec<http::HeaderName> = Vec::new();
