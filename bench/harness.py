@@ -42,6 +42,16 @@ SCENARIOS = {
     # by wrk as a non-2xx "error". It measures what a request costs when the breaker sheds it.
     "circuit_open": dict(title="Circuit open: 503 answered by the breaker, 64 connections", path="/dead/x",
                          conns=64, only=["gatehouse"]),
+    # gatehouse only: JWT authentication (issue 12). Compare with the plain scenario's gatehouse
+    # row of the same run. `jwt_cached` repeats one RS256 token (the verified-token cache
+    # answers); `jwt_rs256`/`jwt_es256` send a new token each request (a provider without a
+    # cache: every request is a signature check).
+    "jwt_cached": dict(title="JWT auth, one repeated RS256 token (verified-token cache), 64 connections",
+                       path="/jwt/cached", conns=64, script="tokens.lua", tokens=("RS256", 1), only=["gatehouse"]),
+    "jwt_rs256": dict(title="JWT auth, a new RS256 token per request (signature verified), 64 connections",
+                      path="/jwt/rs", conns=64, script="tokens.lua", tokens=("RS256", 50000), only=["gatehouse"]),
+    "jwt_es256": dict(title="JWT auth, a new ES256 token per request (signature verified), 64 connections",
+                      path="/jwt/es", conns=64, script="tokens.lua", tokens=("ES256", 50000), only=["gatehouse"]),
 }
 
 
@@ -149,9 +159,13 @@ def run_wrk(c, sc, duration, sample_rss_at=None):
     if sc.get("script"):
         cmd += ["-s", str(ROOT / "bench" / sc["script"])]
     cmd.append(f"http://127.0.0.1:{c.port}{sc['path']}")
+    env = dict(os.environ)
+    if sc.get("tokens"):
+        alg, n = sc["tokens"]
+        env["TOKENS"] = str(WORK / f"tokens-{alg}-{n}.txt")
     pids = c.pids()
     before = cpu_ticks(pids)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     rss = None
     if sample_rss_at is not None:
         time.sleep(sample_rss_at)
@@ -215,9 +229,62 @@ def idle_connections_rss(c, n):
     return asyncio.run(go())
 
 
+JWT_CONFIG = f"""
+# The JWT scenarios' providers (bench/keys: benchmark keys only).
+[auth.jwt.bench_rs]
+algorithms = ["RS256"]
+public_key = "{ROOT}/bench/keys/rsa.pub.pem"
+issuer = "https://bench.test/"
+[auth.jwt.fresh_rs]
+algorithms = ["RS256"]
+public_key = "{ROOT}/bench/keys/rsa.pub.pem"
+issuer = "https://bench.test/"
+cache_max_entries = 1
+[auth.jwt.fresh_es]
+algorithms = ["ES256"]
+public_key = "{ROOT}/bench/keys/ec.pub.pem"
+issuer = "https://bench.test/"
+cache_max_entries = 1
+"""
+
+JWT_ROUTES = """
+[frontend]
+name = "jwt"
+path_prefix = "/jwt"
+
+[[route]]
+name = "cached"
+path = "/cached"
+auth = "bench_rs"
+proxy = { service = "up", path = "/json" }
+
+[[route]]
+name = "rs"
+path = "/rs"
+auth = "fresh_rs"
+proxy = { service = "up", path = "/json" }
+
+[[route]]
+name = "es"
+path = "/es"
+auth = "fresh_es"
+proxy = { service = "up", path = "/json" }
+"""
+
+
+def mint_tokens():
+    for sc in SCENARIOS.values():
+        if sc.get("tokens"):
+            alg, n = sc["tokens"]
+            out = WORK / f"tokens-{alg}-{n}.txt"
+            if not out.exists() or out.stat().st_mtime < time.time() - 1800:
+                sh(str(ROOT / "target/release/examples/mint_tokens"), alg, str(n), str(out))
+
+
 def write_configs():
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "routes").mkdir(exist_ok=True)
+    (WORK / "routes-base").mkdir(exist_ok=True)
     (WORK / "gateway.toml").write_text(f"""
 [server]
 listen = "127.0.0.1:{GH_PORT}"
@@ -253,6 +320,13 @@ name = "all"
 path = "/{*rest}"
 proxy = { service = "up" }
 """)
+    # The baseline (another build, maybe without auth) reads gateway.toml without the JWT part
+    # and routes-base/ without the JWT frontend.
+    (WORK / "routes-base" / "bench.toml").write_text((WORK / "routes" / "bench.toml").read_text())
+    (WORK / "routes" / "jwt.toml").write_text(JWT_ROUTES)
+    (WORK / "gateway-nojwt.toml").write_text((WORK / "gateway.toml").read_text())
+    with open(WORK / "gateway.toml", "a") as f:
+        f.write(JWT_CONFIG)
     (WORK / "nginx.conf").write_text(f"""
 worker_processes 1;  # the proxy is pinned to one core: workers = cores
 worker_rlimit_nofile 20000;
@@ -355,6 +429,7 @@ def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     write_configs()
+    mint_tokens()
     for d in ("nginx-body", "nginx-proxy"):
         (WORK / d).mkdir(exist_ok=True)
 
@@ -368,7 +443,7 @@ def main():
         "direct": upstream,
     }
     if args.baseline:
-        cfg = (WORK / "gateway.toml").read_text()
+        cfg = (WORK / "gateway-nojwt.toml").read_text().replace("[routes]\n", "[routes]\ndir = \"routes-base\"\n")
         cfg = cfg.replace(f"127.0.0.1:{GH_PORT}", f"127.0.0.1:{BASE_PORT}").replace(f"127.0.0.1:{GH_ADMIN}", f"127.0.0.1:{BASE_ADMIN}")
         (WORK / "gateway-baseline.toml").write_text(cfg)
         all_contenders["baseline"] = Contender("baseline", BASE_PORT, [args.baseline, "run", "--config", str(WORK / "gateway-baseline.toml")],

@@ -17,6 +17,32 @@ use serde_json::json;
 
 use crate::config::GatewayConfig;
 
+/// A token for the demo's `[auth.jwt.demo]` (HS256 with its secret), valid for a day, with
+/// the `profile` scope; `None` when the config has no such provider.
+pub fn demo_token(cfg: &GatewayConfig) -> Option<String> {
+    let demo = cfg.auth.jwt.get("demo")?.get_ref();
+    let crate::config::JwtKeys::Secret(secret) = &demo.keys else {
+        return None;
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs()
+        + 86_400;
+    let claims = json!({
+        "iss": demo.issuer.clone().unwrap_or_default(),
+        "sub": "demo-user",
+        "scope": "profile",
+        "exp": exp,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .ok()
+}
+
 /// Starts a sample service on each local endpoint of each configured service. Returns the
 /// addresses started, by service.
 pub async fn start_samples(cfg: &GatewayConfig) -> std::io::Result<Vec<(String, SocketAddr)>> {

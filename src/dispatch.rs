@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
@@ -25,6 +25,7 @@ use crate::body::{linger, ClientBody};
 use crate::context::{Client, Exchange, Params, Parts};
 use crate::error::{classify, problem_response, BoxError, GatewayError};
 use crate::gateway::{Gateway, Live};
+use crate::layers::cors::is_preflight;
 use crate::observe::access::{Finish, InFlight, ObservedBody, Record};
 use crate::observe::metrics::RouteMetrics;
 use crate::observe::trace::{new_request_id, valid_request_id};
@@ -221,7 +222,22 @@ impl Conn {
             Some(a) if gw.router.routes_by_host() => a.host(),
             _ => Cow::Borrowed(""),
         };
-        let (route, params) = match gw.router.find(&host, &path, req.method(), req.headers()) {
+        let mut found = gw.router.find(&host, &path, req.method(), req.headers());
+        if req.method() == Method::OPTIONS && is_preflight(&req) {
+            // A preflight goes to the route the real request will take, when that route's
+            // frontend has a CORS policy (which answers it).
+            let asked = req
+                .headers()
+                .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+                .and_then(|m| Method::from_bytes(m.as_bytes()).ok());
+            if let Some(m) = asked {
+                let real = gw.router.find(&host, &path, &m, req.headers());
+                if matches!(real, Found::Route { index, .. } if gw.routes[index].cors) {
+                    found = real;
+                }
+            }
+        }
+        let (route, params) = match found {
             Found::Route { index, params } => {
                 let route = &gw.routes[index];
                 let mut captured = Params::default();

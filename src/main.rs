@@ -119,6 +119,9 @@ async fn run(path: &Path, demo: bool) -> anyhow::Result<ExitCode> {
     };
     let _log_guard =
         gatehouse::observe::logging::init(&loaded.gateway.log).map_err(anyhow::Error::msg)?;
+    let token = demo
+        .then(|| gatehouse::demo::demo_token(&loaded.gateway))
+        .flatten();
     let samples = if demo {
         gatehouse::demo::start_samples(&loaded.gateway)
             .await
@@ -138,7 +141,7 @@ async fn run(path: &Path, demo: bool) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     if demo {
-        print_demo(&server, &samples);
+        print_demo(&server, &samples, token.as_deref());
     }
     wait_for_signals(&server).await?;
     tracing::info!("shutting down: draining in-flight requests");
@@ -163,7 +166,7 @@ async fn wait_for_signals(server: &Server) -> anyhow::Result<()> {
     }
 }
 
-fn print_demo(server: &Server, samples: &[(String, SocketAddr)]) {
+fn print_demo(server: &Server, samples: &[(String, SocketAddr)], token: Option<&str>) {
     let base = server
         .http_addrs()
         .first()
@@ -209,6 +212,20 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)]) {
     let _ = writeln!(
         out,
         "  curl -s -H 'X_Forwarded_For: 6.6.6.6' {base}/web/echo/x   (names with _ are dropped)"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -i -H 'Host: partner.localhost' -H 'x-api-key: demo-partner-key' {base}/catalog/products   (API key; without it: 401)"
+    );
+    if let Some(t) = token {
+        let _ = writeln!(
+            out,
+            "  curl -s -H 'Authorization: Bearer {t}' {base}/web/me   (JWT: the service gets x-user-id; without it: 401)"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  curl -i -X OPTIONS -H 'Origin: http://localhost:3000' -H 'Access-Control-Request-Method: GET' {base}/web/users   (CORS preflight, answered by the gateway)"
     );
     let _ = writeln!(out, "  curl http://{admin}/metrics");
     let _ = writeln!(out, "  curl http://{admin}/admin/config");

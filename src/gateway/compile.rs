@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::{Gateway, Settings};
 use crate::config::{ConfigErrors, ConfigView, FrontendFile, LoadedConfig, SourceFile};
+use crate::layers::cors::{CorsLayer, CorsPolicy};
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
 use crate::route::{self, BuildContext, Built, Frontend, Inherited, Route};
@@ -266,14 +267,16 @@ fn compile_frontend(
         timeout: fe.timeout.map_or(server.timeout, |t| t.get()),
         max_request_body: fe.max_request_body.map_or(server.max_request_body, |s| s.0),
     };
-    if let Some(c) = &fe.cors {
-        // Refused rather than ignored: a browser app would otherwise fail in ways that point
-        // nowhere near the config.
-        errors.push(at(
-            c.span(),
-            "`cors` is not supported yet (issue 12 is open); answer preflights in the service for now".to_owned(),
-        ));
-    }
+    let cors = fe
+        .cors
+        .as_ref()
+        .and_then(|c| match CorsPolicy::from_config(c.get_ref()) {
+            Ok(p) => Some(CorsLayer::new(p)),
+            Err(e) => {
+                errors.push(at(c.span(), e.to_string()));
+                None
+            }
+        });
     // Every header any provider used in this frontend sets from an identity: removed from
     // each request of the frontend, whatever its route's auth.
     let mut strip: Vec<http::HeaderName> = Vec::new();
@@ -301,6 +304,7 @@ fn compile_frontend(
         auth: fe.auth.as_ref(),
         require: fe.require.as_ref(),
         strip: strip.into(),
+        cors,
     };
     let mut route_names = HashSet::new();
     for spanned in &ff.route {

@@ -24,6 +24,7 @@ use crate::config::{
     RespondConfig, RouteConfig, SourceFile,
 };
 use crate::context::RouteInfo;
+use crate::layers::cors::CorsLayer;
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
 use crate::routing::template::route_params;
@@ -74,6 +75,7 @@ pub(crate) struct Frontend<'a> {
     /// The identity headers any provider of this frontend sets: removed from every request
     /// of the frontend.
     pub(crate) strip: Arc<[HeaderName]>,
+    pub(crate) cors: Option<CorsLayer>,
 }
 
 /// A built route, ready for the router.
@@ -134,6 +136,7 @@ pub(crate) fn build(
     let auth = auth_layer(cx, fe, rc, &id, &mut fail);
     let layers = Layers {
         fallback,
+        cors: fe.cors.clone(),
         auth,
         ..Layers::deadline(settings.timeout)
     };
@@ -192,6 +195,7 @@ pub(crate) fn build(
                 },
             }),
             max_request_body: settings.max_request_body,
+            cors: fe.cors.is_some(),
             service,
         },
     })

@@ -29,6 +29,7 @@ use tower::ServiceBuilder;
 use super::{RouteService, RouteStack};
 use crate::auth::AuthLayer;
 use crate::backend::respond::Respond;
+use crate::layers::cors::CorsLayer;
 use crate::layers::fallback::FallbackLayer;
 
 /// A layer whose type is erased: it wraps a route's stack in another.
@@ -38,6 +39,8 @@ pub(crate) type BoxLayer = Arc<dyn Fn(RouteService) -> RouteService + Send + Syn
 pub(crate) struct Layers {
     /// Plugins, in the order the route lists them (the first is outermost).
     pub(crate) plugins: Vec<BoxLayer>,
+    /// The frontend's CORS policy.
+    pub(crate) cors: Option<CorsLayer>,
     /// Authentication and authorization (and the identity headers stripped).
     pub(crate) auth: Option<AuthLayer>,
     /// Served when the backend fails.
@@ -51,6 +54,7 @@ impl Layers {
     pub(crate) fn deadline(deadline: Duration) -> Self {
         Layers {
             plugins: Vec::new(),
+            cors: None,
             auth: None,
             fallback: None,
             deadline,
@@ -62,13 +66,14 @@ impl Layers {
 pub(crate) fn chain<S: RouteStack>(backend: S, layers: Layers) -> RouteService {
     let Layers {
         plugins,
+        cors,
         auth,
         fallback,
         deadline,
     } = layers;
     // Innermost part, typed: no box between the backend and the dispatcher's one call.
     let inner = ServiceBuilder::new()
-        // (issue 12) .option_layer(cors)
+        .option_layer(cors)
         .option_layer(auth)
         // (issue 13) .option_layer(rate_limit)
         // (issue 15) .option_layer(cache)

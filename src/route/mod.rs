@@ -28,6 +28,9 @@ pub(crate) struct Route {
     pub(crate) info: Arc<RouteInfo>,
     /// Request bodies larger than this get 413.
     pub(crate) max_request_body: u64,
+    /// Whether its frontend has a CORS policy: a preflight is then routed to it by the
+    /// method it asks for, and answered by its CORS layer.
+    pub(crate) cors: bool,
     pub(crate) service: RouteService,
     pub(crate) metrics: Arc<RouteMetrics>,
 }

@@ -553,3 +553,266 @@ async fn auth_config_mistakes_are_located() {
     let errs = compile_errors(&two, "[frontend]\nname = \"web\"\n");
     assert!(errs.contains("exactly one of `jwks_url`, `oidc_discovery = true`, `public_key` or `secret` (it has 2)"), "{errs}");
 }
+
+fn hs256(claims: &Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(b"test-secret-0123456789"),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn cors_preflights_are_answered_and_errors_carry_cors_headers() {
+    let up = echo_upstream().await;
+    let gwt = gateway_toml(
+        "",
+        &format!(
+            "[services.svc]\nendpoints = [\"{}\"]\n\n[auth.jwt.main]\nalgorithms = [\"HS256\"]\nsecret = \"test-secret-0123456789\"\nissuer = \"https://id.test/\"\n",
+            up.url()
+        ),
+    );
+    let routes = r#"
+[frontend]
+name = "web"
+auth = "main"
+cors = { origins = ["https://app.test"], methods = ["GET", "POST"], headers = ["authorization", "content-type"], expose_headers = ["x-request-id"], credentials = true, max_age = "10m" }
+
+[[route]]
+name = "orders"
+path = "/orders"
+methods = ["GET"]
+proxy = { service = "svc" }
+"#;
+    let gw = TestGateway::start(&gwt, &[("web.toml", routes)]).await;
+    let preflight = |origin: &'static str, headers: &'static str| {
+        Request::options(gw.url("/orders"))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", headers)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let r = send(preflight("https://app.test", "Authorization")).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(r.header("access-control-allow-origin"), "https://app.test");
+    assert_eq!(r.header("access-control-allow-methods"), "GET, POST");
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        "authorization, content-type"
+    );
+    assert_eq!(r.header("access-control-allow-credentials"), "true");
+    assert_eq!(r.header("access-control-max-age"), "600");
+    // A disallowed origin, or a header not allowed: 403 and no CORS headers.
+    for (origin, headers) in [
+        ("https://evil.test", "authorization"),
+        ("https://app.test", "x-secret"),
+    ] {
+        let r = send(preflight(origin, headers)).await;
+        assert_problem(&r, 403, "cors_rejected");
+        assert_eq!(r.header("access-control-allow-origin"), "");
+    }
+    assert_eq!(up.requests(), 0, "preflights never reach the service");
+
+    // The gateway's own 401 carries the CORS headers, so the browser app can read it.
+    let r = call(&gw, "/orders", None, &[("origin", "https://app.test")]).await;
+    assert_problem(&r, 401, "unauthorized");
+    assert_eq!(r.header("access-control-allow-origin"), "https://app.test");
+    assert_eq!(r.header("access-control-allow-credentials"), "true");
+    let token = hs256(&claims(json!({})));
+    let r = call(
+        &gw,
+        "/orders",
+        Some(&token),
+        &[("origin", "https://app.test")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), "https://app.test");
+    assert_eq!(r.header("access-control-expose-headers"), "x-request-id");
+    assert_eq!(r.header("vary"), "origin");
+    let r = call(
+        &gw,
+        "/orders",
+        Some(&token),
+        &[("origin", "https://evil.test")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), "");
+}
+
+#[tokio::test]
+async fn oidc_discovery_finds_the_jwks() {
+    let up = echo_upstream().await;
+    let signer = Signer::ec("k1");
+    let jwk = signer.jwk.clone();
+    let idp = Arc::new(Mutex::new(String::new()));
+    let base = idp.clone();
+    let server = Upstream::start(move |req: http::Request<hyper::body::Incoming>| {
+        let base = base.lock().unwrap().clone();
+        let jwk = jwk.clone();
+        async move {
+            match req.uri().path() {
+                "/realm/.well-known/openid-configuration" => text(
+                    200,
+                    json!({"issuer": format!("{base}/realm"), "jwks_uri": format!("{base}/realm/certs")}).to_string(),
+                ),
+                "/realm/certs" => text(200, json!({"keys": [jwk]}).to_string()),
+                _ => text(404, "no"),
+            }
+        }
+    })
+    .await;
+    *idp.lock().unwrap() = server.url();
+    let issuer = format!("{}/realm", server.url());
+    let gwt = gateway_toml(
+        "",
+        &format!(
+            "[services.svc]\nendpoints = [\"{}\"]\n\n[auth.jwt.main]\nalgorithms = [\"ES256\"]\noidc_discovery = true\nissuer = \"{issuer}\"\n",
+            up.url()
+        ),
+    );
+    let routes = "[frontend]\nname = \"web\"\nauth = \"main\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
+    let gw = TestGateway::start(&gwt, &[("web.toml", routes)]).await;
+    let t = signer.token(&claims(json!({"iss": issuer})));
+    let r = call(&gw, "/x", Some(&t), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_jwt_provider_and_counts_outcomes() {
+    let up = echo_upstream().await;
+    let signer = Signer::rsa("a");
+    let jwks = jwks_server(vec![signer.jwk.clone()]).await;
+    let jwt = |leeway: &str| {
+        format!(
+            "algorithms = [\"RS256\"]\njwks_url = \"{}/jwks.json\"\nleeway = \"{leeway}\"",
+            jwks.up.url()
+        )
+    };
+    let gw = gateway(&up, &jwt("30s")).await;
+    let t = signer.token(&claims(json!({})));
+    assert_eq!(call(&gw, "/orders", Some(&t), &[]).await.status, 200);
+    let fetched = jwks.hits.load(Ordering::SeqCst);
+
+    // A route file changes; [auth.jwt.main] does not: the provider, its keys and its refresh
+    // task are kept (a new one would fetch the JWKS at once).
+    gw.write_route("web.toml", &format!("{}\n# edited\n", routes()));
+    assert_eq!(admin_reload(&gw).await.status, 200);
+    assert_eq!(call(&gw, "/orders", Some(&t), &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        jwks.hits.load(Ordering::SeqCst),
+        fetched,
+        "the JWKS was not fetched again"
+    );
+
+    // Its config changes: a new provider, which fetches.
+    let gwt = std::fs::read_to_string(gw.dir.path().join("gateway.toml")).unwrap();
+    std::fs::write(
+        gw.dir.path().join("gateway.toml"),
+        gwt.replace("leeway = \"30s\"", "leeway = \"20s\""),
+    )
+    .unwrap();
+    assert_eq!(admin_reload(&gw).await.status, 200);
+    eventually(5, "the new provider fetches the JWKS", || async {
+        jwks.hits.load(Ordering::SeqCst) > fetched
+    })
+    .await;
+    assert_eq!(call(&gw, "/orders", Some(&t), &[]).await.status, 200);
+    assert_problem(&call(&gw, "/orders", None, &[]).await, 401, "unauthorized");
+
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(
+        m.contains(r#"gatehouse_auth_total{outcome="ok",provider="main",route="web/orders"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            r#"gatehouse_auth_total{outcome="missing",provider="main",route="web/orders"} 1"#
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"gatehouse_jwks_fetches_total{provider="main",result="attempt"}"#),
+        "{m}"
+    );
+    // No token or key material in the metrics.
+    assert!(!m.contains(&t[..20]));
+}
+
+#[tokio::test]
+async fn keys_file_and_failing_open_external_auth() {
+    let up = echo_upstream().await;
+    let dead = closed_port().await;
+    let digest = |k: &str| {
+        let d = ring::digest::digest(&ring::digest::SHA256, k.as_bytes());
+        d.as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let gwt = gateway_toml(
+        "",
+        &format!(
+            r#"[services.svc]
+endpoints = ["{}"]
+[services.authsvc]
+endpoints = ["http://{dead}"]
+
+[auth.api_keys.partners]
+keys_file = "partner-keys.toml"
+
+[auth.external.open]
+service = "authsvc"
+on_error = "allow"
+timeout = "2s"
+"#,
+            up.url()
+        ),
+    );
+    let routes = r#"
+[frontend]
+name = "p"
+auth = "partners"
+
+[[route]]
+name = "open"
+path = "/open"
+auth = "open"
+proxy = { service = "svc" }
+
+[[route]]
+name = "all"
+path = "/{*rest}"
+proxy = { service = "svc" }
+"#;
+    let dir = write_config(&gwt, &[("p.toml", routes)]);
+    std::fs::write(
+        dir.path().join("partner-keys.toml"),
+        format!(
+            "[[keys]]\nconsumer = \"globex\"\nsha256 = \"{}\"\n",
+            digest("file-key")
+        ),
+    )
+    .unwrap();
+    let server = gatehouse::Server::start(&dir.path().join("gateway.toml"))
+        .await
+        .unwrap();
+    let url = |p: &str| format!("http://{}{p}", server.http_addrs()[0]);
+    let with_key = |p: &str, k: &'static str| {
+        Request::get(url(p))
+            .header("x-api-key", k)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let r = send(with_key("/x", "file-key")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-consumer"], "globex");
+    assert_eq!(send(with_key("/x", "other")).await.status, 401);
+    // The auth service is down and the provider fails open.
+    let r = get(&url("/open")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
