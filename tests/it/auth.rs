@@ -816,3 +816,83 @@ proxy = { service = "svc" }
     let r = get(&url("/open")).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+#[tokio::test]
+async fn every_algorithm_verifies_with_a_key_of_its_family() {
+    let up = echo_upstream().await;
+    let rsa = Signer::rsa("rsa");
+    let mut rsa_jwk = rsa.jwk.clone();
+    rsa_jwk.as_object_mut().unwrap().remove("alg"); // one RSA key for RS* and PS*
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let raw = p384.public_key_raw();
+    let es384 = Signer {
+        alg: Algorithm::ES384,
+        kid: "p384".into(),
+        key: EncodingKey::from_ec_pem(p384.serialize_pem().as_bytes()).unwrap(),
+        jwk: json!({"kty": "EC", "kid": "p384", "crv": "P-384", "x": B64.encode(&raw[1..49]), "y": B64.encode(&raw[49..97])}),
+    };
+    let (es256, ed) = (Signer::ec("p256"), Signer::ed("ed"));
+    let jwks = jwks_server(vec![
+        rsa_jwk,
+        es384.jwk.clone(),
+        es256.jwk.clone(),
+        ed.jwk.clone(),
+    ])
+    .await;
+    let gwt = gateway_toml(
+        "",
+        &format!(
+            r#"[services.svc]
+endpoints = ["{}"]
+
+[auth.jwt.asym]
+algorithms = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+jwks_url = "{}/jwks.json"
+
+[auth.jwt.sym]
+algorithms = ["HS256", "HS384", "HS512"]
+secret = "${{AUTH_TEST_SECRET:-a-long-shared-secret-0123456789}}"
+"#,
+            up.url(),
+            jwks.up.url()
+        ),
+    );
+    let routes = "[frontend]\nname = \"web\"\nauth = [\"asym\", \"sym\"]\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\nproxy = { service = \"svc\" }\n";
+    let gw = TestGateway::start(&gwt, &[("web.toml", routes)]).await;
+    let c = claims(json!({}));
+    let sign = |alg: Algorithm, kid: &str, key: &EncodingKey| {
+        let mut h = Header::new(alg);
+        h.kid = Some(kid.into());
+        encode(&h, &c, key).unwrap()
+    };
+    let mut tokens = Vec::new();
+    for alg in [
+        Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
+        Algorithm::PS256,
+        Algorithm::PS384,
+        Algorithm::PS512,
+    ] {
+        tokens.push((alg, sign(alg, "rsa", &rsa.key)));
+    }
+    tokens.push((Algorithm::ES256, sign(Algorithm::ES256, "p256", &es256.key)));
+    tokens.push((Algorithm::ES384, sign(Algorithm::ES384, "p384", &es384.key)));
+    tokens.push((Algorithm::EdDSA, sign(Algorithm::EdDSA, "ed", &ed.key)));
+    let secret = EncodingKey::from_secret(b"a-long-shared-secret-0123456789");
+    for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+        tokens.push((alg, encode(&Header::new(alg), &c, &secret).unwrap()));
+    }
+    for (alg, t) in &tokens {
+        let r = call(&gw, "/x", Some(t), &[]).await;
+        assert_eq!(r.status, 200, "{alg:?}: {}", r.text());
+    }
+    // An ES256 token naming the P-384 key does not verify with it.
+    let wrong = sign(Algorithm::ES256, "p384", &es256.key);
+    assert_eq!(call(&gw, "/x", Some(&wrong), &[]).await.status, 401);
+
+    // The secret is masked in /admin/config.
+    let cfg = get(&gw.admin_url("/admin/config")).await.text();
+    assert!(!cfg.contains("a-long-shared-secret"), "{cfg}");
+    assert!(cfg.contains("[redacted]"), "{cfg}");
+}
