@@ -28,7 +28,7 @@ pub fn run(target: &str, data: &[u8]) -> bool {
                 request(req);
             }
         }
-        "auth_credentials" => crate::auth::fuzz_credentials(data),
+        "auth_credentials" => crate::layers::auth::fuzz_credentials(data),
         _ => return false,
     }
     true

@@ -8,7 +8,6 @@
 //! and `observe` look at it from the side.
 
 mod admin;
-mod auth;
 mod backend;
 mod body;
 pub mod config;

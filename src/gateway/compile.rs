@@ -29,7 +29,7 @@ pub(crate) fn compile(
     let gfile = &loaded.gateway_file;
     let mut resources = Resources::new();
     let services = compile_services(&loaded, previous, metrics, &mut resources, &mut errors);
-    let providers = crate::auth::build_providers(
+    let providers = crate::layers::auth::build_providers(
         &loaded,
         previous.map(|p| &p.resources),
         &mut resources,

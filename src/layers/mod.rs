@@ -1,4 +1,5 @@
-//! Layers of a route's stack (see `route.rs` for their order).
+//! Layers of a route's stack (see `route/chain.rs` for their order): `cors`, `auth` (authentication: its providers in `auth/`), `fallback`.
 
+pub(crate) mod auth;
 pub(crate) mod cors;
 pub(crate) mod fallback;

@@ -15,7 +15,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use super::{chain, Layers, Route, RouteService};
-use crate::auth::{AuthLayer, AuthPolicy, Providers, Require};
 use crate::backend::proxy::{Proxy, ProxyOptions};
 use crate::backend::respond::Respond;
 use crate::backend::target::UpstreamPath;
@@ -24,6 +23,7 @@ use crate::config::{
     RespondConfig, RouteConfig, SourceFile,
 };
 use crate::context::RouteInfo;
+use crate::layers::auth::{AuthLayer, AuthPolicy, Providers, Require};
 use crate::layers::cors::CorsLayer;
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;

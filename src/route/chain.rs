@@ -28,8 +28,8 @@ use tower::timeout::TimeoutLayer;
 use tower::{Layer, ServiceBuilder};
 
 use super::{RouteService, RouteStack};
-use crate::auth::AuthLayer;
 use crate::backend::respond::Respond;
+use crate::layers::auth::AuthLayer;
 use crate::layers::cors::CorsLayer;
 use crate::layers::fallback::FallbackLayer;
 

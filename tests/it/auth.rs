@@ -20,6 +20,12 @@ const RSA_PEM: &str = include_str!("../fixtures/jwt-rsa.pem");
 const RSA_PUB_PEM: &str = include_str!("../fixtures/jwt-rsa.pub.pem");
 const RSA_MODULUS_HEX: &str = include_str!("../fixtures/jwt-rsa.modulus.hex");
 
+/// An API key's hash as the config holds it.
+fn sha256_hex(key: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -406,13 +412,6 @@ async fn api_keys_from_a_header_or_the_query_and_external_auth() {
         }
     })
     .await;
-    let digest = |k: &str| {
-        let d = ring::digest::digest(&ring::digest::SHA256, k.as_bytes());
-        d.as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
     let gwt = gateway_toml(
         "",
         &format!(
@@ -436,8 +435,8 @@ copy_response_headers = ["x-user-id"]
 "#,
             up.url(),
             auth.url(),
-            digest("key-1"),
-            digest("key-2"),
+            sha256_hex("key-1"),
+            sha256_hex("key-2"),
         ),
     );
     let routes = r#"
@@ -551,7 +550,20 @@ async fn auth_config_mistakes_are_located() {
         "[auth.jwt.two]\nalgorithms = [\"RS256\"]\nsecret = \"s\"\njwks_url = \"http://127.0.0.1:9/jwks\"\n",
     );
     let errs = compile_errors(&two, "[frontend]\nname = \"web\"\n");
-    assert!(errs.contains("exactly one of `jwks_url`, `oidc_discovery = true`, `public_key` or `secret` (it has 2)"), "{errs}");
+    assert!(
+        errs.contains("exactly one of `jwks_url`, `oidc_discovery = true`, `public_key` or `secret` (it has 2)"),
+        "{errs}"
+    );
+    // `auth` of the wrong type is located and says what it takes.
+    let gwt = gateway_toml("", "[services.svc]\nendpoints = [\"http://127.0.0.1:9\"]\n");
+    let errs = compile_errors(&gwt, "[frontend]\nname = \"web\"\nauth = 5\n");
+    assert!(
+        errs.contains("web.toml:3:8:")
+            && errs.contains("a provider name, a list of provider names, or \"none\""),
+        "{errs}"
+    );
+    let errs = compile_errors(&gwt, "[frontend]\nname = \"web\"\nauth = []\n");
+    assert!(errs.contains("names no provider"), "{errs}");
 }
 
 fn hs256(claims: &Value) -> String {
@@ -747,13 +759,6 @@ async fn a_reload_keeps_an_unchanged_jwt_provider_and_counts_outcomes() {
 async fn keys_file_and_failing_open_external_auth() {
     let up = echo_upstream().await;
     let dead = closed_port().await;
-    let digest = |k: &str| {
-        let d = ring::digest::digest(&ring::digest::SHA256, k.as_bytes());
-        d.as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
     let gwt = gateway_toml(
         "",
         &format!(
@@ -794,7 +799,7 @@ proxy = { service = "svc" }
         dir.path().join("partner-keys.toml"),
         format!(
             "[[keys]]\nconsumer = \"globex\"\nsha256 = \"{}\"\n",
-            digest("file-key")
+            sha256_hex("file-key")
         ),
     )
     .unwrap();

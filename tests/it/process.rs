@@ -16,6 +16,45 @@ fn config(upstream: &str, server_extra: &str) -> String {
 const ROUTES: &str = "[frontend]\nname = \"web\"\npath_prefix = \"/web\"\n\n[[route]]\nname = \"a\"\npath = \"/a\"\nproxy = { service = \"svc\" }\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_auth_provider_and_consumer_never_the_key() {
+    let up = echo_upstream().await;
+    // sha256("log-test-key-123")
+    let d = ring::digest::digest(&ring::digest::SHA256, b"log-test-key-123");
+    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let auth = format!(
+        "\n[auth.api_keys.partners]\nkeys = [{{ consumer = \"acme\", sha256 = \"{hex}\" }}]\n"
+    );
+    let routes = ROUTES.replace(
+        "path_prefix = \"/web\"",
+        "path_prefix = \"/web\"\nauth = \"partners\"",
+    );
+    let dir = write_config(&(config(&up.url(), "") + &auth), &[("web.toml", &routes)]);
+    let gw = GatewayProcess::spawn(&dir.path().join("gateway.toml"));
+    let r = send(
+        http::Request::get(gw.url("/web/a"))
+            .header("x-api-key", "log-test-key-123")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.header("x-request-id").to_owned();
+    let mut events = Vec::new();
+    eventually(10, "the access-log event", || {
+        events =
+            gw.events(|v| v["target"] == "gatehouse::access" && v["request_id"] == id.as_str());
+        let found = !events.is_empty();
+        async move { found }
+    })
+    .await;
+    assert_eq!(events[0]["auth"], "partners");
+    assert_eq!(events[0]["consumer"], "acme");
+    assert!(gw
+        .events(|v| v.to_string().contains("log-test-key-123"))
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_access_log_has_one_event_per_request() {
     let up = echo_upstream().await;
     let dir = write_config(&config(&up.url(), ""), &[("web.toml", ROUTES)]);
@@ -105,18 +144,28 @@ fn demo_serves_the_shipped_config_with_sample_services() {
     let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut lines = stdout.lines();
     let mut base = None;
+    let mut token = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if let Some(url) = line
-            .trim()
-            .strip_prefix("curl -i ")
-            .and_then(|u| u.split("/web/").next())
-        {
-            base = Some(url.to_owned());
+        if base.is_none() {
+            if let Some(url) = line
+                .trim()
+                .strip_prefix("curl -i ")
+                .and_then(|u| u.split("/web/").next())
+            {
+                base = Some(url.to_owned());
+            }
+        }
+        // The demo mints a JWT for /web/me and prints it.
+        if let Some(rest) = line.split("Authorization: Bearer ").nth(1) {
+            token = rest.split('\'').next().map(str::to_owned);
+        }
+        if line.contains("Edit routes/") {
             break;
         }
     }
     let base = base.expect("demo printed no URL to try");
+    let token = token.expect("demo printed no token");
     // Keep reading: a closed pipe would make the demo's next print fail.
     std::thread::spawn(move || lines.for_each(drop));
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -127,6 +176,42 @@ fn demo_serves_the_shipped_config_with_sample_services() {
         assert_eq!(get(&format!("{base}/web/ping")).await.text(), "pong");
         let events = get(&format!("{base}/web/events")).await.text();
         assert_eq!(events.matches("event: price").count(), 5, "{events}");
+        // Authentication in the demo: the partner API key, the printed JWT, a CORS preflight.
+        let partner = |key: Option<&str>| {
+            let mut r = http::Request::get(format!("{base}/catalog/products"))
+                .header("host", "partner.localhost");
+            if let Some(k) = key {
+                r = r.header("x-api-key", k);
+            }
+            r.body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap()
+        };
+        assert_eq!(send(partner(Some("demo-partner-key"))).await.status, 200);
+        assert_eq!(send(partner(None)).await.status, 401);
+        let me = send(
+            http::Request::get(format!("{base}/web/me"))
+                .header("authorization", format!("Bearer {token}"))
+                .header("x-user-id", "spoofed")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(me.status, 200, "{}", me.text());
+        assert_eq!(me.json()["headers"]["x-user-id"], "demo-user");
+        assert_eq!(get(&format!("{base}/web/me")).await.status, 401);
+        let pre = send(
+            http::Request::options(format!("{base}/web/users"))
+                .header("origin", "http://localhost:3000")
+                .header("access-control-request-method", "GET")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(pre.status, 204);
+        assert_eq!(
+            pre.header("access-control-allow-origin"),
+            "http://localhost:3000"
+        );
     });
     let _ = child.kill();
     let _ = child.wait();

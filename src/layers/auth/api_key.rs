@@ -17,7 +17,14 @@ pub(crate) enum KeyFrom {
 pub(crate) struct ApiKeys {
     pub(crate) from: KeyFrom,
     /// SHA-256 digest → consumer.
-    pub(crate) keys: HashMap<[u8; 32], Arc<str>>,
+    pub(crate) keys: HashMap<[u8; 32], Consumer>,
+}
+
+/// An API key's owner, with the header value it is forwarded as (made once, when built).
+#[derive(Clone)]
+pub(crate) struct Consumer {
+    pub(crate) name: Arc<str>,
+    pub(crate) header: http::HeaderValue,
 }
 
 /// Constant-time equality of two byte strings (the length is not secret).
@@ -48,24 +55,25 @@ pub(crate) fn parse_digest(hex: &str) -> Option<[u8; 32]> {
 
 impl ApiKeys {
     /// The consumer whose key the request carries. A query key is removed from the request.
-    pub(crate) fn authenticate<B>(&self, req: &mut Request<B>) -> Result<Arc<str>, AuthFailure> {
-        let presented = match &self.from {
+    pub(crate) fn authenticate<B>(&self, req: &mut Request<B>) -> Result<Consumer, AuthFailure> {
+        let digest = match &self.from {
             KeyFrom::Header(h) => req
                 .headers()
                 .get(h)
-                .map(|v| v.as_bytes().trim_ascii().to_vec()),
+                .map(|v| v.as_bytes().trim_ascii())
+                .filter(|k| !k.is_empty())
+                .map(sha256),
             KeyFrom::Query(name) => {
                 let found = query_value(req.uri(), name);
                 if found.is_some() {
                     remove_query_param(req, name);
                 }
-                found
+                found.filter(|k| !k.is_empty()).map(|k| sha256(&k))
             }
         };
-        let Some(key) = presented.filter(|k| !k.is_empty()) else {
+        let Some(digest) = digest else {
             return Err(AuthFailure::Missing);
         };
-        let digest = sha256(&key);
         match self.keys.get_key_value(&digest) {
             Some((stored, consumer)) if ct_eq(stored, &digest) => Ok(consumer.clone()),
             _ => Err(AuthFailure::Invalid("unknown API key")),
@@ -135,7 +143,13 @@ mod tests {
 
     fn keys() -> ApiKeys {
         let mut keys = HashMap::new();
-        keys.insert(sha256(b"s3cret"), Arc::from("acme"));
+        keys.insert(
+            sha256(b"s3cret"),
+            Consumer {
+                name: Arc::from("acme"),
+                header: http::HeaderValue::from_static("acme"),
+            },
+        );
         ApiKeys {
             from: KeyFrom::Query("api_key".into()),
             keys,
@@ -146,7 +160,7 @@ mod tests {
     fn a_query_key_is_checked_and_removed() {
         let k = keys();
         let mut req = Request::get("/x?a=1&api_key=s3cret&b=2").body(()).unwrap();
-        assert_eq!(&*k.authenticate(&mut req).unwrap(), "acme");
+        assert_eq!(&*k.authenticate(&mut req).unwrap().name, "acme");
         assert_eq!(req.uri().query(), Some("a=1&b=2"));
         let mut req = Request::get("/x?api_key=nope").body(()).unwrap();
         assert!(matches!(

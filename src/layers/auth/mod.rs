@@ -273,16 +273,23 @@ async fn authenticate(
 ) -> Result<Identity, AuthFailure> {
     match p {
         Provider::Jwt(j) => {
-            let (claims, from_authorization) = {
+            let (verified, from_authorization) = {
                 let (token, from_authorization) = find_token(&j.token_from, req)?;
                 (j.verifier.verify(&token).await?, from_authorization)
             };
+            let values = verified.forwarded.get_or_init(|| {
+                j.forward
+                    .iter()
+                    .map(|(claim, _)| verified.claims.get(&**claim).and_then(claim_header))
+                    .collect()
+            });
             let h = req.headers_mut();
-            for (claim, name) in j.forward.iter() {
-                if let Some(v) = claims.get(&**claim).and_then(claim_header) {
-                    h.insert(name.clone(), v);
+            for ((_, name), value) in j.forward.iter().zip(values.iter()) {
+                if let Some(v) = value {
+                    h.insert(name.clone(), v.clone());
                 }
             }
+            let claims = verified.claims.clone();
             if j.strip_authorization && from_authorization {
                 h.remove(header::AUTHORIZATION);
             }
@@ -294,13 +301,12 @@ async fn authenticate(
         }
         Provider::ApiKeys(k) => {
             let consumer = k.keys.authenticate(req)?;
-            if let Ok(v) = HeaderValue::from_str(&consumer) {
-                req.headers_mut().insert(k.forward_consumer.clone(), v);
-            }
+            req.headers_mut()
+                .insert(k.forward_consumer.clone(), consumer.header);
             Ok(Identity {
                 provider: k.name.clone(),
                 claims: None,
-                consumer: Some(consumer),
+                consumer: Some(consumer.name),
             })
         }
         Provider::External(e) => e.check(req, exchange).await,

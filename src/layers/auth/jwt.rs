@@ -60,6 +60,9 @@ pub(crate) struct Verified {
     /// The token itself: the cache is keyed by a fingerprint, and a hit must be this token.
     token: Box<str>,
     pub(crate) claims: Arc<Map<String, Value>>,
+    /// The provider's `forward_claims` as header values, made at the first use of this
+    /// token (not on each request that repeats it).
+    pub(crate) forwarded: std::sync::OnceLock<Box<[Option<http::HeaderValue>]>>,
     /// Seconds since the epoch.
     exp: Option<u64>,
     kid: Option<String>,
@@ -130,10 +133,7 @@ fn now_secs() -> u64 {
 impl JwtVerifier {
     /// Verifies `token`, from the cache when it was verified before. Bytes: a cached token is
     /// found without checking its UTF-8 (~300 instructions for a 300-byte token).
-    pub(crate) async fn verify(
-        &self,
-        token: &[u8],
-    ) -> Result<Arc<Map<String, Value>>, AuthFailure> {
+    pub(crate) async fn verify(&self, token: &[u8]) -> Result<Arc<Verified>, AuthFailure> {
         if token.len() > self.max_token {
             return Err(AuthFailure::Invalid("token too large"));
         }
@@ -142,7 +142,7 @@ impl JwtVerifier {
                 .exp
                 .is_none_or(|exp| exp + self.leeway.as_secs() > now_secs());
             if fresh && self.key_still_there(v.kid.as_deref()) {
-                return Ok(v.claims.clone());
+                return Ok(v);
             }
             self.cache.invalidate(token);
         }
@@ -157,15 +157,15 @@ impl JwtVerifier {
         let key = self.key_for(header.kid.as_deref(), alg).await?;
         let claims = self.check(token, alg, &key.key)?;
         let exp = claims.get("exp").and_then(Value::as_u64);
-        let claims = Arc::new(claims);
         let verified = Arc::new(Verified {
+            forwarded: std::sync::OnceLock::new(),
             token: Box::from(token),
-            claims: claims.clone(),
+            claims: Arc::new(claims),
             exp,
             kid: header.kid,
         });
-        self.cache.insert(verified);
-        Ok(claims)
+        self.cache.insert(verified.clone());
+        Ok(verified)
     }
 
     fn key_still_there(&self, kid: Option<&str>) -> bool {

@@ -426,9 +426,21 @@ fn api_keys(
     }
     let mut keys = HashMap::new();
     for e in &entries {
+        let Ok(header) = http::HeaderValue::from_str(&e.consumer) else {
+            errs.push(here(format!(
+                "consumer `{}` is not a valid header value (it is forwarded in `{}`)",
+                e.consumer.escape_debug(),
+                c.forward_consumer
+            )));
+            continue;
+        };
+        let consumer = super::api_key::Consumer {
+            name: Arc::from(e.consumer.as_str()),
+            header,
+        };
         match parse_digest(&e.sha256) {
             Some(d) => {
-                if keys.insert(d, Arc::from(e.consumer.as_str())).is_some() {
+                if keys.insert(d, consumer).is_some() {
                     errs.push(here(format!(
                         "the key of consumer `{}` is listed twice",
                         e.consumer
