@@ -138,6 +138,11 @@ impl Conn {
             None => None,
             Some(sem) => sem.clone().try_acquire_owned().ok(),
         };
+        let guarded = gw
+            .settings
+            .ip_guard
+            .as_ref()
+            .and_then(|g| g.refuse(&req, this.peer.ip(), trusted, &gw.settings.trusted_proxies));
         let (routed, metrics, exchange) =
             if this.live.request_limit.is_some() && global_permit.is_none() {
                 (
@@ -145,6 +150,8 @@ impl Conn {
                     gw.unmatched.clone(),
                     None,
                 )
+            } else if let Some(refused) = guarded {
+                (Err(refused), gw.unmatched.clone(), None)
             } else {
                 this.route(&gw, trusted, &request_id, start, req)
             };

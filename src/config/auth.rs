@@ -296,56 +296,7 @@ pub(crate) enum OnAuthError {
 }
 
 /// `auth = "NAME"`, `auth = ["A", "B"]` (any one suffices) or `auth = "none"`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
-pub(crate) enum AuthRef {
-    One(String),
-    Any(Vec<String>),
-}
-
-/// By hand rather than `untagged`, whose error ("data did not match any variant") says
-/// nothing of what `auth` takes.
-impl<'de> Deserialize<'de> for AuthRef {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = AuthRef;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a provider name, a list of provider names, or \"none\"")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AuthRef, E> {
-                Ok(AuthRef::One(v.to_owned()))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<AuthRef, A::Error> {
-                let mut names = Vec::new();
-                while let Some(n) = seq.next_element::<String>()? {
-                    names.push(n);
-                }
-                if names.is_empty() {
-                    return Err(serde::de::Error::custom(
-                        "`auth = []` names no provider; write `auth = \"none\"` to open a route",
-                    ));
-                }
-                Ok(AuthRef::Any(names))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl AuthRef {
-    /// The providers named; empty for `"none"`.
-    pub(crate) fn names(&self) -> Vec<&str> {
-        match self {
-            AuthRef::One(n) if n == "none" => Vec::new(),
-            AuthRef::One(n) => vec![n.as_str()],
-            AuthRef::Any(v) => v.iter().map(String::as_str).collect(),
-        }
-    }
-}
+pub(crate) type AuthRef = super::names::Names<super::names::AuthNames>;
 
 /// `require = { scopes = [...], claims = { NAME = [allowed values] } }`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

@@ -68,6 +68,9 @@ pub(super) fn twenty() -> u32 {
 pub(super) fn half() -> f64 {
     0.5
 }
+pub(super) fn d_5ms() -> Duration {
+    Duration::from_millis(5)
+}
 pub(super) fn d_25ms() -> Duration {
     Duration::from_millis(25)
 }

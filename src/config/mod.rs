@@ -4,6 +4,8 @@
 
 mod auth;
 mod defaults;
+mod names;
+mod rate_limit;
 mod route;
 mod server;
 mod service;
@@ -15,6 +17,7 @@ pub(crate) mod watch;
 use std::path::{Path, PathBuf};
 
 pub(crate) use auth::*;
+pub(crate) use rate_limit::*;
 pub(crate) use route::*;
 pub(crate) use server::*;
 pub(crate) use service::*;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use toml::Spanned;
 
 use super::auth::{AuthRef, CorsConfig, RequireConfig};
+use super::rate_limit::RateLimitRef;
 use super::defaults::*;
 use super::service::RetryConfig;
 use super::units::{Duration, Size};
@@ -49,6 +50,8 @@ pub(crate) struct FrontendConfig {
     pub(crate) require: Option<Spanned<RequireConfig>>,
     /// CORS for the routes below; preflights are answered by the gateway.
     pub(crate) cors: Option<Spanned<CorsConfig>>,
+    /// Rate limits of the routes below (a route may say otherwise).
+    pub(crate) rate_limit: Option<Spanned<RateLimitRef>>,
 }
 
 /// One `[[route]]`. Serde reads it through `RawRoute` (every key a route may have, unknown keys
@@ -77,6 +80,8 @@ pub(crate) struct RouteConfig {
     pub(crate) auth: Option<Spanned<AuthRef>>,
     /// Overrides the frontend's `require`.
     pub(crate) require: Option<Spanned<RequireConfig>>,
+    /// Overrides the frontend's rate limits (`"none"` lifts them explicitly).
+    pub(crate) rate_limit: Option<Spanned<RateLimitRef>>,
     /// What answers the route: exactly one of the backend keys.
     pub(crate) backend: BackendConfig,
 }
@@ -125,6 +130,8 @@ pub(crate) struct RawRoute {
     #[serde(skip_serializing_if = "Option::is_none")]
     require: Option<Spanned<RequireConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<Spanned<RateLimitRef>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     proxy: Option<Spanned<ProxyConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     respond: Option<Spanned<RespondConfig>>,
@@ -169,6 +176,7 @@ impl TryFrom<RawRoute> for RouteConfig {
             fallback: r.fallback,
             auth: r.auth,
             require: r.require,
+            rate_limit: r.rate_limit,
             backend,
         })
     }
@@ -193,6 +201,7 @@ impl From<RouteConfig> for RawRoute {
             fallback: r.fallback,
             auth: r.auth,
             require: r.require,
+            rate_limit: r.rate_limit,
             proxy,
             respond,
         }

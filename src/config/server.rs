@@ -30,6 +30,10 @@ pub struct GatewayConfig {
     pub(crate) services: BTreeMap<String, Spanned<ServiceConfig>>,
     #[serde(default)]
     pub(crate) auth: super::auth::AuthConfig,
+    /// The store of `store = "redis"` rate limits.
+    pub(crate) redis: Option<Spanned<super::rate_limit::RedisConfig>>,
+    #[serde(default)]
+    pub(crate) rate_limits: super::rate_limit::RateLimits,
 }
 
 /// One address or a list of them (`listen = "…"` or `listen = ["…", "…"]`).
@@ -98,6 +102,8 @@ pub(crate) struct ServerConfig {
     /// connection pools. 0: one per CPU the process may run on.
     #[serde(default)]
     pub(crate) workers: usize,
+    /// Requests per client IP before routing (an abuse guard); beyond it, 429.
+    pub(crate) ip_rate_limit: Option<Spanned<super::rate_limit::IpRateLimitConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +125,7 @@ impl Default for ServerConfig {
             keep_alive_timeout: d_75s(),
             shutdown_grace: d_30s(),
             workers: 0,
+            ip_rate_limit: None,
         }
     }
 }

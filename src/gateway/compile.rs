@@ -36,7 +36,15 @@ pub(crate) fn compile(
         metrics,
         &mut errors,
     );
+    let limiters = crate::layers::rate_limit::build_limiters(
+        &loaded,
+        previous.map(|p| &p.resources),
+        &mut resources,
+        metrics,
+        &mut errors,
+    );
     let tls = compile_tls(&loaded, &mut errors);
+    let trusted: Arc<[ipnet::IpNet]> = loaded.gateway.server.trusted_proxies.clone().into();
 
     let server = Inherited {
         timeout: loaded.gateway.server.request_timeout.get(),
@@ -47,6 +55,8 @@ pub(crate) fn compile(
         defined: loaded.gateway.services.keys().map(String::as_str).collect(),
         metrics,
         providers: &providers,
+        limiters: &limiters,
+        trusted: trusted.clone(),
     };
     let mut built = Vec::new();
     // For each route: its file and where its name is, to locate router errors.
@@ -91,7 +101,8 @@ pub(crate) fn compile(
             max_headers: server.max_header_count,
             underscores: server.underscores_in_headers,
         },
-        trusted_proxies: server.trusted_proxies.clone(),
+        trusted_proxies: trusted,
+        ip_guard: limiters.ip_guard.clone(),
         access_log: loaded.gateway.log.access_log,
     };
     Ok(Gateway {
@@ -305,6 +316,7 @@ fn compile_frontend(
         require: fe.require.as_ref(),
         strip: strip.into(),
         cors,
+        rate_limit: fe.rate_limit.as_ref(),
     };
     let mut route_names = HashSet::new();
     for spanned in &ff.route {

@@ -86,7 +86,9 @@ impl Gateway {
 pub(crate) struct Settings {
     /// Limits and checks of the request head.
     pub(crate) head: crate::routing::head::Limits,
-    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
+    pub(crate) trusted_proxies: Arc<[ipnet::IpNet]>,
+    /// `[server] ip_rate_limit`.
+    pub(crate) ip_guard: Option<Arc<crate::layers::rate_limit::build::IpGuard>>,
     pub(crate) access_log: bool,
 }
 

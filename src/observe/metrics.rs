@@ -34,6 +34,10 @@ pub struct Metrics {
     pub(crate) auth_total: IntCounterVec,
     /// JWKS fetches by provider and result.
     pub(crate) jwks_fetches_total: IntCounterVec,
+    pub(crate) rate_limit_total: IntCounterVec,
+    pub(crate) rate_limit_store_failures: IntCounterVec,
+    pub(crate) rate_limit_store_seconds: prometheus::HistogramVec,
+    pub(crate) ip_rate_limited: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -149,8 +153,44 @@ impl Metrics {
             &["provider", "result"],
         )
         .expect("static metric definition is valid");
+        let rate_limit_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_rate_limit_total",
+                "Rate limit decisions by route, policy and outcome (admitted, limited, failed_open, failed_closed)",
+            ),
+            &["route", "policy", "outcome"],
+        )
+        .expect("static metric definition is valid");
+        let rate_limit_store_failures = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_rate_limit_store_failures_total",
+                "Calls to a shared rate limit store that failed, by policy and reason (timeout, error, down)",
+            ),
+            &["policy", "reason"],
+        )
+        .expect("static metric definition is valid");
+        let rate_limit_store_seconds = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "gatehouse_rate_limit_store_seconds",
+                "Round trip of one call to a shared rate limit store, by policy",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
+            ]),
+            &["policy"],
+        )
+        .expect("static metric definition is valid");
+        let ip_rate_limited = prometheus::IntCounter::new(
+            "gatehouse_ip_rate_limited_total",
+            "Requests refused by [server] ip_rate_limit before routing",
+        )
+        .expect("static metric definition is valid");
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rate_limit_total.clone()),
+            Box::new(rate_limit_store_failures.clone()),
+            Box::new(rate_limit_store_seconds.clone()),
+            Box::new(ip_rate_limited.clone()),
             Box::new(auth_total.clone()),
             Box::new(jwks_fetches_total.clone()),
             Box::new(connections_total.clone()),
@@ -176,6 +216,10 @@ impl Metrics {
             registry,
             auth_total,
             jwks_fetches_total,
+            rate_limit_total,
+            rate_limit_store_failures,
+            rate_limit_store_seconds,
+            ip_rate_limited,
             connections_total,
             connections_parked,
             requests_total,

@@ -19,12 +19,13 @@ use crate::backend::proxy::{Proxy, ProxyOptions};
 use crate::backend::respond::Respond;
 use crate::backend::target::UpstreamPath;
 use crate::config::{
-    AuthRef, BackendConfig, ConfigErrors, FallbackConfig, ProxyConfig, RequireConfig,
+    AuthRef, BackendConfig, RateKey, RateLimitRef, ConfigErrors, FallbackConfig, ProxyConfig, RequireConfig,
     RespondConfig, RouteConfig, SourceFile,
 };
 use crate::context::RouteInfo;
 use crate::layers::auth::{AuthLayer, AuthPolicy, Providers, Require};
 use crate::layers::cors::CorsLayer;
+use crate::layers::rate_limit::{Limiters, RateLimitLayer, RouteLimiter, RoutePolicy, OUTCOMES};
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
 use crate::routing::template::route_params;
@@ -41,6 +42,10 @@ pub(crate) struct BuildContext<'a> {
     pub(crate) metrics: &'a Metrics,
     /// The `[auth.*]` providers.
     pub(crate) providers: &'a Providers,
+    /// The `[rate_limits.*]` policies.
+    pub(crate) limiters: &'a Limiters,
+    /// `[server] trusted_proxies`.
+    pub(crate) trusted: Arc<[ipnet::IpNet]>,
 }
 
 /// Settings a frontend passes down to its routes (after applying `[server]` defaults).
@@ -76,6 +81,7 @@ pub(crate) struct Frontend<'a> {
     /// of the frontend.
     pub(crate) strip: Arc<[HeaderName]>,
     pub(crate) cors: Option<CorsLayer>,
+    pub(crate) rate_limit: Option<&'a toml::Spanned<RateLimitRef>>,
 }
 
 /// A built route, ready for the router.
@@ -134,10 +140,12 @@ pub(crate) fn build(
         });
     let id = format!("{}/{rname}", fe.name);
     let auth = auth_layer(cx, fe, rc, &id, &mut fail);
+    let rate_limit = rate_limit_layer(cx, fe, rc, &id, &mut fail);
     let layers = Layers {
         fallback,
         cors: fe.cors.clone(),
         auth,
+        rate_limit,
         ..Layers::deadline(settings.timeout)
     };
     let service = match &rc.backend {
@@ -280,6 +288,85 @@ fn auth_layer(
         strip: fe.strip.clone(),
         outcomes: cx.metrics.auth_total.clone(),
         route: Arc::from(id),
+    }))
+}
+
+/// The route's rate limits: its own `rate_limit`, else the frontend's (`"none"`: none).
+fn rate_limit_layer(
+    cx: &BuildContext<'_>,
+    fe: &Frontend<'_>,
+    rc: &RouteConfig,
+    id: &str,
+    fail: &mut impl FnMut(Range<usize>, String),
+) -> Option<RateLimitLayer> {
+    let named = rc.rate_limit.as_ref().or(fe.rate_limit)?;
+    let span = named.span();
+    let authenticated = rc
+        .auth
+        .as_ref()
+        .or(fe.auth)
+        .is_some_and(|a| !a.get_ref().names().is_empty());
+    let mut limiters = Vec::new();
+    for n in named.get_ref().names() {
+        if n == "none" {
+            fail(
+                span.clone(),
+                "`none` cannot be one of several policies; write `rate_limit = \"none\"`".into(),
+            );
+            continue;
+        }
+        let Some(l) = cx.limiters.get(n) else {
+            let known = cx.limiters.names();
+            fail(
+                span.clone(),
+                format!(
+                    "unknown rate limit `{n}` (defined: {})",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+            continue;
+        };
+        if matches!(l.key, RateKey::Claim(_) | RateKey::Consumer) && !authenticated {
+            fail(
+                span.clone(),
+                format!(
+                    "route `{}`: rate limit `{n}` is counted by `{}`, which needs `auth` on the route",
+                    rc.name.get_ref(),
+                    l.key
+                ),
+            );
+            continue;
+        }
+        limiters.push(RouteLimiter {
+            counters: OUTCOMES.map(|o| {
+                cx.metrics
+                    .rate_limit_total
+                    .with_label_values(&[id, &l.name, o])
+            }),
+            limiter: l.clone(),
+        });
+    }
+    if limiters.is_empty() {
+        return None;
+    }
+    let items: Vec<&str> = limiters
+        .iter()
+        .filter(|l| l.limiter.headers)
+        .map(|l| &*l.limiter.policy_items)
+        .collect();
+    let policy_header = (!items.is_empty())
+        .then(|| HeaderValue::from_str(&items.join(", ")).ok())
+        .flatten();
+    Some(RateLimitLayer::new(RoutePolicy {
+        local_only: limiters.iter().all(|l| l.limiter.shared.is_none()),
+        limiters: limiters.into(),
+        route: Arc::from(id),
+        trusted: cx.trusted.clone(),
+        policy_header,
     }))
 }
 

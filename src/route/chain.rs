@@ -18,8 +18,8 @@
 //! Each layer is optional: a route without a feature pays nothing for it (no layer, no box).
 //! An inner typed layer is one `option_layer` line at its place below and one field of
 //! `Layers`; a plugin is a `BoxLayer` (boxed once per route, so only routes that use plugins
-//! pay for the erasure); the outer layers (CORS, authentication) wrap the erased stack, so
-//! a route without them has not even an `Either` for them.
+//! pay for the erasure); the outer layers (CORS, authentication, rate limit) wrap the erased
+//! stack, so a route without them has not even an `Either` for them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +32,7 @@ use crate::backend::respond::Respond;
 use crate::layers::auth::AuthLayer;
 use crate::layers::cors::CorsLayer;
 use crate::layers::fallback::FallbackLayer;
+use crate::layers::rate_limit::RateLimitLayer;
 
 /// A layer whose type is erased: it wraps a route's stack in another.
 pub(crate) type BoxLayer = Arc<dyn Fn(RouteService) -> RouteService + Send + Sync>;
@@ -44,6 +45,8 @@ pub(crate) struct Layers {
     pub(crate) cors: Option<CorsLayer>,
     /// Authentication and authorization (and the identity headers stripped).
     pub(crate) auth: Option<AuthLayer>,
+    /// The route's rate limits (all must admit).
+    pub(crate) rate_limit: Option<RateLimitLayer>,
     /// Served when the backend fails.
     pub(crate) fallback: Option<Respond>,
     /// The route's total deadline.
@@ -57,6 +60,7 @@ impl Layers {
             plugins: Vec::new(),
             cors: None,
             auth: None,
+            rate_limit: None,
             fallback: None,
             deadline,
         }
@@ -69,12 +73,12 @@ pub(crate) fn chain<S: RouteStack>(backend: S, layers: Layers) -> RouteService {
         plugins,
         cors,
         auth,
+        rate_limit,
         fallback,
         deadline,
     } = layers;
     // Innermost part, typed: no box between the backend and the dispatcher's one call.
     let inner = ServiceBuilder::new()
-        // (issue 13) .option_layer(rate_limit)
         // (issue 15) .option_layer(cache)
         .option_layer(fallback.map(FallbackLayer::new))
         .layer(TimeoutLayer::new(deadline))
@@ -86,6 +90,9 @@ pub(crate) fn chain<S: RouteStack>(backend: S, layers: Layers) -> RouteService {
     // The outer layers wrap the erased stack: a route without them has no `Either` for them
     // in its stack (measured: ~250 instructions a request for the two), and one with them
     // pays one more boxed future, next to the network work they do.
+    if let Some(rl) = rate_limit {
+        svc = RouteService::new(rl.layer(svc));
+    }
     if let Some(auth) = auth {
         svc = RouteService::new(auth.layer(svc));
     }

@@ -1,0 +1,498 @@
+//! Rate limiting: the route layer (`RateLimitLayer`), the policies it asks (`Limiter`, one per
+//! `[rate_limits.NAME]`, a resource that survives reloads while its config is unchanged), the
+//! in-memory store (`local.rs`: governor's GCRA over a bounded key store) and the Redis store
+//! shared by a fleet (`redis.rs`: one atomic script per check, on the server's clock).
+//!
+//! A policy has one or more windows (`requests` per `per`, up to `burst` at once); a request is
+//! admitted when every window admits it, and then counts in each; a refused request counts in
+//! none. A route with several policies is admitted when all of them admit it. The budget is
+//! counted by the policy's key; a request with no value for it (no such header, claim or
+//! consumer) is counted by its client IP instead, never left unlimited.
+//!
+//! Refused: 429 `rate_limited` with `Retry-After`; the request never reaches the backend.
+//! `RateLimit-Policy` and `RateLimit` (IETF httpapi ratelimit headers, draft 9+) are set on
+//! every response of a limited route when the policy says `headers = true`.
+
+pub(crate) mod build;
+pub(crate) mod local;
+pub(crate) mod redis;
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::backend::RespBody;
+use crate::body::ReqBody;
+use crate::config::{OnStoreFailure, RateKey};
+use crate::context::Exchange;
+use crate::error::{BoxError, Problem};
+
+pub(crate) use build::{build_limiters, Limiters};
+
+pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
+/// Windows of one policy at most (a per-second rate, a per-minute one, a daily and a monthly
+/// quota is four).
+pub(crate) const MAX_WINDOWS: usize = 4;
+
+/// One window, checked: a request every `interval`, up to `burst` at once.
+#[derive(Debug, Clone)]
+pub(crate) struct Window {
+    pub(crate) interval: Duration,
+    pub(crate) burst: u32,
+    /// Its name in the headers: `policy` (one window) or `policy-per` (several).
+    pub(crate) label: Box<str>,
+}
+
+pub(crate) type Windows = Box<[Window]>;
+
+/// A window's state after a check, for the headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct WindowState {
+    pub(crate) remaining: u32,
+    /// Until the window is full again.
+    pub(crate) reset: Duration,
+}
+
+/// What a policy said of one request.
+#[derive(Debug, Clone)]
+pub(crate) struct Outcome {
+    pub(crate) admitted: bool,
+    /// When refused: how long until it would be admitted.
+    pub(crate) retry_after: Duration,
+    states: [WindowState; MAX_WINDOWS],
+    len: usize,
+}
+
+impl Outcome {
+    pub(crate) fn admitted() -> Self {
+        Outcome {
+            admitted: true,
+            retry_after: Duration::ZERO,
+            states: [WindowState::default(); MAX_WINDOWS],
+            len: 0,
+        }
+    }
+
+    pub(crate) fn refuse(&mut self, wait: Duration) {
+        self.admitted = false;
+        self.retry_after = wait;
+    }
+
+    pub(crate) fn push(&mut self, s: WindowState) {
+        if let Some(slot) = self.states.get_mut(self.len) {
+            *slot = s;
+            self.len += 1;
+        }
+    }
+
+    pub(crate) fn windows(&self) -> &[WindowState] {
+        &self.states[..self.len]
+    }
+}
+
+/// The value a request is counted by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum KeyValue {
+    Ip(IpAddr),
+    Header(HeaderValue),
+    /// A claim's value or a consumer's name.
+    Text(Arc<str>),
+    Route(Arc<str>),
+    Global,
+}
+
+/// One `[rate_limits.NAME]`, built: a resource shared by every route that names it.
+pub(crate) struct Limiter {
+    pub(crate) name: Arc<str>,
+    pub(crate) key: RateKey,
+    pub(crate) windows: Windows,
+    pub(crate) headers: bool,
+    /// This policy's part of `RateLimit-Policy`.
+    pub(crate) policy_items: Box<str>,
+    /// The in-memory store: the policy's own, or the fallback of its Redis store.
+    pub(crate) local: local::LocalStore<KeyValue>,
+    pub(crate) shared: Option<Shared>,
+}
+
+/// The Redis store of a policy with `store = "redis"`.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<redis::RedisStore>,
+    pub(crate) on_failure: OnStoreFailure,
+    pub(crate) script_args: redis::WindowArgs,
+    pub(crate) failures: [prometheus::IntCounter; 3],
+    pub(crate) latency: prometheus::Histogram,
+}
+
+/// What a check of a shared store can end in besides an outcome.
+enum Checked {
+    Outcome(Outcome),
+    /// The store failed and the policy says `allow` or `deny`.
+    Failed(OnStoreFailure),
+}
+
+impl Limiter {
+    /// The outcome of one request under this policy's key value.
+    async fn check(&self, key: &KeyValue) -> Checked {
+        let Some(shared) = &self.shared else {
+            return Checked::Outcome(self.local.check(key));
+        };
+        let started = std::time::Instant::now();
+        match shared
+            .store
+            .check(&self.name, key, &shared.script_args)
+            .await
+        {
+            Ok(out) => {
+                shared.latency.observe(started.elapsed().as_secs_f64());
+                Checked::Outcome(out)
+            }
+            Err(e) => {
+                shared.failures[e as usize].inc();
+                match shared.on_failure {
+                    OnStoreFailure::Local => Checked::Outcome(self.local.check(key)),
+                    other => Checked::Failed(other),
+                }
+            }
+        }
+    }
+
+    /// The value this request is counted by.
+    fn key_value(&self, req: &Request<ReqBody>, x: Option<&Exchange>, cx: &RoutePolicy) -> KeyValue {
+        let value = match &self.key {
+            RateKey::Ip => None,
+            RateKey::Global => return KeyValue::Global,
+            RateKey::Route => return KeyValue::Route(cx.route.clone()),
+            RateKey::Header(h) => req.headers().get(h).cloned().map(KeyValue::Header),
+            RateKey::Claim(c) => x
+                .and_then(Exchange::identity)
+                .and_then(|id| id.claims.as_ref())
+                .and_then(|claims| claims.get(c.as_str()))
+                .and_then(claim_text)
+                .map(KeyValue::Text),
+            RateKey::Consumer => x
+                .and_then(Exchange::identity)
+                .and_then(|id| id.consumer.clone())
+                .map(KeyValue::Text),
+        };
+        value.unwrap_or_else(|| KeyValue::Ip(client_ip(req, x, &cx.trusted)))
+    }
+}
+
+/// A claim as a key: a string or a number; other claims (objects, lists) count as absent.
+fn claim_text(v: &serde_json::Value) -> Option<Arc<str>> {
+    match v {
+        serde_json::Value::String(s) => Some(Arc::from(s.as_str())),
+        serde_json::Value::Number(n) => Some(Arc::from(n.to_string())),
+        _ => None,
+    }
+}
+
+/// The client's IP: the peer's, or — when the peer is one of `trusted_proxies` — the nearest
+/// address in `X-Forwarded-For` that is not a trusted proxy. A client can put anything in
+/// the header; only what trusted proxies appended to it is believed.
+pub(crate) fn client_ip<B>(
+    req: &Request<B>,
+    x: Option<&Exchange>,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let Some(x) = x else {
+        return IpAddr::from([0, 0, 0, 0]);
+    };
+    let client = x.client();
+    let peer = client.peer.ip();
+    if !client.trusted {
+        return peer;
+    }
+    forwarded_client(req.headers(), peer, trusted)
+}
+
+/// The nearest untrusted address of `X-Forwarded-For` (right to left), or the leftmost when
+/// every hop is trusted; the peer when the header has none that parses.
+pub(crate) fn forwarded_client(
+    headers: &http::HeaderMap,
+    peer: IpAddr,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let mut last = peer;
+    for value in headers.get_all(http::header::HeaderName::from_static("x-forwarded-for")).iter().rev() {
+        let Ok(s) = value.to_str() else {
+            return last;
+        };
+        for hop in s.rsplit(',') {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                return last;
+            };
+            if !is_trusted(&ip) {
+                return ip;
+            }
+            last = ip;
+        }
+    }
+    last
+}
+
+/// A route's rate limits: the policies (all must admit) and their counters.
+pub(crate) struct RoutePolicy {
+    pub(crate) limiters: Box<[RouteLimiter]>,
+    pub(crate) route: Arc<str>,
+    pub(crate) trusted: Arc<[ipnet::IpNet]>,
+    /// `RateLimit-Policy`, made when the route was built; `None` when no policy sets headers.
+    pub(crate) policy_header: Option<HeaderValue>,
+    /// Whether a check can finish without waiting (no policy uses Redis).
+    pub(crate) local_only: bool,
+}
+
+pub(crate) struct RouteLimiter {
+    pub(crate) limiter: Arc<Limiter>,
+    /// admitted, limited, failed_open, failed_closed.
+    pub(crate) counters: [prometheus::IntCounter; 4],
+}
+
+pub(crate) const OUTCOMES: [&str; 4] = ["admitted", "limited", "failed_open", "failed_closed"];
+
+/// The decision on one request under all of a route's policies.
+enum Decision {
+    Admit(Option<HeaderValue>),
+    Refuse(Box<Problem>),
+}
+
+impl RoutePolicy {
+    /// Asks each policy in turn; the first that refuses decides.
+    async fn decide(&self, req: &Request<ReqBody>) -> Decision {
+        let x = req.extensions().get::<Exchange>();
+        let mut header = String::new();
+        for rl in self.limiters.iter() {
+            let key = rl.limiter.key_value(req, x, self);
+            match rl.limiter.check(&key).await {
+                Checked::Outcome(out) => {
+                    if rl.limiter.headers {
+                        rl.limiter.write_state(&out, &mut header);
+                    }
+                    if !out.admitted {
+                        rl.counters[1].inc();
+                        return Decision::Refuse(Box::new(self.limited(&out, header)));
+                    }
+                    rl.counters[0].inc();
+                }
+                Checked::Failed(OnStoreFailure::Deny) => {
+                    rl.counters[3].inc();
+                    return Decision::Refuse(Box::new(
+                        Problem::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "rate_limit_unavailable",
+                            "The rate limit cannot be checked right now",
+                        )
+                        .retry_after(1),
+                    ));
+                }
+                Checked::Failed(_) => rl.counters[2].inc(),
+            }
+        }
+        Decision::Admit(header_value(header))
+    }
+
+    /// The same, for policies that never wait: no future to build.
+    fn decide_now(&self, req: &Request<ReqBody>) -> Decision {
+        let x = req.extensions().get::<Exchange>();
+        let mut header = String::new();
+        for rl in self.limiters.iter() {
+            let key = rl.limiter.key_value(req, x, self);
+            let out = rl.limiter.local.check(&key);
+            if rl.limiter.headers {
+                rl.limiter.write_state(&out, &mut header);
+            }
+            if !out.admitted {
+                rl.counters[1].inc();
+                return Decision::Refuse(Box::new(self.limited(&out, header)));
+            }
+            rl.counters[0].inc();
+        }
+        Decision::Admit(header_value(header))
+    }
+
+    fn limited(&self, out: &Outcome, header: String) -> Problem {
+        let mut p = too_many(out);
+        if let Some(policy) = &self.policy_header {
+            p = p.header(RATELIMIT_POLICY.clone(), policy.clone());
+        }
+        if let Some(v) = header_value(header) {
+            p = p.header(RATELIMIT.clone(), v);
+        }
+        p
+    }
+}
+
+/// 429 `rate_limited`, with `Retry-After` in whole seconds, rounded up: a client that waits
+/// what it is told is admitted.
+pub(crate) fn too_many(out: &Outcome) -> Problem {
+    let secs = out.retry_after.as_nanos().div_ceil(1_000_000_000).max(1);
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "Too many requests",
+    )
+    .retry_after(u64::try_from(secs).unwrap_or(u64::MAX))
+}
+
+impl Limiter {
+    /// Appends this policy's windows to a `RateLimit` field value.
+    fn write_state(&self, out: &Outcome, header: &mut String) {
+        for (w, s) in self.windows.iter().zip(out.windows()) {
+            if !header.is_empty() {
+                header.push_str(", ");
+            }
+            let t = s.reset.as_nanos().div_ceil(1_000_000_000);
+            let _ = write!(header, "\"{}\";r={};t={}", w.label, s.remaining, t);
+        }
+    }
+}
+
+fn header_value(s: String) -> Option<HeaderValue> {
+    if s.is_empty() {
+        return None;
+    }
+    HeaderValue::from_maybe_shared(Bytes::from(s)).ok()
+}
+
+#[derive(Clone)]
+pub(crate) struct RateLimitLayer(Arc<RoutePolicy>);
+
+impl RateLimitLayer {
+    pub(crate) fn new(policy: RoutePolicy) -> Self {
+        RateLimitLayer(Arc::new(policy))
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimitService<S>;
+    fn layer(&self, inner: S) -> RateLimitService<S> {
+        RateLimitService {
+            policy: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct RateLimitService<S> {
+    policy: Arc<RoutePolicy>,
+    inner: S,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError>> + Send>>;
+
+impl<S> Service<Request<ReqBody>> for RateLimitService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<RespBody>;
+    type Error = BoxError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
+        let policy = self.policy.clone();
+        let inner = self.inner.clone();
+        if policy.local_only {
+            return match policy.decide_now(&req) {
+                Decision::Refuse(p) => Box::pin(std::future::ready(Err(p as BoxError))),
+                Decision::Admit(state) => Box::pin(respond(inner, req, policy, state)),
+            };
+        }
+        Box::pin(async move {
+            match policy.decide(&req).await {
+                Decision::Refuse(p) => Err(p as BoxError),
+                Decision::Admit(state) => respond(inner, req, policy, state).await,
+            }
+        })
+    }
+}
+
+/// Calls the route's stack, and sets the rate limit headers on its answer.
+async fn respond<S>(
+    inner: S,
+    req: Request<ReqBody>,
+    policy: Arc<RoutePolicy>,
+    state: Option<HeaderValue>,
+) -> Result<Response<RespBody>, BoxError>
+where
+    S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError>,
+{
+    let mut resp = inner.oneshot(req).await?;
+    if let Some(p) = &policy.policy_header {
+        let h = resp.headers_mut();
+        h.insert(RATELIMIT_POLICY.clone(), p.clone());
+        if let Some(s) = state {
+            h.insert(RATELIMIT.clone(), s);
+        }
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_up_to_the_first_untrusted_hop() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut h = http::HeaderMap::new();
+        // The client wrote "6.6.6.6" itself; the trusted proxy appended the client's real IP.
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 203.0.113.7, 10.0.0.2"));
+        assert_eq!(forwarded_client(&h, peer, &trusted), "203.0.113.7".parse::<IpAddr>().unwrap());
+        // Every hop trusted: the leftmost.
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.1.1.1, 10.0.0.2"));
+        assert_eq!(forwarded_client(&h, peer, &trusted), "10.1.1.1".parse::<IpAddr>().unwrap());
+        // Garbage stops the walk at the last trusted hop.
+        h.insert("x-forwarded-for", HeaderValue::from_static("junk, 10.0.0.2"));
+        assert_eq!(forwarded_client(&h, peer, &trusted), "10.0.0.2".parse::<IpAddr>().unwrap());
+        // No header: the peer.
+        assert_eq!(forwarded_client(&http::HeaderMap::new(), peer, &trusted), peer);
+    }
+
+    #[test]
+    fn the_state_header_lists_each_window() {
+        let mut out = Outcome::admitted();
+        out.push(WindowState {
+            remaining: 4,
+            reset: Duration::from_millis(1500),
+        });
+        out.push(WindowState {
+            remaining: 9990,
+            reset: Duration::from_secs(600),
+        });
+        let windows: Windows = vec![
+            Window { interval: Duration::from_millis(100), burst: 10, label: "per_user-1s".into() },
+            Window { interval: Duration::from_secs(8), burst: 10000, label: "per_user-1d".into() },
+        ]
+        .into();
+        let mut s = String::new();
+        let lim = build::test_limiter(windows);
+        lim.write_state(&out, &mut s);
+        assert_eq!(s, "\"per_user-1s\";r=4;t=2, \"per_user-1d\";r=9990;t=600");
+    }
+}
