@@ -52,6 +52,15 @@ SCENARIOS = {
                       path="/jwt/rs", conns=64, script="tokens.lua", tokens=("RS256", 50000), only=["gatehouse"]),
     "jwt_es256": dict(title="JWT auth, a new ES256 token per request (signature verified), 64 connections",
                       path="/jwt/es", conns=64, script="tokens.lua", tokens=("ES256", 50000), only=["gatehouse"]),
+    # gatehouse only: rate limiting (issue 13), every request admitted (the limit is far above
+    # the load) and counted. Compare with the plain scenario's gatehouse row of the same run.
+    # `rl_local`: the in-memory store, one hot key (every wrk connection comes from 127.0.0.1),
+    # with the RateLimit headers. `rl_redis`: the Redis store at 127.0.0.1:6379 (one script
+    # call per request; skipped when Redis is not running).
+    "rl_local": dict(title="Rate limit, in memory, one hot key (all admitted, RateLimit headers), 64 connections",
+                     path="/rl/local", conns=64, only=["gatehouse"]),
+    "rl_redis": dict(title="Rate limit, Redis store (one script call per request, all admitted), 64 connections",
+                     path="/rl/redis", conns=64, only=["gatehouse"], needs_redis=True),
 }
 
 
@@ -272,6 +281,50 @@ proxy = { service = "up", path = "/json" }
 """
 
 
+RL_CONFIG = """
+# The rate limit scenarios' policies: far above any load, so every request is admitted and
+# counted. The Redis timeout is generous: the scenario measures the store, not its fallback.
+[redis]
+url = "redis://127.0.0.1:6379"
+timeout = "100ms"
+[rate_limits.bench_local]
+key = "ip"
+limits = [{ requests = 1000000000, per = "1s" }]
+[rate_limits.bench_redis]
+key = "ip"
+limits = [{ requests = 1000000000, per = "1s" }]
+store = "redis"
+on_store_failure = "allow"
+"""
+
+RL_ROUTES = """
+[frontend]
+name = "rl"
+path_prefix = "/rl"
+
+[[route]]
+name = "local"
+path = "/local"
+rate_limit = "bench_local"
+proxy = { service = "up", path = "/json" }
+
+[[route]]
+name = "redis"
+path = "/redis"
+rate_limit = "bench_redis"
+proxy = { service = "up", path = "/json" }
+"""
+
+
+def redis_up():
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def mint_tokens():
     for sc in SCENARIOS.values():
         if sc.get("tokens"):
@@ -324,9 +377,11 @@ proxy = { service = "up" }
     # and routes-base/ without the JWT frontend.
     (WORK / "routes-base" / "bench.toml").write_text((WORK / "routes" / "bench.toml").read_text())
     (WORK / "routes" / "jwt.toml").write_text(JWT_ROUTES)
+    (WORK / "routes" / "rl.toml").write_text(RL_ROUTES)
     (WORK / "gateway-nojwt.toml").write_text((WORK / "gateway.toml").read_text())
     with open(WORK / "gateway.toml", "a") as f:
         f.write(JWT_CONFIG)
+        f.write(RL_CONFIG)
     (WORK / "nginx.conf").write_text(f"""
 worker_processes 1;  # the proxy is pinned to one core: workers = cores
 worker_rlimit_nofile 20000;
@@ -469,6 +524,9 @@ def main():
             these = [c for c in contenders if c.name in sc.get("only", names)
                      and (c.scenarios is None or sname in c.scenarios)]
             if not these:
+                continue
+            if sc.get("needs_redis") and not redis_up():
+                print(f"\n## {sc['title']}: skipped (no Redis at 127.0.0.1:6379)", flush=True)
                 continue
             print(f"\n## {sc['title']}", flush=True)
             for c in these:  # warm-up: connections, pools, caches

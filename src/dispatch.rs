@@ -138,11 +138,10 @@ impl Conn {
             None => None,
             Some(sem) => sem.clone().try_acquire_owned().ok(),
         };
-        let guarded = gw
-            .settings
-            .ip_guard
-            .as_ref()
-            .and_then(|g| g.refuse(&req, this.peer.ip(), trusted, &gw.settings.trusted_proxies));
+        let guarded =
+            gw.settings.ip_guard.as_ref().and_then(|g| {
+                g.refuse(&req, this.peer.ip(), trusted, &gw.settings.trusted_proxies)
+            });
         let (routed, metrics, exchange) =
             if this.live.request_limit.is_some() && global_permit.is_none() {
                 (

@@ -225,6 +225,14 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)], token: Option<&
     }
     let _ = writeln!(
         out,
+        "  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' {base}/web/limited; done; echo   (rate limit, 5 per 10 s per IP: five 200, then 429)"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -i {base}/web/limited   (RateLimit-Policy and RateLimit headers)"
+    );
+    let _ = writeln!(
+        out,
         "  curl -i -X OPTIONS -H 'Origin: http://localhost:3000' -H 'Access-Control-Request-Method: GET' {base}/web/users   (CORS preflight, answered by the gateway)"
     );
     let _ = writeln!(out, "  curl http://{admin}/metrics");

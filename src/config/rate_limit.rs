@@ -234,9 +234,6 @@ mod tests {
         assert_eq!(w(10, 2, Some(3)).check().unwrap().1, 3);
         assert_eq!(w(0, 1, None).check(), Err(WindowError::NoRequests));
         assert_eq!(w(1, 1, Some(0)).check(), Err(WindowError::NoBurst));
-        assert_eq!(
-            w(u32::MAX, 1, None).check(),
-            Err(WindowError::TooFast)
-        );
+        assert_eq!(w(u32::MAX, 1, None).check(), Err(WindowError::TooFast));
     }
 }

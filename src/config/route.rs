@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use toml::Spanned;
 
 use super::auth::{AuthRef, CorsConfig, RequireConfig};
-use super::rate_limit::RateLimitRef;
 use super::defaults::*;
+use super::rate_limit::RateLimitRef;
 use super::service::RetryConfig;
 use super::units::{Duration, Size};
 

@@ -49,7 +49,26 @@ fn redact(v: &mut Value) {
     match v {
         Value::Object(map) => {
             for (k, val) in map.iter_mut() {
+                // A rate limit's `key` says what it counts by (`claim:sub`): no secret.
+                if k == "rate_limits" {
+                    if let Value::Object(policies) = val {
+                        for p in policies.values_mut() {
+                            let kept = p.get("key").cloned();
+                            redact(p);
+                            if let (Some(kept), Value::Object(p)) = (kept, p) {
+                                p.insert("key".into(), kept);
+                            }
+                        }
+                    }
+                    continue;
+                }
                 let k = k.to_ascii_lowercase();
+                if k == "url" || k.ends_with("_url") {
+                    if let Value::String(u) = val {
+                        *u = mask_userinfo(u);
+                    }
+                    continue;
+                }
                 let secret = [
                     "secret",
                     "password",
@@ -75,6 +94,25 @@ fn redact(v: &mut Value) {
     }
 }
 
+/// `scheme://user:password@host…` with the password masked (a URL's credentials come in
+/// through `${VAR}` like any secret).
+fn mask_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let user = rest[..at].split_once(':').map_or(&rest[..at], |(u, _)| u);
+    let masked = if rest[..at].contains(':') {
+        format!("{user}:[redacted]")
+    } else {
+        "[redacted]".to_owned()
+    };
+    format!("{scheme}://{masked}{}", &rest[at..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +127,29 @@ mod tests {
         assert_eq!(v["a"]["name"], "n");
         assert_eq!(v["a"]["tls"]["key"], "[redacted]");
         assert_eq!(v["list"][0]["token"], "[redacted]");
+    }
+
+    #[test]
+    fn urls_lose_their_password_and_rate_limit_keys_stay() {
+        let mut v = json!({
+            "redis": {"url": "redis://app:s3cret@redis.internal:6379/0"},
+            "auth": {"jwt": {"a": {"jwks_url": "https://token@id.example/jwks"}}},
+            "rate_limits": {"per_user": {"key": "claim:sub", "secret_thing": "x"}},
+        });
+        redact(&mut v);
+        assert_eq!(
+            v["redis"]["url"],
+            "redis://app:[redacted]@redis.internal:6379/0"
+        );
+        assert_eq!(
+            v["auth"]["jwt"]["a"]["jwks_url"],
+            "https://[redacted]@id.example/jwks"
+        );
+        assert_eq!(v["rate_limits"]["per_user"]["key"], "claim:sub");
+        assert_eq!(v["rate_limits"]["per_user"]["secret_thing"], "[redacted]");
+        assert_eq!(
+            mask_userinfo("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Layers of a route's stack (see `route/chain.rs` for their order): `cors`, `auth` (authentication: its providers in `auth/`), `fallback`.
 
 pub(crate) mod auth;
-pub(crate) mod rate_limit;
 pub(crate) mod cors;
 pub(crate) mod fallback;
+pub(crate) mod rate_limit;

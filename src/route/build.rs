@@ -19,8 +19,8 @@ use crate::backend::proxy::{Proxy, ProxyOptions};
 use crate::backend::respond::Respond;
 use crate::backend::target::UpstreamPath;
 use crate::config::{
-    AuthRef, BackendConfig, RateKey, RateLimitRef, ConfigErrors, FallbackConfig, ProxyConfig, RequireConfig,
-    RespondConfig, RouteConfig, SourceFile,
+    AuthRef, BackendConfig, ConfigErrors, FallbackConfig, ProxyConfig, RateKey, RateLimitRef,
+    RequireConfig, RespondConfig, RouteConfig, SourceFile,
 };
 use crate::context::RouteInfo;
 use crate::layers::auth::{AuthLayer, AuthPolicy, Providers, Require};
@@ -301,11 +301,12 @@ fn rate_limit_layer(
 ) -> Option<RateLimitLayer> {
     let named = rc.rate_limit.as_ref().or(fe.rate_limit)?;
     let span = named.span();
-    let authenticated = rc
-        .auth
-        .as_ref()
-        .or(fe.auth)
-        .is_some_and(|a| !a.get_ref().names().is_empty());
+    // A claim or consumer exists only where some provider can set it: on a route with no
+    // auth in a frontend with none, such a key could never have a value. (A route that opens
+    // an authenticated frontend, `auth = "none"`, counts by the IP fallback.)
+    let has_auth =
+        |a: Option<&toml::Spanned<AuthRef>>| a.is_some_and(|a| !a.get_ref().names().is_empty());
+    let authenticated = has_auth(rc.auth.as_ref()) || has_auth(fe.auth);
     let mut limiters = Vec::new();
     for n in named.get_ref().names() {
         if n == "none" {
@@ -334,7 +335,7 @@ fn rate_limit_layer(
             fail(
                 span.clone(),
                 format!(
-                    "route `{}`: rate limit `{n}` is counted by `{}`, which needs `auth` on the route",
+                    "route `{}`: rate limit `{n}` is counted by `{}`, which needs `auth` on the route or its frontend",
                     rc.name.get_ref(),
                     l.key
                 ),

@@ -14,6 +14,7 @@ mod pool;
 mod process;
 mod protocols;
 mod proxy;
+mod rate_limit;
 mod reload;
 mod resilience;
 mod shutdown;

@@ -212,6 +212,21 @@ fn demo_serves_the_shipped_config_with_sample_services() {
             pre.header("access-control-allow-origin"),
             "http://localhost:3000"
         );
+        // The rate limit the demo prints: five per 10 s per client IP, then 429.
+        let mut codes = Vec::new();
+        for _ in 0..6 {
+            let r = get(&format!("{base}/web/limited")).await;
+            assert_eq!(r.header("ratelimit-policy"), "\"per_client\";q=5;w=10");
+            codes.push(r.status.as_u16());
+        }
+        assert_eq!(codes, [200, 200, 200, 200, 200, 429]);
+        // The partner frontend's quota (Redis where reachable, else in memory) sets headers.
+        let r = send(partner(Some("demo-partner-key"))).await;
+        assert!(
+            r.header("ratelimit").starts_with("\"partner_quota-1s\";r="),
+            "{:?}",
+            r.headers
+        );
     });
     let _ = child.kill();
     let _ = child.wait();

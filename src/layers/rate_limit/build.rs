@@ -143,7 +143,10 @@ pub(crate) fn build_limiters(
         }
         let key = LimiterConfig {
             policy: cfg.clone(),
-            redis: store.as_ref().and(g.redis.as_ref()).map(|r| r.get_ref().clone()),
+            redis: store
+                .as_ref()
+                .and(g.redis.as_ref())
+                .map(|r| r.get_ref().clone()),
         };
         let built = resources.reuse_or_build(previous, name, &key, |_| {
             Ok::<_, ()>(limiter(name, cfg, windows.clone(), store.clone(), metrics))
@@ -170,9 +173,9 @@ pub(crate) fn build_limiters(
                 });
                 out.ip_guard = built.ok().map(|(g, _)| g);
             }
-            Err(e) => errors.push(
-                gfile.error_at(guard.span(), format!("[server] ip_rate_limit: {e}")),
-            ),
+            Err(e) => {
+                errors.push(gfile.error_at(guard.span(), format!("[server] ip_rate_limit: {e}")))
+            }
         }
     }
     out

@@ -122,7 +122,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> LocalStore<K> {
                     TokioClock,
                     governor::middleware::NoOpMiddleware<Duration>,
                 >::new(quota, SlotStore, clock.clone())
-                    .with_middleware::<StateInformationMiddleware>();
+                .with_middleware::<StateInformationMiddleware>();
                 Some((limiter, w.interval, w.burst))
             })
             .collect();

@@ -168,7 +168,12 @@ impl Limiter {
     }
 
     /// The value this request is counted by.
-    fn key_value(&self, req: &Request<ReqBody>, x: Option<&Exchange>, cx: &RoutePolicy) -> KeyValue {
+    fn key_value(
+        &self,
+        req: &Request<ReqBody>,
+        x: Option<&Exchange>,
+        cx: &RoutePolicy,
+    ) -> KeyValue {
         let value = match &self.key {
             RateKey::Ip => None,
             RateKey::Global => return KeyValue::Global,
@@ -226,7 +231,11 @@ pub(crate) fn forwarded_client(
 ) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     let mut last = peer;
-    for value in headers.get_all(http::header::HeaderName::from_static("x-forwarded-for")).iter().rev() {
+    for value in headers
+        .get_all(http::header::HeaderName::from_static("x-forwarded-for"))
+        .iter()
+        .rev()
+    {
         let Ok(s) = value.to_str() else {
             return last;
         };
@@ -448,6 +457,41 @@ where
     Ok(resp)
 }
 
+/// The fuzz target `rate_limit_key`: X-Forwarded-For from a client (and from trusted proxies),
+/// read into a client IP; a header value and a claim made a key, and each key made a Redis key.
+pub(crate) fn fuzz_key(data: &[u8]) {
+    let trusted: [ipnet::IpNet; 2] = [
+        ipnet::IpNet::from(IpAddr::from([10, 0, 0, 0])),
+        ipnet::IpNet::from(IpAddr::from([127, 0, 0, 1])),
+    ];
+    let peer = IpAddr::from([127, 0, 0, 1]);
+    let mut h = http::HeaderMap::new();
+    for part in data.split(|&b| b == b'\n') {
+        if let Ok(v) = HeaderValue::from_bytes(part) {
+            h.append("x-forwarded-for", v);
+        }
+    }
+    let ip = forwarded_client(&h, peer, &trusted);
+    let mut keys = vec![KeyValue::Ip(ip), KeyValue::Global];
+    if let Ok(v) = HeaderValue::from_bytes(data) {
+        keys.push(KeyValue::Header(v));
+    }
+    let text = String::from_utf8_lossy(data);
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+        if let Some(t) = claim_text(&v) {
+            keys.push(KeyValue::Text(t));
+        }
+    }
+    keys.push(KeyValue::Route(Arc::from(&*text)));
+    for k in &keys {
+        let key = redis::redis_key("p", k);
+        assert!(key.starts_with(b"gatehouse:rl:p:"));
+        // What a client sent never reaches the store raw when it could be a credential or
+        // holds anything but printable ASCII.
+        assert!(key.iter().all(|b| b.is_ascii_graphic()), "{key:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,16 +506,37 @@ mod tests {
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
         let mut h = http::HeaderMap::new();
         // The client wrote "6.6.6.6" itself; the trusted proxy appended the client's real IP.
-        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 203.0.113.7, 10.0.0.2"));
-        assert_eq!(forwarded_client(&h, peer, &trusted), "203.0.113.7".parse::<IpAddr>().unwrap());
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.7, 10.0.0.2"),
+        );
+        assert_eq!(
+            forwarded_client(&h, peer, &trusted),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
         // Every hop trusted: the leftmost.
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.1.1.1, 10.0.0.2"));
-        assert_eq!(forwarded_client(&h, peer, &trusted), "10.1.1.1".parse::<IpAddr>().unwrap());
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("10.1.1.1, 10.0.0.2"),
+        );
+        assert_eq!(
+            forwarded_client(&h, peer, &trusted),
+            "10.1.1.1".parse::<IpAddr>().unwrap()
+        );
         // Garbage stops the walk at the last trusted hop.
-        h.insert("x-forwarded-for", HeaderValue::from_static("junk, 10.0.0.2"));
-        assert_eq!(forwarded_client(&h, peer, &trusted), "10.0.0.2".parse::<IpAddr>().unwrap());
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("junk, 10.0.0.2"),
+        );
+        assert_eq!(
+            forwarded_client(&h, peer, &trusted),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
         // No header: the peer.
-        assert_eq!(forwarded_client(&http::HeaderMap::new(), peer, &trusted), peer);
+        assert_eq!(
+            forwarded_client(&http::HeaderMap::new(), peer, &trusted),
+            peer
+        );
     }
 
     #[test]
@@ -486,8 +551,16 @@ mod tests {
             reset: Duration::from_secs(600),
         });
         let windows: Windows = vec![
-            Window { interval: Duration::from_millis(100), burst: 10, label: "per_user-1s".into() },
-            Window { interval: Duration::from_secs(8), burst: 10000, label: "per_user-1d".into() },
+            Window {
+                interval: Duration::from_millis(100),
+                burst: 10,
+                label: "per_user-1s".into(),
+            },
+            Window {
+                interval: Duration::from_secs(8),
+                burst: 10000,
+                label: "per_user-1d".into(),
+            },
         ]
         .into();
         let mut s = String::new();

@@ -88,14 +88,18 @@ impl WindowArgs {
         let windows = windows
             .iter()
             .map(|w| {
-                let us = u64::try_from(w.interval.as_micros()).unwrap_or(u64::MAX).max(1);
+                let us = u64::try_from(w.interval.as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
                 ttl = ttl.max(w.interval.saturating_mul(w.burst));
                 (format!("{us}:{}", w.burst), us, w.burst)
             })
             .collect();
         WindowArgs {
             windows,
-            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).saturating_add(1000),
+            ttl_ms: u64::try_from(ttl.as_millis())
+                .unwrap_or(u64::MAX)
+                .saturating_add(1000),
         }
     }
 }
@@ -146,7 +150,9 @@ impl RedisStore {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
+        u64::try_from(self.base.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 
     fn backoff(&self, failures: u32) -> u64 {
@@ -208,7 +214,8 @@ impl RedisStore {
             inv.arg(field.as_str()).arg(*us).arg(*burst);
         }
         let mut conn = conn.clone();
-        let reply = tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await;
+        let reply =
+            tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await;
         let values = match reply {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -267,7 +274,11 @@ pub(crate) fn redis_key(policy: &str, key: &KeyValue) -> Vec<u8> {
         }
         KeyValue::Header(v) => hashed(&mut k, "h", v.as_bytes()),
         KeyValue::Text(t) | KeyValue::Route(t) => {
-            let tag = if matches!(key, KeyValue::Route(_)) { "r" } else { "t" };
+            let tag = if matches!(key, KeyValue::Route(_)) {
+                "r"
+            } else {
+                "t"
+            };
             if t.len() <= 128 && t.bytes().all(|b| b.is_ascii_graphic()) {
                 let _ = write!(k, "{tag}:{t}");
             } else {
@@ -286,14 +297,19 @@ mod tests {
 
     #[test]
     fn keys_hash_what_may_be_secret() {
-        let h = redis_key("p", &KeyValue::Header(http::HeaderValue::from_static("sk_live_123")));
+        let h = redis_key(
+            "p",
+            &KeyValue::Header(http::HeaderValue::from_static("sk_live_123")),
+        );
         let s = String::from_utf8(h).unwrap();
         assert!(s.starts_with("gatehouse:rl:p:h#"), "{s}");
         assert!(!s.contains("sk_live"));
         let t = redis_key("p", &KeyValue::Text(Arc::from("user-1")));
         assert_eq!(t, b"gatehouse:rl:p:t:user-1");
         let spaced = redis_key("p", &KeyValue::Text(Arc::from("a b\r\nDEL x")));
-        assert!(String::from_utf8(spaced).unwrap().starts_with("gatehouse:rl:p:t#"));
+        assert!(String::from_utf8(spaced)
+            .unwrap()
+            .starts_with("gatehouse:rl:p:t#"));
         assert_eq!(
             redis_key("p", &KeyValue::Ip("203.0.113.9".parse().unwrap())),
             b"gatehouse:rl:p:ip:203.0.113.9"
