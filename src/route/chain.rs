@@ -91,7 +91,8 @@ pub(crate) fn chain<S: RouteStack>(backend: S, layers: Layers) -> RouteService {
     // in its stack (measured: ~250 instructions a request for the two), and one with them
     // pays one more boxed future, next to the network work they do.
     if let Some(rl) = rate_limit {
-        svc = RouteService::new(rl.layer(svc));
+        let inner = svc;
+        svc = RouteService::from_fn(move |req| rl.call(&inner, req));
     }
     if let Some(auth) = auth {
         svc = RouteService::new(auth.layer(svc));

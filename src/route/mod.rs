@@ -78,9 +78,31 @@ impl<S: RouteStack> Stack for S {
     }
 }
 
+/// A stack that is a call function: for an outer layer whose call already returns the boxed
+/// future (`chain` wraps the erased stack in it), so the request pays for no second box, no
+/// `Oneshot` and no clone of the layer.
+struct FnStack<F>(F);
+
+impl<F> Stack for FnStack<F>
+where
+    F: Fn(Request<ReqBody>) -> RouteCall + Send + Sync,
+{
+    fn call(&self, req: Request<ReqBody>) -> RouteCall {
+        (self.0)(req)
+    }
+}
+
 impl RouteService {
     pub(crate) fn new<S: RouteStack>(stack: S) -> Self {
         RouteService(Arc::new(stack))
+    }
+
+    /// The stack `f` is: each request is `f(req)`.
+    pub(crate) fn from_fn<F>(f: F) -> Self
+    where
+        F: Fn(Request<ReqBody>) -> RouteCall + Send + Sync + 'static,
+    {
+        RouteService(Arc::new(FnStack(f)))
     }
 
     /// Runs one request through the stack (readiness first, as tower requires).

@@ -496,3 +496,65 @@ async fn redis_failures_follow_on_store_failure_and_recover() {
     let _ = redis.kill();
     let _ = redis.wait();
 }
+
+fn sha256_hex(key: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn token(sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": sub, "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(b"rate-limit-test-secret"),
+    )
+    .unwrap()
+}
+
+/// Budgets per JWT subject and per API-key consumer: the identity authentication recorded.
+#[tokio::test]
+async fn claims_and_consumers_each_have_their_own_budget() {
+    let up = echo_upstream().await;
+    let rest = format!(
+        "[auth.jwt.main]\nalgorithms = [\"HS256\"]\nsecret = \"rate-limit-test-secret\"\n\n[auth.api_keys.partners]\nkeys = [{{ consumer = \"acme\", sha256 = \"{}\" }}, {{ consumer = \"globex\", sha256 = \"{}\" }}]\n\n[rate_limits.per_user]\nkey = \"claim:sub\"\nlimits = [{{ requests = 2, per = \"1h\" }}]\n\n[rate_limits.per_consumer]\nkey = \"consumer\"\nlimits = [{{ requests = 1, per = \"1h\" }}]\n",
+        sha256_hex("key-acme"),
+        sha256_hex("key-globex")
+    );
+    let extra = "\n[[route]]\nname = \"partner\"\npath = \"/partner\"\nauth = \"partners\"\nrate_limit = \"per_consumer\"\nproxy = { service = \"svc\" }\n";
+    let gw = TestGateway::start(
+        &config(&up, "", &rest),
+        &[("web.toml", &routes("auth = \"main\"\nrate_limit = \"per_user\"", extra))],
+    )
+    .await;
+    let bearer = |sub: &str| format!("Bearer {}", token(sub));
+    let (ada, bob) = (bearer("ada"), bearer("bob"));
+    let as_user = |t: &str| [("authorization", t.to_owned())];
+    let status = |url: String, h: Vec<(&'static str, String)>| async move {
+        let mut b = Request::get(url);
+        for (k, v) in h {
+            b = b.header(k, v);
+        }
+        send(b.body(Full::new(Bytes::new())).unwrap()).await.status.as_u16()
+    };
+    let url = gw.url("/a");
+    let mut seen = Vec::new();
+    for t in [&ada, &ada, &ada, &bob, &bob, &bob] {
+        seen.push(status(url.clone(), as_user(t).to_vec()).await);
+    }
+    assert_eq!(seen, [200, 200, 429, 200, 200, 429]);
+    // A new token of the same subject is the same budget.
+    assert_eq!(status(url.clone(), as_user(&bearer("ada")).to_vec()).await, 429);
+    // Unauthenticated: 401 before the rate limit counts anything.
+    assert_eq!(status(url.clone(), vec![]).await, 401);
+
+    let partner = gw.url("/partner");
+    let key = |k: &str| vec![("x-api-key", k.to_owned())];
+    assert_eq!(status(partner.clone(), key("key-acme")).await, 200);
+    assert_eq!(status(partner.clone(), key("key-acme")).await, 429);
+    assert_eq!(status(partner.clone(), key("key-globex")).await, 200);
+}
