@@ -528,7 +528,10 @@ async fn claims_and_consumers_each_have_their_own_budget() {
     let extra = "\n[[route]]\nname = \"partner\"\npath = \"/partner\"\nauth = \"partners\"\nrate_limit = \"per_consumer\"\nproxy = { service = \"svc\" }\n";
     let gw = TestGateway::start(
         &config(&up, "", &rest),
-        &[("web.toml", &routes("auth = \"main\"\nrate_limit = \"per_user\"", extra))],
+        &[(
+            "web.toml",
+            &routes("auth = \"main\"\nrate_limit = \"per_user\"", extra),
+        )],
     )
     .await;
     let bearer = |sub: &str| format!("Bearer {}", token(sub));
@@ -539,7 +542,10 @@ async fn claims_and_consumers_each_have_their_own_budget() {
         for (k, v) in h {
             b = b.header(k, v);
         }
-        send(b.body(Full::new(Bytes::new())).unwrap()).await.status.as_u16()
+        send(b.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .status
+            .as_u16()
     };
     let url = gw.url("/a");
     let mut seen = Vec::new();
@@ -548,7 +554,10 @@ async fn claims_and_consumers_each_have_their_own_budget() {
     }
     assert_eq!(seen, [200, 200, 429, 200, 200, 429]);
     // A new token of the same subject is the same budget.
-    assert_eq!(status(url.clone(), as_user(&bearer("ada")).to_vec()).await, 429);
+    assert_eq!(
+        status(url.clone(), as_user(&bearer("ada")).to_vec()).await,
+        429
+    );
     // Unauthenticated: 401 before the rate limit counts anything.
     assert_eq!(status(url.clone(), vec![]).await, 401);
 

@@ -21,14 +21,13 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::TryFutureExt;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use futures_util::TryFutureExt;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 use crate::backend::RespBody;
 use crate::body::ReqBody;
@@ -406,44 +405,7 @@ impl RateLimitLayer {
     }
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimitService<S>;
-    fn layer(&self, inner: S) -> RateLimitService<S> {
-        RateLimitService {
-            policy: self.0.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct RateLimitService<S> {
-    policy: Arc<RoutePolicy>,
-    inner: S,
-}
-
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError>> + Send>>;
-
-impl<S> Service<Request<ReqBody>> for RateLimitService<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    type Response = Response<RespBody>;
-    type Error = BoxError;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
-        call(&self.policy, &self.inner, req)
-    }
-}
 
 fn call<S>(policy: &Arc<RoutePolicy>, inner: &S, req: Request<ReqBody>) -> BoxFuture
 where
@@ -456,9 +418,7 @@ where
     if policy.local_only {
         return match policy.decide_now(&req) {
             Decision::Refuse(p) => Box::pin(std::future::ready(Err(p as BoxError))),
-            Decision::Admit(state) => {
-                Box::pin(respond(inner.clone(), req, policy.clone(), state))
-            }
+            Decision::Admit(state) => Box::pin(respond(inner.clone(), req, policy.clone(), state)),
         };
     }
     let (policy, inner) = (policy.clone(), inner.clone());
@@ -603,6 +563,9 @@ mod tests {
         let mut s = Vec::new();
         let lim = build::test_limiter(windows);
         lim.write_state(&out, &mut s);
-        assert_eq!(String::from_utf8(s).unwrap(), "\"per_user-1s\";r=4;t=2, \"per_user-1d\";r=9990;t=600");
+        assert_eq!(
+            String::from_utf8(s).unwrap(),
+            "\"per_user-1s\";r=4;t=2, \"per_user-1d\";r=9990;t=600"
+        );
     }
 }
