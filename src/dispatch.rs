@@ -138,22 +138,27 @@ impl Conn {
             None => None,
             Some(sem) => sem.clone().try_acquire_owned().ok(),
         };
-        let guarded =
-            gw.settings.ip_guard.as_ref().and_then(|g| {
-                g.refuse(&req, this.peer.ip(), trusted, &gw.settings.trusted_proxies)
-            });
-        let (routed, metrics, exchange) =
-            if this.live.request_limit.is_some() && global_permit.is_none() {
-                (
-                    Err(GatewayError::Overloaded.into()),
-                    gw.unmatched.clone(),
-                    None,
-                )
-            } else if let Some(refused) = guarded {
-                (Err(refused), gw.unmatched.clone(), None)
-            } else {
-                this.route(&gw, trusted, &request_id, start, req)
-            };
+        let overloaded = this.live.request_limit.is_some() && global_permit.is_none();
+        // The per-IP guard counts only requests the gateway would otherwise take.
+        let guarded = if overloaded {
+            None
+        } else {
+            gw.settings
+                .ip_guard
+                .as_ref()
+                .and_then(|g| g.refuse(&req, this.peer.ip(), trusted, &gw.settings.trusted_proxies))
+        };
+        let (routed, metrics, exchange) = if overloaded {
+            (
+                Err(GatewayError::Overloaded.into()),
+                gw.unmatched.clone(),
+                None,
+            )
+        } else if let Some(refused) = guarded {
+            (Err(refused), gw.unmatched.clone(), None)
+        } else {
+            this.route(&gw, trusted, &request_id, start, req)
+        };
         // Made before the response exists: if the client goes away first, the request is
         // dropped here, and the record says so (499, `client_closed`).
         let mut record = Record {

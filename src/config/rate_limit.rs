@@ -157,8 +157,10 @@ pub(crate) enum WindowError {
     NoRequests,
     #[error("`burst` must be at least 1")]
     NoBurst,
-    #[error("`per` / `requests` is under a nanosecond")]
+    #[error("`per` / `requests` is under a microsecond")]
     TooFast,
+    #[error("`burst` requests at `per` / `requests` take over ten years to refill")]
+    TooLong,
 }
 
 impl WindowConfig {
@@ -171,13 +173,20 @@ impl WindowConfig {
         if burst == 0 {
             return Err(WindowError::NoBurst);
         }
-        let interval = self.per.get() / self.requests;
-        if interval.is_zero() {
+        // Whole microseconds: the Redis store counts in them.
+        let us = self.per.get().as_micros() / u128::from(self.requests);
+        if us == 0 {
             return Err(WindowError::TooFast);
         }
+        if us.saturating_mul(u128::from(burst)) > TEN_YEARS_US {
+            return Err(WindowError::TooLong);
+        }
+        let interval = std::time::Duration::from_micros(u64::try_from(us).unwrap_or(u64::MAX));
         Ok((interval, burst))
     }
 }
+
+const TEN_YEARS_US: u128 = 10 * 365 * 24 * 3600 * 1_000_000;
 
 /// `rate_limit = "NAME"`, `rate_limit = ["A", "B"]` (all must admit) or `"none"`.
 pub(crate) type RateLimitRef = super::names::Names<super::names::RateLimitNames>;

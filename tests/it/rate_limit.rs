@@ -264,6 +264,30 @@ async fn rate_limit_config_mistakes_are_located() {
 
     let e = compile_errors(&gw(""), &routes("rate_limit = []", ""));
     assert!(e.contains("write `rate_limit = \"none\"`"), "{e}");
+
+    let bad_name =
+        "[rate_limits.\"a\\\"b\"]\nkey = \"ip\"\nlimits = [{ requests = 1, per = \"1s\" }]\n";
+    let e = compile_errors(&gw(bad_name), &routes("", ""));
+    assert!(e.contains("a policy name is letters, digits"), "{e}");
+}
+
+/// The gateway's own answer for a limited route (here 502: the service is down) carries the
+/// rate limit headers too.
+#[tokio::test]
+async fn the_gateways_errors_on_a_limited_route_carry_the_headers() {
+    let dead = closed_port().await;
+    let gw = TestGateway::start(
+        &gateway_toml(
+            "",
+            &format!("[services.svc]\nendpoints = [\"http://{dead}\"]\n\n[rate_limits.per_ip]\nkey = \"ip\"\nlimits = [{{ requests = 5, per = \"1m\" }}]\n"),
+        ),
+        &[("web.toml", &routes("rate_limit = \"per_ip\"", ""))],
+    )
+    .await;
+    let r = call(&gw.url("/a"), &[]).await;
+    assert_problem(&r, 502, "upstream_connect_failed");
+    assert_eq!(r.header("ratelimit-policy"), "\"per_ip\";q=5;w=60");
+    assert_eq!(r.header("ratelimit"), "\"per_ip\";r=4;t=12");
 }
 
 // ---- Redis ----

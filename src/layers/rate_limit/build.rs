@@ -51,11 +51,11 @@ impl IpGuard {
         trusted: bool,
         proxies: &[ipnet::IpNet],
     ) -> Option<crate::error::BoxError> {
-        let ip = if trusted {
+        let ip = super::ip_key(if trusted {
             super::forwarded_client(req.headers(), peer, proxies)
         } else {
             peer
-        };
+        });
         let out = self.store.check(&ip);
         if out.admitted {
             return None;
@@ -103,6 +103,18 @@ pub(crate) fn build_limiters(
     for (name, spanned) in &g.rate_limits {
         let cfg = spanned.get_ref();
         let before = errors.0.len();
+        // The name goes into headers (a structured-field string) and Redis keys.
+        if name == "none"
+            || name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            errors.push(gfile.error_at(
+                spanned.span(),
+                format!("[rate_limits.{name}]: a policy name is letters, digits, `_` and `-` (and not `none`)"),
+            ));
+        }
         let windows = windows(name, &cfg.limits.get_ref()[..], |span, msg| {
             errors.push(gfile.error_at(span, format!("[rate_limits.{name}] {msg}")))
         });

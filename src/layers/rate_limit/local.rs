@@ -182,6 +182,33 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> LocalStore<K> {
         out
     }
 
+    /// What `check` would say, counting nothing (a route with several policies asks each
+    /// first). The windows' states are what is left, this request not counted.
+    pub(crate) fn peek(&self, key: &K) -> Outcome {
+        let n = self.windows.len();
+        let states = self
+            .keys
+            .get_with_by_ref(key, || (0..n).map(|_| AtomicU64::new(0)).collect());
+        let mut wait = None;
+        for (i, (limiter, _, _)) in self.windows.iter().enumerate() {
+            let slot = Slot {
+                states: states.clone(),
+                window: i,
+                peek: true,
+            };
+            if let Err(not_until) = limiter.check_key(&slot) {
+                let w = not_until.wait_time_from(self.clock.now());
+                wait = Some(wait.map_or(w, |m: Duration| m.max(w)));
+            }
+        }
+        let mut out = self.refused(&states, wait.unwrap_or_default());
+        if wait.is_none() {
+            out.admitted = true;
+            out.retry_after = Duration::ZERO;
+        }
+        out
+    }
+
     /// A refusal, with each window's state as the headers show it.
     fn refused(&self, states: &Arc<[AtomicU64]>, wait: Duration) -> Outcome {
         let mut out = Outcome::admitted();

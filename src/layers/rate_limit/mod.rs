@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::TryFutureExt;
+use futures_util::FutureExt;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use tower::{Service, ServiceExt};
@@ -33,7 +33,7 @@ use crate::backend::RespBody;
 use crate::body::ReqBody;
 use crate::config::{OnStoreFailure, RateKey};
 use crate::context::Exchange;
-use crate::error::{BoxError, Problem};
+use crate::error::{classify, BoxError, Problem};
 
 pub(crate) use build::{build_limiters, Limiters};
 
@@ -100,15 +100,71 @@ impl Outcome {
     }
 }
 
-/// The value a request is counted by.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// The value a request is counted by, as read from the request.
+#[derive(Debug, Clone)]
+pub(crate) enum Raw<'a> {
+    Ip(IpAddr),
+    /// A header value (which may be a credential).
+    Header(&'a [u8]),
+    /// A claim's value or a consumer's name.
+    Text(std::borrow::Cow<'a, str>),
+    Route(&'a str),
+    Global,
+}
+
+/// The value a request is counted by, as the in-memory store keeps it: small and owned, never
+/// the client's bytes (a header value could be kilobytes, and would pin the request's buffer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum KeyValue {
     Ip(IpAddr),
-    Header(HeaderValue),
-    /// A claim's value or a consumer's name.
-    Text(Arc<str>),
-    Route(Arc<str>),
+    /// 128 bits of two seeded hashes of a header value, claim, consumer or route.
+    Hash(u64, u64),
     Global,
+}
+
+/// Per-process seeds of the in-memory keys' hashes: a client cannot choose colliding values.
+fn seeds() -> (u64, u64) {
+    static SEEDS: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    *SEEDS.get_or_init(|| (fastrand::u64(..), fastrand::u64(..)))
+}
+
+impl Raw<'_> {
+    pub(crate) fn local(&self) -> KeyValue {
+        let hash = |tag: u8, bytes: &[u8]| {
+            use std::hash::Hasher;
+            let (a, b) = seeds();
+            let mut h1 = twox_hash::XxHash64::with_seed(a);
+            let mut h2 = twox_hash::XxHash64::with_seed(b);
+            h1.write_u8(tag);
+            h1.write(bytes);
+            h2.write_u8(tag);
+            h2.write(bytes);
+            KeyValue::Hash(h1.finish(), h2.finish())
+        };
+        match self {
+            Raw::Ip(ip) => KeyValue::Ip(*ip),
+            Raw::Header(b) => hash(b'h', b),
+            Raw::Text(t) => hash(b't', t.as_bytes()),
+            Raw::Route(r) => hash(b'r', r.as_bytes()),
+            Raw::Global => KeyValue::Global,
+        }
+    }
+}
+
+/// The IP a budget is kept for: an IPv4-mapped IPv6 address as IPv4, and an IPv6 address by
+/// its /64 (one host usually has a whole /64, and could rotate through it).
+pub(crate) fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut seg = v6.segments();
+                seg[4..].fill(0);
+                IpAddr::V6(seg.into())
+            }
+        },
+        v4 => v4,
+    }
 }
 
 /// One `[rate_limits.NAME]`, built: a resource shared by every route that names it.
@@ -142,9 +198,9 @@ enum Checked {
 
 impl Limiter {
     /// The outcome of one request under this policy's key value.
-    async fn check(&self, key: &KeyValue) -> Checked {
+    async fn check(&self, key: &Raw<'_>) -> Checked {
         let Some(shared) = &self.shared else {
-            return Checked::Outcome(self.local.check(key));
+            return Checked::Outcome(self.local.check(&key.local()));
         };
         let started = std::time::Instant::now();
         match shared
@@ -159,45 +215,51 @@ impl Limiter {
             Err(e) => {
                 shared.failures[e as usize].inc();
                 match shared.on_failure {
-                    OnStoreFailure::Local => Checked::Outcome(self.local.check(key)),
+                    OnStoreFailure::Local => Checked::Outcome(self.local.check(&key.local())),
                     other => Checked::Failed(other),
                 }
             }
         }
     }
 
-    /// The value this request is counted by.
-    fn key_value(
+    /// The value this request is counted by; the client IP when the request has none (an
+    /// empty one counts as none).
+    fn key_value<'a>(
         &self,
-        req: &Request<ReqBody>,
-        x: Option<&Exchange>,
-        cx: &RoutePolicy,
-    ) -> KeyValue {
+        req: &'a Request<ReqBody>,
+        x: Option<&'a Exchange>,
+        cx: &'a RoutePolicy,
+    ) -> Raw<'a> {
         let value = match &self.key {
             RateKey::Ip => None,
-            RateKey::Global => return KeyValue::Global,
-            RateKey::Route => return KeyValue::Route(cx.route.clone()),
-            RateKey::Header(h) => req.headers().get(h).cloned().map(KeyValue::Header),
+            RateKey::Global => return Raw::Global,
+            RateKey::Route => return Raw::Route(&cx.route),
+            RateKey::Header(h) => req
+                .headers()
+                .get(h)
+                .map(HeaderValue::as_bytes)
+                .filter(|b| !b.is_empty())
+                .map(Raw::Header),
             RateKey::Claim(c) => x
                 .and_then(Exchange::identity)
                 .and_then(|id| id.claims.as_ref())
                 .and_then(|claims| claims.get(c.as_str()))
                 .and_then(claim_text)
-                .map(KeyValue::Text),
+                .map(Raw::Text),
             RateKey::Consumer => x
                 .and_then(Exchange::identity)
-                .and_then(|id| id.consumer.clone())
-                .map(KeyValue::Text),
+                .and_then(|id| id.consumer.as_deref())
+                .map(|c| Raw::Text(std::borrow::Cow::Borrowed(c))),
         };
-        value.unwrap_or_else(|| KeyValue::Ip(client_ip(req, x, &cx.trusted)))
+        value.unwrap_or_else(|| Raw::Ip(ip_key(client_ip(req, x, &cx.trusted))))
     }
 }
 
 /// A claim as a key: a string or a number; other claims (objects, lists) count as absent.
-fn claim_text(v: &serde_json::Value) -> Option<Arc<str>> {
+fn claim_text(v: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
     match v {
-        serde_json::Value::String(s) => Some(Arc::from(s.as_str())),
-        serde_json::Value::Number(n) => Some(Arc::from(n.to_string())),
+        serde_json::Value::String(s) if !s.is_empty() => Some(std::borrow::Cow::Borrowed(s)),
+        serde_json::Value::Number(n) => Some(std::borrow::Cow::Owned(n.to_string())),
         _ => None,
     }
 }
@@ -222,24 +284,28 @@ pub(crate) fn client_ip<B>(
 }
 
 /// The nearest untrusted address of `X-Forwarded-For` (right to left), or the leftmost when
-/// every hop is trusted; the peer when the header has none that parses.
+/// every hop is trusted. An entry that is not an address (or `IP:port`, `[IPv6]:port`) stops
+/// the walk at the last trusted hop: what lies beyond it was not written by a trusted proxy.
 pub(crate) fn forwarded_client(
     headers: &http::HeaderMap,
     peer: IpAddr,
     trusted: &[ipnet::IpNet],
 ) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let is_trusted = |ip: &IpAddr| {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(*ip, IpAddr::V4),
+            v4 => *v4,
+        };
+        trusted.iter().any(|n| n.contains(&ip))
+    };
     let mut last = peer;
     for value in headers
         .get_all(http::header::HeaderName::from_static("x-forwarded-for"))
         .iter()
         .rev()
     {
-        let Ok(s) = value.to_str() else {
-            return last;
-        };
-        for hop in s.rsplit(',') {
-            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+        for hop in value.as_bytes().rsplit(|&b| b == b',') {
+            let Some(ip) = hop_address(hop) else {
                 return last;
             };
             if !is_trusted(&ip) {
@@ -249,6 +315,22 @@ pub(crate) fn forwarded_client(
         }
     }
     last
+}
+
+/// One `X-Forwarded-For` entry: `IP`, `IPv4:port` or `[IPv6]:port`, spaces around it allowed.
+fn hop_address(hop: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(hop).ok()?.trim();
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (v6, port) = rest.split_once(']')?;
+        port.strip_prefix(':')?.parse::<u16>().ok()?;
+        return v6.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    let (v4, port) = s.split_once(':')?;
+    port.parse::<u16>().ok()?;
+    v4.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 /// A route's rate limits: the policies (all must admit) and their counters.
@@ -311,12 +393,43 @@ impl RoutePolicy {
         Decision::Admit(header_value(header))
     }
 
-    /// The same, for policies that never wait: no future to build.
+    /// The same, for policies that never wait: no future to build. With several policies,
+    /// each is asked first without counting, so that a request one of them refuses counts in
+    /// none of them.
     fn decide_now(&self, req: &Request<ReqBody>) -> Decision {
         let x = req.extensions().get::<Exchange>();
         let mut header = Vec::new();
+        if self.limiters.len() > 1 {
+            let mut refused: Option<(usize, Outcome)> = None;
+            let asked: Vec<Outcome> = self
+                .limiters
+                .iter()
+                .map(|rl| {
+                    rl.limiter
+                        .local
+                        .peek(&rl.limiter.key_value(req, x, self).local())
+                })
+                .collect();
+            for (i, out) in asked.iter().enumerate() {
+                let later = refused
+                    .as_ref()
+                    .map_or(Duration::ZERO, |(_, r)| r.retry_after);
+                if !out.admitted && out.retry_after >= later {
+                    refused = Some((i, out.clone()));
+                }
+            }
+            if let Some((i, out)) = refused {
+                self.limiters[i].counters[1].inc();
+                for (rl, o) in self.limiters.iter().zip(&asked) {
+                    if rl.limiter.headers {
+                        rl.limiter.write_state(o, &mut header);
+                    }
+                }
+                return Decision::Refuse(Box::new(self.limited(&out, header)));
+            }
+        }
         for rl in self.limiters.iter() {
-            let key = rl.limiter.key_value(req, x, self);
+            let key = rl.limiter.key_value(req, x, self).local();
             let out = rl.limiter.local.check(&key);
             if rl.limiter.headers {
                 rl.limiter.write_state(&out, &mut header);
@@ -442,15 +555,28 @@ fn respond<S>(
 where
     S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError>,
 {
-    inner.oneshot(req).map_ok(move |mut resp| {
-        if let Some(p) = &policy.policy_header {
-            let h = resp.headers_mut();
-            h.insert(RATELIMIT_POLICY.clone(), p.clone());
-            if let Some(s) = state {
-                h.insert(RATELIMIT.clone(), s);
+    inner.oneshot(req).map(move |result| {
+        let Some(p) = &policy.policy_header else {
+            return result;
+        };
+        match result {
+            Ok(mut resp) => {
+                let h = resp.headers_mut();
+                h.insert(RATELIMIT_POLICY.clone(), p.clone());
+                if let Some(s) = state {
+                    h.insert(RATELIMIT.clone(), s);
+                }
+                Ok(resp)
+            }
+            // The gateway's own answer for the route (502, 504 …) carries them too.
+            Err(e) => {
+                let mut problem = classify(&*e).header(RATELIMIT_POLICY.clone(), p.clone());
+                if let Some(s) = state {
+                    problem = problem.header(RATELIMIT.clone(), s);
+                }
+                Err(Box::new(problem.caused_by(e)) as BoxError)
             }
         }
-        resp
     })
 }
 
@@ -469,23 +595,32 @@ pub(crate) fn fuzz_key(data: &[u8]) {
         }
     }
     let ip = forwarded_client(&h, peer, &trusted);
-    let mut keys = vec![KeyValue::Ip(ip), KeyValue::Global];
-    if let Ok(v) = HeaderValue::from_bytes(data) {
-        keys.push(KeyValue::Header(v));
-    }
     let text = String::from_utf8_lossy(data);
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-        if let Some(t) = claim_text(&v) {
-            keys.push(KeyValue::Text(t));
-        }
+    let claim = serde_json::from_str::<serde_json::Value>(&text).ok();
+    let mut keys = vec![
+        Raw::Ip(ip_key(ip)),
+        Raw::Global,
+        Raw::Header(data),
+        Raw::Route(&text),
+    ];
+    if let Some(t) = claim.as_ref().and_then(claim_text) {
+        keys.push(Raw::Text(t));
     }
-    keys.push(KeyValue::Route(Arc::from(&*text)));
     for k in &keys {
         let key = redis::redis_key("p", k);
         assert!(key.starts_with(b"gatehouse:rl:p:"));
         // What a client sent never reaches the store raw when it could be a credential or
         // holds anything but printable ASCII.
         assert!(key.iter().all(|b| b.is_ascii_graphic()), "{key:?}");
+        if let Raw::Header(_) = k {
+            // A digest, never the value.
+            let digest = &key[b"gatehouse:rl:p:h#".len()..];
+            assert!(
+                digest.len() == 32 && digest.iter().all(u8::is_ascii_hexdigit),
+                "{key:?}"
+            );
+        }
+        let _ = k.local();
     }
 }
 
@@ -529,11 +664,90 @@ mod tests {
             forwarded_client(&h, peer, &trusted),
             "10.0.0.2".parse::<IpAddr>().unwrap()
         );
+        // Entries with a port, as some proxies write them.
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.7:5555, 10.0.0.2"),
+        );
+        assert_eq!(
+            forwarded_client(&h, peer, &trusted),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("[2001:db8::1]:443"),
+        );
+        assert_eq!(
+            forwarded_client(&h, peer, &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
         // No header: the peer.
         assert_eq!(
             forwarded_client(&http::HeaderMap::new(), peer, &trusted),
             peer
         );
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_and_mapped_ones_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        assert_eq!(ip_key(a), ip_key(b));
+        assert_eq!(ip_key(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        let mapped: IpAddr = "::ffff:203.0.113.5".parse().unwrap();
+        assert_eq!(ip_key(mapped), "203.0.113.5".parse::<IpAddr>().unwrap());
+    }
+
+    /// With several policies, a request one refuses counts in none of them.
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_by_one_policy_is_not_counted_by_the_others() {
+        let w = |label: &str, ms: u64, burst: u32| -> Windows {
+            vec![Window {
+                interval: Duration::from_millis(ms),
+                burst,
+                label: label.into(),
+            }]
+            .into()
+        };
+        let quota = Arc::new(build::test_limiter(w("quota", 60_000, 3)));
+        let fast = Arc::new(build::test_limiter(w("fast", 1000, 1)));
+        let counters = || OUTCOMES.map(|o| prometheus::IntCounter::new(o, o).unwrap());
+        let policy = RoutePolicy {
+            limiters: vec![
+                RouteLimiter {
+                    limiter: quota.clone(),
+                    counters: counters(),
+                },
+                RouteLimiter {
+                    limiter: fast,
+                    counters: counters(),
+                },
+            ]
+            .into(),
+            route: Arc::from("web/a"),
+            trusted: Arc::from(Vec::new()),
+            policy_header: None,
+            local_only: true,
+        };
+        let req = || Request::new(crate::body::req_full(Bytes::new()));
+        let admitted = |n: usize| {
+            (0..n)
+                .filter(|_| matches!(policy.decide_now(&req()), Decision::Admit(_)))
+                .count()
+        };
+        // `fast` admits one a second: of ten at once, one; the quota counted only that one.
+        assert_eq!(admitted(10), 1);
+        assert_eq!(
+            quota.local.peek(&KeyValue::Global).windows()[0].remaining,
+            2
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(admitted(10), 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(admitted(10), 1);
+        // The quota (3 a minute) is spent now: `fast` refills in vain.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(admitted(10), 0);
     }
 
     #[test]

@@ -10,13 +10,12 @@
 //! to `max_backoff`) probes it, and the first that succeeds brings it back.
 
 use std::fmt::Write as _;
-use std::hash::Hasher;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 
-use super::{KeyValue, Outcome, WindowState, Windows};
+use super::{Outcome, Raw, WindowState, Windows};
 
 /// Why a check of the store did not answer. The index of each failure counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,10 +175,24 @@ impl RedisStore {
                 .is_ok()
     }
 
-    fn failed(&self) {
-        let n = self.failures.fetch_add(1, Ordering::Relaxed);
-        let at = self.now_ms() + self.backoff(n);
-        self.retry_at.store(at, Ordering::Release);
+    /// A call failed. Only the one that finds the store up (the switch to down) or a probe
+    /// (the store already down) moves the backoff: the calls in flight when it went down all
+    /// fail at once, and must not push it to `max_backoff` at once. Whether this call was the
+    /// switch (to log it once).
+    fn failed(&self, probe: bool) -> bool {
+        let at = self.now_ms() + self.backoff(self.failures.load(Ordering::Relaxed));
+        let switched = self
+            .retry_at
+            .compare_exchange(0, at, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if switched || probe {
+            let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if probe {
+                self.retry_at
+                    .store(self.now_ms() + self.backoff(n), Ordering::Release);
+            }
+        }
+        switched
     }
 
     fn succeeded(&self) {
@@ -199,12 +212,13 @@ impl RedisStore {
     pub(crate) async fn check(
         &self,
         policy: &str,
-        key: &KeyValue,
+        key: &Raw<'_>,
         args: &WindowArgs,
     ) -> Result<Outcome, StoreError> {
         let Some(conn) = &self.conn else {
             return Err(StoreError::Down);
         };
+        let probe = !self.is_up();
         if !self.may_call() {
             return Err(StoreError::Down);
         }
@@ -219,17 +233,15 @@ impl RedisStore {
         let values = match reply {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
-                if self.is_up() {
+                if self.failed(probe) {
                     tracing::warn!(error = %e, "rate limit store (Redis) failed; on_store_failure applies until it answers again");
                 }
-                self.failed();
                 return Err(StoreError::Error);
             }
             Err(_) => {
-                if self.is_up() {
+                if self.failed(probe) {
                     tracing::warn!(timeout = ?self.timeout, "rate limit store (Redis) timed out; on_store_failure applies until it answers again");
                 }
-                self.failed();
                 return Err(StoreError::Timeout);
             }
         };
@@ -258,34 +270,35 @@ fn parse_reply(v: &[i64], windows: usize) -> Option<Outcome> {
     Some(out)
 }
 
-/// `gatehouse:rl:{policy}:{key}`. Header values (which may be credentials) are hashed, and so
-/// is any other value that is long or not printable; the rest is kept readable for operators.
-pub(crate) fn redis_key(policy: &str, key: &KeyValue) -> Vec<u8> {
-    let mut k = String::with_capacity(48);
+/// `gatehouse:rl:{policy}:{key}`. Header values (which may be credentials) are stored as a
+/// SHA-256 digest (its first 128 bits), and so is any other value that is long or not
+/// printable; the rest is kept readable for operators.
+pub(crate) fn redis_key(policy: &str, key: &Raw<'_>) -> Vec<u8> {
+    let mut k = String::with_capacity(64);
     let _ = write!(k, "gatehouse:rl:{policy}:");
     let hashed = |k: &mut String, tag: &str, bytes: &[u8]| {
-        let mut h = twox_hash::XxHash64::with_seed(0x6761_7465);
-        h.write(bytes);
-        let _ = write!(k, "{tag}#{:016x}", h.finish());
+        let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+        k.push_str(tag);
+        k.push('#');
+        for b in &d.as_ref()[..16] {
+            let _ = write!(k, "{b:02x}");
+        }
     };
+    let readable = |t: &str| t.len() <= 128 && t.bytes().all(|b| b.is_ascii_graphic());
     match key {
-        KeyValue::Ip(ip) => {
+        Raw::Ip(ip) => {
             let _ = write!(k, "ip:{ip}");
         }
-        KeyValue::Header(v) => hashed(&mut k, "h", v.as_bytes()),
-        KeyValue::Text(t) | KeyValue::Route(t) => {
-            let tag = if matches!(key, KeyValue::Route(_)) {
-                "r"
-            } else {
-                "t"
-            };
-            if t.len() <= 128 && t.bytes().all(|b| b.is_ascii_graphic()) {
-                let _ = write!(k, "{tag}:{t}");
-            } else {
-                hashed(&mut k, tag, t.as_bytes());
-            }
+        Raw::Header(v) => hashed(&mut k, "h", v),
+        Raw::Text(t) if readable(t) => {
+            let _ = write!(k, "t:{t}");
         }
-        KeyValue::Global => k.push('g'),
+        Raw::Text(t) => hashed(&mut k, "t", t.as_bytes()),
+        Raw::Route(r) if readable(r) => {
+            let _ = write!(k, "r:{r}");
+        }
+        Raw::Route(r) => hashed(&mut k, "r", r.as_bytes()),
+        Raw::Global => k.push('g'),
     }
     k.into_bytes()
 }
@@ -293,25 +306,22 @@ pub(crate) fn redis_key(policy: &str, key: &KeyValue) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn keys_hash_what_may_be_secret() {
-        let h = redis_key(
-            "p",
-            &KeyValue::Header(http::HeaderValue::from_static("sk_live_123")),
-        );
+        let h = redis_key("p", &Raw::Header(b"sk_live_123"));
         let s = String::from_utf8(h).unwrap();
         assert!(s.starts_with("gatehouse:rl:p:h#"), "{s}");
+        assert_eq!(s.len(), "gatehouse:rl:p:h#".len() + 32);
         assert!(!s.contains("sk_live"));
-        let t = redis_key("p", &KeyValue::Text(Arc::from("user-1")));
+        let t = redis_key("p", &Raw::Text("user-1".into()));
         assert_eq!(t, b"gatehouse:rl:p:t:user-1");
-        let spaced = redis_key("p", &KeyValue::Text(Arc::from("a b\r\nDEL x")));
+        let spaced = redis_key("p", &Raw::Text("a b\r\nDEL x".into()));
         assert!(String::from_utf8(spaced)
             .unwrap()
             .starts_with("gatehouse:rl:p:t#"));
         assert_eq!(
-            redis_key("p", &KeyValue::Ip("203.0.113.9".parse().unwrap())),
+            redis_key("p", &Raw::Ip("203.0.113.9".parse().unwrap())),
             b"gatehouse:rl:p:ip:203.0.113.9"
         );
     }
