@@ -29,7 +29,7 @@ pub fn run(target: &str, data: &[u8]) -> bool {
             }
         }
         "auth_credentials" => crate::layers::auth::fuzz_credentials(data),
-        "rate_limit_key" => crate::layers::rate_limit::fuzz_key(data),
+        "rate_limit_key" => crate::layers::rate_limit::key::fuzz_key(data),
         _ => return false,
     }
     true
