@@ -59,6 +59,8 @@ pub(crate) struct Problem {
     pub(crate) title: &'static str,
     /// Set on the response (`Allow`, `Retry-After`, `WWW-Authenticate`, `RateLimit-*` …).
     pub(crate) headers: HeaderMap,
+    /// Members of the body beyond the standard ones (`detail`, an aggregate's `call` …).
+    members: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
     source: Option<Arc<dyn StdError + Send + Sync>>,
 }
 
@@ -69,8 +71,18 @@ impl Problem {
             code,
             title,
             headers: HeaderMap::new(),
+            members: None,
             source: None,
         }
+    }
+
+    /// Adds a member to the problem body (`detail`, or an extension member). Its value must
+    /// hold nothing the client should not see.
+    pub(crate) fn member(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        let mut map = self.members.as_deref().cloned().unwrap_or_default();
+        map.insert(key.to_owned(), value.into());
+        self.members = Some(Arc::new(map));
+        self
     }
 
     /// Adds a response header.
@@ -227,6 +239,8 @@ pub(crate) fn problem_response(
         status: u16,
         code: &'a str,
         request_id: &'a str,
+        #[serde(flatten)]
+        members: Option<&'a serde_json::Map<String, serde_json::Value>>,
     }
     let body = Body {
         kind: format!("urn:gatehouse:problem:{}", problem.code),
@@ -234,6 +248,7 @@ pub(crate) fn problem_response(
         status: problem.status.as_u16(),
         code: problem.code,
         request_id: request_id.to_str().unwrap_or(""),
+        members: problem.members.as_deref(),
     };
     // Serializing a struct of strings and a number cannot fail.
     let bytes = serde_json::to_vec(&body).unwrap_or_default();

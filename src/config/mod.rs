@@ -2,6 +2,7 @@
 //! expansion, and errors located as `file:line:col`. Semantic checks that need the whole picture
 //! (unknown services, route conflicts) run in `gateway::compile`, which reports them the same way.
 
+mod aggregate;
 mod auth;
 mod defaults;
 mod names;
@@ -16,6 +17,7 @@ pub(crate) mod watch;
 
 use std::path::{Path, PathBuf};
 
+pub(crate) use aggregate::*;
 pub(crate) use auth::*;
 pub(crate) use rate_limit::*;
 pub(crate) use route::*;

@@ -7,6 +7,7 @@ use toml::Spanned;
 
 use super::auth::{AuthRef, CorsConfig, RequireConfig};
 use super::defaults::*;
+use super::aggregate::AggregateConfig;
 use super::rate_limit::RateLimitRef;
 use super::service::RetryConfig;
 use super::units::{Duration, Size};
@@ -93,6 +94,7 @@ pub(crate) struct RouteConfig {
 pub(crate) enum BackendConfig {
     Proxy(Spanned<ProxyConfig>),
     Respond(Spanned<RespondConfig>),
+    Aggregate(Spanned<AggregateConfig>),
 }
 
 impl BackendConfig {
@@ -101,6 +103,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Proxy(_) => "proxy",
             BackendConfig::Respond(_) => "respond",
+            BackendConfig::Aggregate(_) => "aggregate",
         }
     }
 }
@@ -135,11 +138,13 @@ pub(crate) struct RawRoute {
     proxy: Option<Spanned<ProxyConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     respond: Option<Spanned<RespondConfig>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aggregate: Option<Spanned<AggregateConfig>>,
 }
 
 /// A route without exactly one backend.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("route `{route}` must have exactly one backend: `proxy` or `respond` (it has {}{})", .found.len(), if .found.is_empty() { String::new() } else { format!(": {}", .found.join(", ")) })]
+#[error("route `{route}` must have exactly one backend: `proxy`, `respond` or `aggregate` (it has {}{})", .found.len(), if .found.is_empty() { String::new() } else { format!(": {}", .found.join(", ")) })]
 pub(crate) struct BackendChoiceError {
     route: String,
     found: Vec<&'static str>,
@@ -155,6 +160,9 @@ impl TryFrom<RawRoute> for RouteConfig {
         }
         if let Some(p) = r.respond {
             found.push(BackendConfig::Respond(p));
+        }
+        if let Some(p) = r.aggregate {
+            found.push(BackendConfig::Aggregate(p));
         }
         let name = r.name.get_ref();
         if found.len() != 1 {
@@ -184,10 +192,11 @@ impl TryFrom<RawRoute> for RouteConfig {
 
 impl From<RouteConfig> for RawRoute {
     fn from(r: RouteConfig) -> RawRoute {
-        let (mut proxy, mut respond) = (None, None);
+        let (mut proxy, mut respond, mut aggregate) = (None, None, None);
         match r.backend {
             BackendConfig::Proxy(p) => proxy = Some(p),
             BackendConfig::Respond(p) => respond = Some(p),
+            BackendConfig::Aggregate(p) => aggregate = Some(p),
         }
         RawRoute {
             name: r.name,
@@ -204,6 +213,7 @@ impl From<RouteConfig> for RawRoute {
             rate_limit: r.rate_limit,
             proxy,
             respond,
+            aggregate,
         }
     }
 }

@@ -1,0 +1,551 @@
+//! `aggregate`: one client request, many backend calls, one JSON response shaped for the
+//! frontend (the BFF pattern). The calls form a graph (`depends_on`); a call starts as soon as
+//! the calls it depends on have answered, so the latency is the critical path's. Each call
+//! goes through its service's `Proxy` (retries, breaker, bulkhead, timeouts, discovery,
+//! balancing all apply) with a sub-request `Exchange` (the request id, a child trace context).
+//!
+//! Composition: each call's (shaped) answer under its name, or merged at the root. A required
+//! call that fails fails the request (502/504 naming the call; 400 when the client's request
+//! lacks a value a template needs); an optional one is listed in `errors` and the response
+//! says `Gatehouse-Complete: false`. The aggregate's deadline cancels the calls still running.
+
+mod build;
+mod shape;
+mod template;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use serde_json::{Map, Value};
+use tower::ServiceExt;
+
+use self::shape::Shape;
+use self::template::{Encoding, Missing, Scope, Template};
+use super::proxy::Proxy;
+use super::{full, RespBody};
+use crate::body::{req_full, ReqBody};
+use crate::config::MergeMode;
+use crate::context::Exchange;
+use crate::error::{classify, BoxError, Problem};
+
+pub(crate) use build::build;
+
+pub(crate) static GATEHOUSE_COMPLETE: HeaderName = HeaderName::from_static("gatehouse-complete");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// The compiled aggregate of one route.
+pub(crate) struct Plan {
+    calls: Box<[Call]>,
+    merge: MergeMode,
+    deadline: Duration,
+    max_calls: usize,
+    max_concurrency: usize,
+    max_call_body: usize,
+    max_body: usize,
+    /// Whether a call sends the client's body (it is then read once, up front).
+    needs_body: bool,
+}
+
+/// One `[[route.aggregate.call]]`, compiled.
+pub(crate) struct Call {
+    name: Arc<str>,
+    method: Method,
+    path: Template,
+    query: Box<[(Box<str>, Template)]>,
+    headers: Box<[(HeaderName, Template)]>,
+    body: Option<BodyTemplate>,
+    deps: Box<[usize]>,
+    required: bool,
+    shape: Shape,
+    /// The call (by index) whose answer is walked, and the path with its `[*]`.
+    for_each: Option<(usize, template::JsonPath)>,
+    proxy: Proxy,
+    duration: prometheus::Histogram,
+    outcomes: prometheus::IntCounterVec,
+    route: Arc<str>,
+}
+
+/// A call's request body: the client's, or JSON whose string leaves are templates (a leaf
+/// that is one whole `{…}` takes the value's JSON type).
+pub(crate) enum BodyTemplate {
+    Client,
+    Json(JsonTemplate),
+}
+
+pub(crate) enum JsonTemplate {
+    Whole(template::Var),
+    Text(Template),
+    Array(Vec<JsonTemplate>),
+    Object(Vec<(String, JsonTemplate)>),
+    Other(Value),
+}
+
+impl JsonTemplate {
+    fn render(&self, scope: &Scope<'_>) -> Result<Value, Missing> {
+        Ok(match self {
+            JsonTemplate::Whole(v) => scope.value(v)?,
+            JsonTemplate::Text(t) => Value::String(t.render(scope, Encoding::Text)?),
+            JsonTemplate::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|i| i.render(scope))
+                    .collect::<Result<_, _>>()?,
+            ),
+            JsonTemplate::Object(fields) => {
+                let mut m = Map::new();
+                for (k, v) in fields {
+                    m.insert(k.clone(), v.render(scope)?);
+                }
+                Value::Object(m)
+            }
+            JsonTemplate::Other(v) => v.clone(),
+        })
+    }
+}
+
+/// Why a call has no answer.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CallError {
+    pub(crate) status: u16,
+    pub(crate) code: &'static str,
+    /// The template value that was missing, when that is why.
+    pub(crate) missing: Option<Box<str>>,
+}
+
+impl CallError {
+    fn new(status: u16, code: &'static str) -> Self {
+        CallError {
+            status,
+            code,
+            missing: None,
+        }
+    }
+
+    fn missing(m: Missing) -> Self {
+        CallError {
+            status: if m.from_client { 400 } else { 502 },
+            code: if m.from_client {
+                "missing_parameter"
+            } else {
+                "missing_value"
+            },
+            missing: Some(format!("{} {}", m.var, m.why).into()),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Aggregate(Arc<Plan>);
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError>> + Send>>;
+
+impl tower::Service<Request<ReqBody>> for Aggregate {
+    type Response = Response<RespBody>;
+    type Error = BoxError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
+        Box::pin(self.0.clone().run(req))
+    }
+}
+
+enum State {
+    Waiting,
+    Running,
+    Done,
+    Failed(CallError),
+}
+
+/// What the templates read, taken from the client's request once.
+struct Input {
+    exchange: Exchange,
+    query: Vec<(String, String)>,
+    headers: http::HeaderMap,
+    claims: Option<Arc<Map<String, Value>>>,
+    body: Option<Bytes>,
+}
+
+impl Plan {
+    async fn run(self: Arc<Self>, req: Request<ReqBody>) -> Result<Response<RespBody>, BoxError> {
+        let Some(exchange) = req.extensions().get::<Exchange>().cloned() else {
+            return Err("an aggregated request has no exchange".into());
+        };
+        let (parts, body) = req.into_parts();
+        let body = if self.needs_body {
+            Some(body.collect().await?.to_bytes())
+        } else {
+            None
+        };
+        let query = exchange
+            .query()
+            .map(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let input = Input {
+            claims: exchange.identity().and_then(|i| i.claims.clone()),
+            exchange,
+            query,
+            headers: parts.headers,
+            body,
+        };
+        let n = self.calls.len();
+        let mut answers: Vec<Option<Value>> = vec![None; n];
+        let mut state: Vec<State> = (0..n).map(|_| State::Waiting).collect();
+        let permits = tokio::sync::Semaphore::new(self.max_concurrency);
+        let mut issued = 0usize;
+        let mut running = FuturesUnordered::new();
+        let deadline = tokio::time::sleep(self.deadline);
+        tokio::pin!(deadline);
+        loop {
+            // Start every call whose dependencies have answered.
+            for i in 0..n {
+                if !matches!(state[i], State::Waiting) {
+                    continue;
+                }
+                let call = &self.calls[i];
+                if let Some(d) = call.deps.iter().find(|d| matches!(state[**d], State::Failed(_)))
+                {
+                    let mut e = CallError::new(424, "dependency_failed");
+                    e.missing = Some(format!("{} failed", self.calls[*d].name).into());
+                    state[i] = State::Failed(e);
+                    continue;
+                }
+                if !call.deps.iter().all(|d| matches!(state[*d], State::Done)) {
+                    continue;
+                }
+                match self.requests(call, &input, &answers) {
+                    Ok(reqs) if issued + reqs.len() > self.max_calls => {
+                        state[i] = State::Failed(CallError::new(502, "too_many_calls"));
+                    }
+                    Ok(reqs) => {
+                        issued += reqs.len();
+                        state[i] = State::Running;
+                        running.push(self.send(i, reqs, &permits));
+                    }
+                    Err(e) => state[i] = State::Failed(e),
+                }
+            }
+            // A failed required call decides at once: the others are cancelled.
+            if let Some((i, e)) = self.first_required_failure(&state) {
+                return Err(self.failure(i, e).into());
+            }
+            if running.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                Some((i, result)) = running.next() => match result {
+                    Ok(v) => {
+                        answers[i] = Some(v);
+                        state[i] = State::Done;
+                    }
+                    Err(e) => state[i] = State::Failed(e),
+                },
+                () = &mut deadline => {
+                    // Dropping `running` cancels the calls still in flight.
+                    for s in state.iter_mut() {
+                        if matches!(s, State::Running | State::Waiting) {
+                            *s = State::Failed(CallError::new(504, "timeout"));
+                        }
+                    }
+                    if let Some((i, e)) = self.first_required_failure(&state) {
+                        return Err(self.failure(i, e).into());
+                    }
+                    break;
+                }
+            }
+        }
+        drop(running);
+        self.compose(&state, answers)
+    }
+
+    fn first_required_failure(&self, state: &[State]) -> Option<(usize, CallError)> {
+        state.iter().enumerate().find_map(|(i, s)| match s {
+            State::Failed(e) if self.calls[i].required => Some((i, e.clone())),
+            _ => None,
+        })
+    }
+
+    /// The problem of a request whose required call `i` failed.
+    fn failure(&self, i: usize, e: CallError) -> Problem {
+        let name = &*self.calls[i].name;
+        let p = match (e.status, e.code) {
+            (400, _) => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "missing_parameter",
+                "The request lacks a value this route needs",
+            ),
+            (504, _) => Problem::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "aggregate_call_timeout",
+                "A backend call of this route did not answer in time",
+            ),
+            _ => Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "aggregate_call_failed",
+                "A backend call of this route failed",
+            ),
+        };
+        let mut p = p
+            .member("call", name)
+            .member("call_status", e.status)
+            .member("call_code", e.code);
+        if let Some(m) = e.missing {
+            p = p.member("detail", format!("`{name}`: {m}"));
+        }
+        p
+    }
+
+    /// The backend requests of a call: one, or one per `for_each` element.
+    fn requests(
+        &self,
+        call: &Call,
+        input: &Input,
+        answers: &[Option<Value>],
+    ) -> Result<Vec<Request<ReqBody>>, CallError> {
+        let params = |name: &str| {
+            input.exchange.param(name).map(|v| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+        };
+        let base = Scope {
+            params: &params,
+            query: &input.query,
+            headers: &input.headers,
+            claims: input.claims.as_deref(),
+            calls: answers,
+            item: None,
+        };
+        let Some((src, path)) = &call.for_each else {
+            return Ok(vec![self.request(call, input, &base)?]);
+        };
+        let mut items = Vec::new();
+        if let Some(v) = answers.get(*src).and_then(Option::as_ref) {
+            path.all(v, &mut items);
+        }
+        if items.len() > self.max_calls {
+            return Err(CallError::new(502, "too_many_calls"));
+        }
+        items
+            .into_iter()
+            .map(|item| {
+                let scope = Scope {
+                    item: Some(item),
+                    ..Scope { ..base_clone(&base) }
+                };
+                self.request(call, input, &scope)
+            })
+            .collect()
+    }
+
+    fn request(
+        &self,
+        call: &Call,
+        input: &Input,
+        scope: &Scope<'_>,
+    ) -> Result<Request<ReqBody>, CallError> {
+        let mut target = call
+            .path
+            .render(scope, Encoding::PathSegment)
+            .map_err(CallError::missing)?;
+        for (i, (k, v)) in call.query.iter().enumerate() {
+            target.push(if i == 0 { '?' } else { '&' });
+            target.extend(form_urlencoded::byte_serialize(k.as_bytes()));
+            target.push('=');
+            target.push_str(&v.render(scope, Encoding::Query).map_err(CallError::missing)?);
+        }
+        let uri = Uri::from_maybe_shared(Bytes::from(target))
+            .map_err(|_| CallError::new(502, "bad_target"))?;
+        let (body, json) = match &call.body {
+            None => (Bytes::new(), false),
+            Some(BodyTemplate::Client) => (input.body.clone().unwrap_or_default(), false),
+            Some(BodyTemplate::Json(t)) => {
+                let v = t.render(scope).map_err(CallError::missing)?;
+                (Bytes::from(serde_json::to_vec(&v).unwrap_or_default()), true)
+            }
+        };
+        let mut req = Request::new(req_full(body));
+        *req.method_mut() = call.method.clone();
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        for (name, t) in call.headers.iter() {
+            let v = t.render(scope, Encoding::Header).map_err(CallError::missing)?;
+            let v = HeaderValue::from_str(&v).map_err(|_| CallError::new(400, "bad_header"))?;
+            h.insert(name.clone(), v);
+        }
+        if json {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        } else if matches!(call.body, Some(BodyTemplate::Client)) {
+            if let Some(ct) = input.headers.get(header::CONTENT_TYPE) {
+                h.insert(header::CONTENT_TYPE, ct.clone());
+            }
+        }
+        // The call continues the client's trace (the proxy makes it a child span).
+        if let Some(tp) = input.headers.get(&TRACEPARENT) {
+            h.insert(TRACEPARENT.clone(), tp.clone());
+        }
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        req.extensions_mut().insert(input.exchange.sub_request());
+        Ok(req)
+    }
+
+    /// Sends a call's requests (each waiting for a slot of the request's concurrency), reads
+    /// and shapes their answers: one value, or an array of them in input order.
+    fn send<'a>(
+        &'a self,
+        i: usize,
+        reqs: Vec<Request<ReqBody>>,
+        permits: &'a tokio::sync::Semaphore,
+    ) -> impl Future<Output = (usize, Result<Value, CallError>)> + Send + 'a {
+        let call = &self.calls[i];
+        let each = call.for_each.is_some();
+        async move {
+            let answers =
+                futures_util::future::join_all(reqs.into_iter().map(|r| self.one(call, r, permits)))
+                    .await;
+            let mut out = Vec::with_capacity(answers.len());
+            for a in answers {
+                match a {
+                    Ok(v) => out.push(call.shape.apply(v)),
+                    Err(e) => return (i, Err(e)),
+                }
+            }
+            let value = if each {
+                Value::Array(out)
+            } else {
+                out.pop().unwrap_or(Value::Null)
+            };
+            (i, Ok(value))
+        }
+    }
+
+    async fn one(
+        &self,
+        call: &Call,
+        req: Request<ReqBody>,
+        permits: &tokio::sync::Semaphore,
+    ) -> Result<Value, CallError> {
+        let _slot = permits.acquire().await;
+        let started = Instant::now();
+        let result = self.fetch(call, req).await;
+        call.duration.observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code,
+        };
+        call.outcomes
+            .with_label_values(&[&*call.route, &*call.name, outcome])
+            .inc();
+        result
+    }
+
+    async fn fetch(&self, call: &Call, req: Request<ReqBody>) -> Result<Value, CallError> {
+        let resp = match call.proxy.clone().oneshot(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                let p = classify(&*e);
+                return Err(CallError::new(p.status.as_u16(), p.code));
+            }
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(CallError::new(status.as_u16(), "upstream_status"));
+        }
+        let limited = http_body_util::Limited::new(resp.into_body(), self.max_call_body);
+        let bytes = match limited.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(CallError::new(502, "call_body_too_large"))
+            }
+            Err(_) => return Err(CallError::new(502, "upstream_failed")),
+        };
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|_| CallError::new(502, "invalid_json"))
+    }
+
+    /// The response: every answer under its call's name (or merged at the root), and the
+    /// optional calls that failed in `errors`.
+    fn compose(
+        &self,
+        state: &[State],
+        mut answers: Vec<Option<Value>>,
+    ) -> Result<Response<RespBody>, BoxError> {
+        let mut root = Map::new();
+        let mut errors = Vec::new();
+        for (i, call) in self.calls.iter().enumerate() {
+            match &state[i] {
+                State::Done => {
+                    let v = answers[i].take().unwrap_or(Value::Null);
+                    match (self.merge == MergeMode::Root || call.shape.flatten, v) {
+                        (true, Value::Object(m)) => root.extend(m),
+                        (_, v) => {
+                            root.insert(call.name.to_string(), v);
+                        }
+                    }
+                }
+                State::Failed(e) => {
+                    let mut entry = Map::new();
+                    entry.insert("call".into(), Value::from(&*call.name));
+                    entry.insert("status".into(), Value::from(e.status));
+                    entry.insert("code".into(), Value::from(e.code));
+                    if let Some(m) = &e.missing {
+                        entry.insert("detail".into(), Value::from(&**m));
+                    }
+                    errors.push(Value::Object(entry));
+                }
+                State::Waiting | State::Running => {}
+            }
+        }
+        let complete = errors.is_empty();
+        if !complete {
+            root.insert("errors".into(), Value::Array(errors));
+        }
+        let bytes = serde_json::to_vec(&Value::Object(root))?;
+        if bytes.len() > self.max_body {
+            return Err(Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "aggregate_too_large",
+                "The composed response is larger than this route allows",
+            )
+            .into());
+        }
+        let mut resp = Response::new(full(bytes));
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if !complete {
+            h.insert(GATEHOUSE_COMPLETE.clone(), HeaderValue::from_static("false"));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+        Ok(resp)
+    }
+}
+
+fn base_clone<'a>(s: &Scope<'a>) -> Scope<'a> {
+    Scope {
+        params: s.params,
+        query: s.query,
+        headers: s.headers,
+        claims: s.claims,
+        calls: s.calls,
+        item: s.item,
+    }
+}
