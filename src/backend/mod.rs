@@ -3,6 +3,7 @@
 //! `Response<RespBody>`, so every layer applies to every kind alike. A new kind is a module
 //! here, a variant of `config::BackendConfig`, and one match arm in `route::build`.
 
+pub(crate) mod aggregate;
 pub(crate) mod forward;
 pub(crate) mod proxy;
 pub(crate) mod respond;

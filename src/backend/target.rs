@@ -17,6 +17,8 @@ pub(crate) enum UpstreamPath {
     /// The request path with this many leading bytes (the frontend's prefix) removed.
     StripPrefix(usize),
     Template(Box<[Part]>),
+    /// The request's own target, as made by the backend that sends it (an aggregate's call).
+    AsRequested,
 }
 
 /// An upstream path template that cannot be built.
@@ -89,6 +91,11 @@ impl UpstreamPath {
                     out.push('/');
                 }
                 out.push_str(rest);
+            }
+            UpstreamPath::AsRequested => {
+                if let Some(pq) = x.original_uri().path_and_query() {
+                    out.push_str(pq.path());
+                }
             }
             UpstreamPath::Template(parts) => {
                 for p in parts.iter() {

@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use toml::Spanned;
 
+use super::aggregate::AggregateConfig;
 use super::auth::{AuthRef, CorsConfig, RequireConfig};
 use super::defaults::*;
-use super::aggregate::AggregateConfig;
 use super::rate_limit::RateLimitRef;
 use super::service::RetryConfig;
 use super::units::{Duration, Size};

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub(crate) rate_limit_store_failures: IntCounterVec,
     pub(crate) rate_limit_store_seconds: prometheus::HistogramVec,
     pub(crate) ip_rate_limited: prometheus::IntCounter,
+    pub(crate) aggregate_calls_total: IntCounterVec,
+    pub(crate) aggregate_call_seconds: prometheus::HistogramVec,
 }
 
 impl Metrics {
@@ -185,8 +187,29 @@ impl Metrics {
             "Requests refused by [server] ip_rate_limit before routing",
         )
         .expect("static metric definition is valid");
+        let aggregate_calls_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_aggregate_calls_total",
+                "Backend calls of aggregate routes by route, call and outcome (ok, or why not)",
+            ),
+            &["route", "call", "outcome"],
+        )
+        .expect("static metric definition is valid");
+        let aggregate_call_seconds = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "gatehouse_aggregate_call_duration_seconds",
+                "Backend calls of aggregate routes, from sent to answer read, by route and call",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["route", "call"],
+        )
+        .expect("static metric definition is valid");
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(aggregate_calls_total.clone()),
+            Box::new(aggregate_call_seconds.clone()),
             Box::new(rate_limit_total.clone()),
             Box::new(rate_limit_store_failures.clone()),
             Box::new(rate_limit_store_seconds.clone()),
@@ -220,6 +243,8 @@ impl Metrics {
             rate_limit_store_failures,
             rate_limit_store_seconds,
             ip_rate_limited,
+            aggregate_calls_total,
+            aggregate_call_seconds,
             connections_total,
             connections_parked,
             requests_total,

@@ -159,6 +159,17 @@ pub(crate) fn build(
             layers,
             &mut fail,
         ),
+        BackendConfig::Aggregate(a) => {
+            let facts = crate::backend::aggregate::RouteFacts {
+                id: &id,
+                params: &params,
+                timeout: settings.timeout,
+                resources: cx.resources,
+                defined: &cx.defined,
+                metrics: cx.metrics,
+            };
+            crate::backend::aggregate::build(&facts, a, &mut fail).map(|b| chain(b, layers))
+        }
         BackendConfig::Respond(r) => match respond(r.get_ref()) {
             Ok(b) => Some(chain(b, layers)),
             Err(msg) => {
@@ -179,6 +190,7 @@ pub(crate) fn build(
     // Only a proxy's path template reads the parameters today.
     let reads_params = match &rc.backend {
         BackendConfig::Proxy(p) => p.get_ref().path.is_some(),
+        BackendConfig::Aggregate(_) => true,
         BackendConfig::Respond(_) => false,
     };
     let (line, _) = file.locate(rc.name.span().start);

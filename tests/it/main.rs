@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 //! Integration tests: a real gateway on real sockets in front of real upstream servers.
 
+mod aggregate;
 mod auth;
 mod balance;
 mod check;

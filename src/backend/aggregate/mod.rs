@@ -36,7 +36,7 @@ use crate::config::MergeMode;
 use crate::context::Exchange;
 use crate::error::{classify, BoxError, Problem};
 
-pub(crate) use build::build;
+pub(crate) use build::{build, RouteFacts};
 
 pub(crate) static GATEHOUSE_COMPLETE: HeaderName = HeaderName::from_static("gatehouse-complete");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -218,7 +218,10 @@ impl Plan {
                     continue;
                 }
                 let call = &self.calls[i];
-                if let Some(d) = call.deps.iter().find(|d| matches!(state[**d], State::Failed(_)))
+                if let Some(d) = call
+                    .deps
+                    .iter()
+                    .find(|d| matches!(state[**d], State::Failed(_)))
                 {
                     let mut e = CallError::new(424, "dependency_failed");
                     e.missing = Some(format!("{} failed", self.calls[*d].name).into());
@@ -348,7 +351,9 @@ impl Plan {
             .map(|item| {
                 let scope = Scope {
                     item: Some(item),
-                    ..Scope { ..base_clone(&base) }
+                    ..Scope {
+                        ..base_clone(&base)
+                    }
                 };
                 self.request(call, input, &scope)
             })
@@ -369,7 +374,10 @@ impl Plan {
             target.push(if i == 0 { '?' } else { '&' });
             target.extend(form_urlencoded::byte_serialize(k.as_bytes()));
             target.push('=');
-            target.push_str(&v.render(scope, Encoding::Query).map_err(CallError::missing)?);
+            target.push_str(
+                &v.render(scope, Encoding::Query)
+                    .map_err(CallError::missing)?,
+            );
         }
         let uri = Uri::from_maybe_shared(Bytes::from(target))
             .map_err(|_| CallError::new(502, "bad_target"))?;
@@ -378,7 +386,10 @@ impl Plan {
             Some(BodyTemplate::Client) => (input.body.clone().unwrap_or_default(), false),
             Some(BodyTemplate::Json(t)) => {
                 let v = t.render(scope).map_err(CallError::missing)?;
-                (Bytes::from(serde_json::to_vec(&v).unwrap_or_default()), true)
+                (
+                    Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+                    true,
+                )
             }
         };
         let mut req = Request::new(req_full(body));
@@ -386,12 +397,17 @@ impl Plan {
         *req.uri_mut() = uri;
         let h = req.headers_mut();
         for (name, t) in call.headers.iter() {
-            let v = t.render(scope, Encoding::Header).map_err(CallError::missing)?;
+            let v = t
+                .render(scope, Encoding::Header)
+                .map_err(CallError::missing)?;
             let v = HeaderValue::from_str(&v).map_err(|_| CallError::new(400, "bad_header"))?;
             h.insert(name.clone(), v);
         }
         if json {
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
         } else if matches!(call.body, Some(BodyTemplate::Client)) {
             if let Some(ct) = input.headers.get(header::CONTENT_TYPE) {
                 h.insert(header::CONTENT_TYPE, ct.clone());
@@ -406,8 +422,9 @@ impl Plan {
         Ok(req)
     }
 
-    /// Sends a call's requests (each waiting for a slot of the request's concurrency), reads
-    /// and shapes their answers: one value, or an array of them in input order.
+    /// Sends a call's requests (each waiting for a slot of the request's concurrency) and
+    /// reads their answers: one value, or an array of them in input order. Unshaped: later
+    /// calls' templates read the whole answer; the shape is for the response.
     fn send<'a>(
         &'a self,
         i: usize,
@@ -417,13 +434,14 @@ impl Plan {
         let call = &self.calls[i];
         let each = call.for_each.is_some();
         async move {
-            let answers =
-                futures_util::future::join_all(reqs.into_iter().map(|r| self.one(call, r, permits)))
-                    .await;
+            let answers = futures_util::future::join_all(
+                reqs.into_iter().map(|r| self.one(call, r, permits)),
+            )
+            .await;
             let mut out = Vec::with_capacity(answers.len());
             for a in answers {
                 match a {
-                    Ok(v) => out.push(call.shape.apply(v)),
+                    Ok(v) => out.push(v),
                     Err(e) => return (i, Err(e)),
                 }
             }
@@ -494,7 +512,12 @@ impl Plan {
         for (i, call) in self.calls.iter().enumerate() {
             match &state[i] {
                 State::Done => {
-                    let v = answers[i].take().unwrap_or(Value::Null);
+                    let v = match (answers[i].take().unwrap_or(Value::Null), &call.for_each) {
+                        (Value::Array(items), Some(_)) => {
+                            Value::Array(items.into_iter().map(|v| call.shape.apply(v)).collect())
+                        }
+                        (v, _) => call.shape.apply(v),
+                    };
                     match (self.merge == MergeMode::Root || call.shape.flatten, v) {
                         (true, Value::Object(m)) => root.extend(m),
                         (_, v) => {
@@ -530,9 +553,15 @@ impl Plan {
         }
         let mut resp = Response::new(full(bytes));
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if !complete {
-            h.insert(GATEHOUSE_COMPLETE.clone(), HeaderValue::from_static("false"));
+            h.insert(
+                GATEHOUSE_COMPLETE.clone(),
+                HeaderValue::from_static("false"),
+            );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         }
         Ok(resp)

@@ -27,16 +27,17 @@ pub(crate) fn field_path(s: &str) -> Result<Vec<String>, String> {
 impl Shape {
     pub(crate) fn apply(&self, v: Value) -> Value {
         let mut v = match &self.target {
-            Some(t) if !t.0.iter().any(|s| *s == Step::Each) => {
-                t.get(&v).cloned().unwrap_or(Value::Null)
-            }
+            Some(t) if !t.0.contains(&Step::Each) => t.get(&v).cloned().unwrap_or(Value::Null),
             _ => v,
         };
         for path in &self.deny {
             remove(&mut v, path);
         }
         if !self.allow.is_empty() {
-            v = keep(&v, &self.allow.iter().map(Vec::as_slice).collect::<Vec<_>>());
+            v = keep(
+                &v,
+                &self.allow.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+            );
         }
         for (path, to) in &self.rename {
             rename(&mut v, path, to);
@@ -129,7 +130,10 @@ mod tests {
             target: Some(JsonPath::parse("data.items").unwrap()),
             deny: vec![p("secret")],
             allow: vec![p("id"), p("status"), p("addr.city")],
-            rename: vec![(p("status"), "state".into()), (p("addr.city"), "town".into())],
+            rename: vec![
+                (p("status"), "state".into()),
+                (p("addr.city"), "town".into()),
+            ],
             flatten: false,
         };
         assert_eq!(

@@ -28,7 +28,7 @@ pub(crate) enum Source {
 impl Source {
     /// Whether the value comes from the client's request (a missing one is the client's
     /// fault: 400) rather than from a backend's answer.
-    pub(crate) fn from_client(&self) -> bool {
+    pub(crate) fn is_client_input(&self) -> bool {
         !matches!(self, Source::Call(..) | Source::Item(_))
     }
 }
@@ -99,7 +99,7 @@ impl JsonPath {
     }
 
     pub(crate) fn has_each(&self) -> bool {
-        self.0.iter().any(|s| *s == Step::Each)
+        self.0.contains(&Step::Each)
     }
 
     /// The value at this path (no `[*]`).
@@ -181,7 +181,11 @@ pub(crate) fn parse_var(expr: &str, names: &Names<'_>) -> Result<Var, String> {
         let path = match path.strip_prefix("body") {
             Some("") => JsonPath::default(),
             Some(p) if p.starts_with('.') => JsonPath::parse(&p[1..])?,
-            _ => return Err(format!("`{{{expr}}}`: write `calls.{call}.body` or `calls.{call}.body.PATH`")),
+            _ => {
+                return Err(format!(
+                    "`{{{expr}}}`: write `calls.{call}.body` or `calls.{call}.body.PATH`"
+                ))
+            }
         };
         if path.has_each() {
             return Err(format!("`{{{expr}}}`: `[*]` belongs in `for_each`"));
@@ -189,7 +193,9 @@ pub(crate) fn parse_var(expr: &str, names: &Names<'_>) -> Result<Var, String> {
         Source::Call(idx, path)
     } else if name == "item" || name.starts_with("item.") {
         if !names.item {
-            return Err(format!("`{{{expr}}}`: `item` exists only in a call with `for_each`"));
+            return Err(format!(
+                "`{{{expr}}}`: `item` exists only in a call with `for_each`"
+            ));
         }
         Source::Item(JsonPath::parse(name.strip_prefix("item.").unwrap_or(""))?)
     } else if name == "body" {
@@ -294,7 +300,7 @@ impl Missing {
         Missing {
             var: v.raw.clone(),
             why,
-            from_client: v.source.from_client(),
+            from_client: v.source.is_client_input(),
         }
     }
 }
@@ -401,7 +407,11 @@ mod tests {
     fn values_stay_one_segment_whatever_they_hold() {
         let params = ["id".to_owned()];
         let calls = ["user"];
-        let t = Template::parse("/v1/users/{calls.user.body.id}/x/{id}", &names(&params, &calls)).unwrap();
+        let t = Template::parse(
+            "/v1/users/{calls.user.body.id}/x/{id}",
+            &names(&params, &calls),
+        )
+        .unwrap();
         let headers = http::HeaderMap::new();
         let answers = [Some(json!({"id": "../../admin?x=1#f%2F"}))];
         let param = |_: &str| Some("a/b c".to_owned());
@@ -419,7 +429,10 @@ mod tests {
         );
         // A whole `..` is refused, not sent.
         let dots = [Some(json!({"id": ".."}))];
-        let scope = Scope { calls: &dots, ..scope };
+        let scope = Scope {
+            calls: &dots,
+            ..scope
+        };
         let e = t.render(&scope, Encoding::PathSegment).unwrap_err();
         assert_eq!((&*e.var, e.from_client), ("calls.user.body.id", false));
     }
@@ -427,7 +440,7 @@ mod tests {
     #[test]
     fn missing_values_are_errors_and_defaults_fill_them() {
         let t = Template::parse("{query.limit:-5}-{headers.x-a}", &names(&[], &[])).unwrap();
-        let mut headers = http::HeaderMap::new();
+        let headers = http::HeaderMap::new();
         let none = |_: &str| None;
         let scope = Scope {
             params: &none,
@@ -439,8 +452,12 @@ mod tests {
         };
         let e = t.render(&scope, Encoding::Query).unwrap_err();
         assert_eq!((&*e.var, e.from_client), ("headers.x-a", true));
-        headers.insert("x-a", http::HeaderValue::from_static("v 1"));
-        let scope = Scope { headers: &headers, ..scope };
+        let mut with = http::HeaderMap::new();
+        with.insert("x-a", http::HeaderValue::from_static("v 1"));
+        let scope = Scope {
+            headers: &with,
+            ..scope
+        };
         assert_eq!(t.render(&scope, Encoding::Query).unwrap(), "5-v%201");
     }
 
@@ -459,7 +476,10 @@ mod tests {
             item: None,
         };
         assert!(t.render(&scope, Encoding::Header).is_err());
-        assert_eq!(t.render(&scope, Encoding::Query).unwrap(), "x%0D%0ASet-Cookie%3A%20a%3Db");
+        assert_eq!(
+            t.render(&scope, Encoding::Query).unwrap(),
+            "x%0D%0ASet-Cookie%3A%20a%3Db"
+        );
     }
 
     #[test]

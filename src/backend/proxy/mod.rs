@@ -98,12 +98,14 @@ impl tower::Service<Request<ReqBody>> for Proxy {
         } else {
             None
         };
-        let target = self.opts.target.build(&exchange, query);
-        match Uri::from_maybe_shared(Bytes::from(target)) {
-            Ok(u) => *req.uri_mut() = u,
-            Err(_) => {
-                let e = GatewayError::BadRequest("request target");
-                return Box::pin(future::ready(Err(e.into())));
+        if self.opts.target != UpstreamPath::AsRequested {
+            let target = self.opts.target.build(&exchange, query);
+            match Uri::from_maybe_shared(Bytes::from(target)) {
+                Ok(u) => *req.uri_mut() = u,
+                Err(_) => {
+                    let e = GatewayError::BadRequest("request target");
+                    return Box::pin(future::ready(Err(e.into())));
+                }
             }
         }
         let h = req.headers_mut();
