@@ -207,6 +207,8 @@ pub(crate) struct ResponseMeta {
     upstream: OnceLock<UpstreamUsed>,
     /// Held until the client's response body ends (the service's bulkhead slot).
     guard: OnceLock<tokio::sync::OwnedSemaphorePermit>,
+    /// An aggregate's calls and how each ended (`user:ok orders:timeout`), for the log.
+    calls: OnceLock<Box<str>>,
 }
 
 impl ResponseMeta {
@@ -221,6 +223,14 @@ impl ResponseMeta {
 
     pub(crate) fn upstream(&self) -> Option<&UpstreamUsed> {
         self.upstream.get()
+    }
+
+    pub(crate) fn set_calls(&self, summary: Box<str>) {
+        let _ = self.calls.set(summary);
+    }
+
+    pub(crate) fn calls(&self) -> Option<&str> {
+        self.calls.get().map(|s| &**s)
     }
 
     /// Keeps `permit` until the exchange ends (the response body ended or was dropped).

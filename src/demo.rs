@@ -112,8 +112,8 @@ fn orders() -> Router {
             get(|Query(q): Query<HashMap<String, String>>| async move {
                 let user = q.get("user").cloned().unwrap_or_else(|| "1".into());
                 Json(json!([
-                    {"id": "o-100", "user": user, "total": 42.5, "status": "shipped"},
-                    {"id": "o-101", "user": user, "total": 9.99, "status": "processing"}
+                    {"id": "o-100", "user": user, "total": 42.5, "status": "shipped", "sku": "tea-01"},
+                    {"id": "o-101", "user": user, "total": 9.99, "status": "processing", "sku": "cup-02"}
                 ]))
             })
             .post(|body: String| async move {
@@ -140,6 +140,26 @@ fn catalog() -> Router {
                     {"sku": "tea-01", "name": "Green tea", "price": 4.5},
                     {"sku": "cup-02", "name": "Tea cup", "price": 12.0}
                 ]))
+            }),
+        )
+        .route(
+            "/v1/products/{sku}",
+            get(|Path(sku): Path<String>| async move {
+                match sku.as_str() {
+                    "tea-01" => Json(
+                        json!({"sku": "tea-01", "name": "Green tea", "price": 4.5, "stock": 120}),
+                    )
+                    .into_response(),
+                    "cup-02" => {
+                        Json(json!({"sku": "cup-02", "name": "Tea cup", "price": 12.0, "stock": 8}))
+                            .into_response()
+                    }
+                    _ => (
+                        StatusCode::NOT_FOUND,
+                        Json(json!({"error": "no such product"})),
+                    )
+                        .into_response(),
+                }
             }),
         )
         .route("/v1/events", get(events))

@@ -192,6 +192,8 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)], token: Option<&
         "/web/events            (server-sent events, streamed as produced)",
         "/web/echo/anything?x=1 (what the backend receives: X-Forwarded-*, traceparent ...)",
         "/mobile/v1/me/orders",
+        "/mobile/v1/home/1     (BFF: four backend calls composed for the mobile app)",
+        "/web/dashboard/1      (BFF: the same services composed for the web app)",
         "/web/ping",
         "/web/nope              (404 as application/problem+json)",
     ] {

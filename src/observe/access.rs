@@ -129,6 +129,7 @@ impl Drop for Record {
                 request_id = r.request_id.to_str().unwrap_or("-"),
                 auth = identity.map_or("-", |i| &*i.provider),
                 consumer = identity.and_then(|i| i.consumer.as_deref()).unwrap_or("-"),
+                calls = r.exchange.as_ref().and_then(|x| x.meta().calls()).unwrap_or("-"),
             );
         }
     }

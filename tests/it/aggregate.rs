@@ -304,6 +304,8 @@ async fn failures_and_the_deadline() {
                 "/ok" => json_resp(json!({"fine": true})),
                 "/fail" => text(500, "boom"),
                 "/html" => text(200, "<html>"),
+                "/big" => json_resp(json!({"blob": "x".repeat(100)})),
+                "/more" => json_resp(json!({"also": 1})),
                 _ => {
                     // Hangs; records being dropped (the gateway closed the request).
                     struct Flag(Arc<AtomicBool>);
@@ -331,6 +333,11 @@ async fn failures_and_the_deadline() {
         call("ok", "/ok", true),
         call("html", "/html", true),
         call("stuck", "/hang", true),
+    ) + &format!(
+        "\n[[route]]\nname = \"root\"\npath = \"/root\"\n[route.aggregate]\nmerge = \"root\"\nmax_call_body = \"64B\"\n{}{}{}",
+        call("ok", "/ok", true),
+        call("more", "/more", true),
+        call("big", "/big", false),
     );
     let gw = TestGateway::start(&config(&[("svc", &up)]), &[("m.toml", &routes(&route))]).await;
 
@@ -359,6 +366,14 @@ async fn failures_and_the_deadline() {
     assert_eq!(
         (r.json()["call"].clone(), r.json()["call_code"].clone()),
         (json!("html"), json!("invalid_json"))
+    );
+
+    // Merged at the root; a body over `max_call_body` is that call's error.
+    let r = get(&gw.url("/m/root")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({"fine": true, "also": 1, "errors": [{"call": "big", "status": 502, "code": "call_body_too_large"}]})
     );
 
     let r = get(&gw.url("/m/slow")).await;

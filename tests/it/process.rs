@@ -55,6 +55,27 @@ async fn the_access_log_names_the_auth_provider_and_consumer_never_the_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_lists_an_aggregates_calls() {
+    let up = echo_upstream().await;
+    let routes = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"home\"\npath = \"/home\"\n[route.aggregate]\n[[route.aggregate.call]]\nname = \"a\"\nservice = \"svc\"\npath = \"/a\"\n[[route.aggregate.call]]\nname = \"b\"\nservice = \"svc\"\npath = \"/b/{query.id}\"\nrequired = false\n";
+    let dir = write_config(&config(&up.url(), ""), &[("web.toml", routes)]);
+    let gw = GatewayProcess::spawn(&dir.path().join("gateway.toml"));
+    let r = get(&gw.url("/home")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.header("x-request-id").to_owned();
+    let mut events = Vec::new();
+    eventually(10, "the access-log event", || {
+        events =
+            gw.events(|v| v["target"] == "gatehouse::access" && v["request_id"] == id.as_str());
+        let found = !events.is_empty();
+        async move { found }
+    })
+    .await;
+    assert_eq!(events[0]["calls"], "a:ok b:missing_parameter");
+    assert_eq!(events[0]["route"], "home");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_access_log_has_one_event_per_request() {
     let up = echo_upstream().await;
     let dir = write_config(&config(&up.url(), ""), &[("web.toml", ROUTES)]);
@@ -212,6 +233,17 @@ fn demo_serves_the_shipped_config_with_sample_services() {
             pre.header("access-control-allow-origin"),
             "http://localhost:3000"
         );
+        // The BFF routes: the same services composed per frontend.
+        let home = get(&format!("{base}/mobile/v1/home/1")).await;
+        assert_eq!(home.status, 200, "{}", home.text());
+        let h = home.json();
+        assert_eq!(h["user"], serde_json::json!({"id": "1", "name": "Ada Lovelace"}));
+        assert_eq!(h["orders"][0], serde_json::json!({"id": "o-100", "status": "shipped", "total": 42.5}));
+        assert_eq!(h["recommended"], serde_json::json!([{"name": "Green tea", "price": 4.5}, {"name": "Tea cup", "price": 12.0}]));
+        let dash = get(&format!("{base}/web/dashboard/1")).await.json();
+        assert_eq!(dash["name"], "Ada Lovelace");
+        assert_eq!(dash["orders"][1]["sku"], "cup-02");
+        assert_eq!(dash["catalog"].as_array().map(Vec::len), Some(2));
         // The rate limit the demo prints: five per 10 s per client IP, then 429.
         let mut codes = Vec::new();
         for _ in 0..6 {

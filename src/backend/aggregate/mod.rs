@@ -245,6 +245,7 @@ impl Plan {
             }
             // A failed required call decides at once: the others are cancelled.
             if let Some((i, e)) = self.first_required_failure(&state) {
+                self.record(&input.exchange, &state);
                 return Err(self.failure(i, e).into());
             }
             if running.is_empty() {
@@ -267,6 +268,7 @@ impl Plan {
                         }
                     }
                     if let Some((i, e)) = self.first_required_failure(&state) {
+                        self.record(&input.exchange, &state);
                         return Err(self.failure(i, e).into());
                     }
                     break;
@@ -274,7 +276,30 @@ impl Plan {
             }
         }
         drop(running);
+        self.record(&input.exchange, &state);
         self.compose(&state, answers)
+    }
+
+    /// The calls and how each ended, for the access log: `user:ok orders:timeout`.
+    fn record(&self, x: &Exchange, state: &[State]) {
+        let meta = x.meta();
+        if !meta.wants_upstream() {
+            return;
+        }
+        let mut s = String::new();
+        for (call, st) in self.calls.iter().zip(state) {
+            if !s.is_empty() {
+                s.push(' ');
+            }
+            s.push_str(&call.name);
+            s.push(':');
+            s.push_str(match st {
+                State::Done => "ok",
+                State::Failed(e) => e.code,
+                State::Waiting | State::Running => "cancelled",
+            });
+        }
+        meta.set_calls(s.into());
     }
 
     fn first_required_failure(&self, state: &[State]) -> Option<(usize, CallError)> {
