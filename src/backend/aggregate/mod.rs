@@ -37,6 +37,7 @@ use crate::context::Exchange;
 use crate::error::{classify, BoxError, Problem};
 
 pub(crate) use build::{build, RouteFacts};
+pub(crate) use template::fuzz_render;
 
 pub(crate) static GATEHOUSE_COMPLETE: HeaderName = HeaderName::from_static("gatehouse-complete");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");

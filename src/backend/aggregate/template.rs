@@ -390,6 +390,55 @@ impl Scope<'_> {
     }
 }
 
+/// The fuzz target `aggregate_template`: a value from a client or a backend (the input) put
+/// into a path, a query and a header through templates; the path keeps its structure (as many
+/// `/` as the template's own, no `?` or `#`), the query no `&`, `=` or `#` of the value's.
+pub(crate) fn fuzz_render(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let names = Names {
+        params: &[],
+        calls: &["c"],
+        item: true,
+    };
+    // The input is also parsed as a template (from config: must not panic).
+    let _ = Template::parse(&text, &names);
+    let path = Template::parse("/v1/{query.v}/x/{calls.c.body.v}/{item}", &names);
+    let Ok(path) = path else {
+        return;
+    };
+    let Ok(query) = Template::parse("{headers.v}", &names) else {
+        return;
+    };
+    let mut headers = http::HeaderMap::new();
+    if let Ok(v) = http::HeaderValue::from_bytes(data) {
+        headers.insert("v", v);
+    }
+    let value = Value::String(text.to_string());
+    let body = serde_json::json!({ "v": value });
+    let calls = [Some(body)];
+    let none = |_: &str| None;
+    let q = [("v".to_owned(), text.to_string())];
+    let scope = Scope {
+        params: &none,
+        query: &q,
+        headers: &headers,
+        claims: None,
+        calls: &calls,
+        item: Some(&value),
+    };
+    if let Ok(p) = path.render(&scope, Encoding::PathSegment) {
+        assert_eq!(p.matches('/').count(), 5, "{p}");
+        assert!(!p.contains(['?', '#', ' ']), "{p}");
+        assert!(p.bytes().all(|b| b.is_ascii_graphic()), "{p}");
+    }
+    if let Ok(v) = query.render(&scope, Encoding::Query) {
+        assert!(!v.contains(['&', '=', '#', '+', ' ']), "{v}");
+    }
+    if let Ok(v) = query.render(&scope, Encoding::Header) {
+        assert!(http::HeaderValue::from_str(&v).is_ok(), "{v:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
