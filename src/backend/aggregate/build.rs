@@ -17,7 +17,7 @@ use super::template::{parse_var, JsonPath, Names, Source, Template};
 use super::{Aggregate, BodyTemplate, Call, JsonTemplate, Plan};
 use crate::backend::proxy::{Proxy, ProxyOptions};
 use crate::backend::target::UpstreamPath;
-use crate::config::{AggregateConfig, CallConfig};
+use crate::config::{AggregateConfig, CallConfig, MergeMode};
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
 use crate::upstream::Upstream;
@@ -128,6 +128,11 @@ pub(crate) fn build(
     };
     if errors > 0 || calls.len() != cfg.call.len() {
         return None;
+    }
+    // An answer is parsed only when something needs its value.
+    let read: Vec<usize> = calls.iter().flat_map(|c| c.deps.iter().copied()).collect();
+    for (i, c) in calls.iter_mut().enumerate() {
+        c.as_value = cfg.merge == MergeMode::Root || !c.shape.is_identity() || read.contains(&i);
     }
     Some(Aggregate(Arc::new(Plan {
         calls: calls.into(),
@@ -364,6 +369,7 @@ fn build_call(
         required: c.required,
         shape: shape?,
         for_each,
+        as_value: true,
         proxy: Proxy::new(up.clone(), opts),
         duration: route
             .metrics

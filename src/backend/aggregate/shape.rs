@@ -25,6 +25,15 @@ pub(crate) fn field_path(s: &str) -> Result<Vec<String>, String> {
 }
 
 impl Shape {
+    /// Whether it leaves an answer as it is.
+    pub(crate) fn is_identity(&self) -> bool {
+        self.target.is_none()
+            && self.deny.is_empty()
+            && self.allow.is_empty()
+            && self.rename.is_empty()
+            && !self.flatten
+    }
+
     pub(crate) fn apply(&self, v: Value) -> Value {
         let mut v = match &self.target {
             Some(t) if !t.0.contains(&Step::Each) => t.get(&v).cloned().unwrap_or(Value::Null),
