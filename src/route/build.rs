@@ -329,6 +329,9 @@ fn rate_limit_layer(
             continue;
         }
         let Some(l) = cx.limiters.get(n) else {
+            if cx.limiters.is_defined(n) {
+                continue;
+            }
             let known = cx.limiters.names();
             fail(
                 span.clone(),

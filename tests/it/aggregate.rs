@@ -338,6 +338,11 @@ async fn failures_and_the_deadline() {
         call("ok", "/ok", true),
         call("more", "/more", true),
         call("big", "/big", false),
+    ) + &format!(
+        "\n[[route]]\nname = \"capped\"\npath = \"/capped\"\n[route.aggregate]\nmax_calls = 2\n{}{}{}",
+        call("one", "/ok", true),
+        call("two", "/ok", true),
+        call("three", "/ok", true),
     );
     let gw = TestGateway::start(&config(&[("svc", &up)]), &[("m.toml", &routes(&route))]).await;
 
@@ -367,6 +372,11 @@ async fn failures_and_the_deadline() {
         (r.json()["call"].clone(), r.json()["call_code"].clone()),
         (json!("html"), json!("invalid_json"))
     );
+
+    // More calls than `max_calls`: the one beyond fails (required: the request fails).
+    let r = get(&gw.url("/m/capped")).await;
+    assert_problem(&r, 502, "aggregate_call_failed");
+    assert_eq!(r.json()["call_code"], "too_many_calls");
 
     // Merged at the root; a body over `max_call_body` is that call's error.
     let r = get(&gw.url("/m/root")).await;
@@ -488,6 +498,19 @@ method = "POST"
 path = "/v1/audit"
 body = '{"user": "{claims.sub}", "n": "n={query.n:-0}", "seen": "{calls.profile.body.query:-none}", "profile": "{calls.profile.body}"}'
 depends_on = ["profile"]
+
+[[route]]
+name = "relay"
+path = "/relay"
+methods = ["POST"]
+auth = "main"
+[route.aggregate]
+[[route.aggregate.call]]
+name = "relay"
+service = "svc"
+method = "PUT"
+path = "/v1/upload"
+body = "{body}"
 "#;
     let gw = TestGateway::start(&gw_toml, &[("m.toml", &routes(route))]).await;
     let token = format!("Bearer {}", hs256("../x?y"));
@@ -502,6 +525,20 @@ depends_on = ["profile"]
     assert_eq!(sent["n"], "n=3");
     assert_eq!(sent["seen"], "none");
     assert_eq!(sent["profile"]["path"], "/v1/users/..%2Fx%3Fy");
+    // `{body}`: the client's body, with its content type, as it came.
+    let r = send(
+        Request::post(gw.url("/m/relay"))
+            .header("authorization", &token)
+            .header("content-type", "text/csv")
+            .body(Full::new(Bytes::from("a,b\n1,2\n")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["relay"]["method"], "PUT");
+    assert_eq!(v["relay"]["content_type"], "text/csv");
+    assert_eq!(v["relay"]["body"], "a,b\n1,2\n");
     // Without a token, auth answers before any call is made.
     let before = up.requests();
     assert_problem(&get(&gw.url("/m/me")).await, 401, "unauthorized");

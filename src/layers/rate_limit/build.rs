@@ -21,6 +21,9 @@ use crate::resources::Resources;
 #[derive(Default)]
 pub(crate) struct Limiters {
     by_name: BTreeMap<String, Arc<Limiter>>,
+    /// Every name `[rate_limits]` defines, built or not (a policy with mistakes has its own
+    /// errors; a route naming it gets no second one).
+    defined: Vec<String>,
     /// `[server] ip_rate_limit`.
     pub(crate) ip_guard: Option<Arc<IpGuard>>,
 }
@@ -28,6 +31,10 @@ pub(crate) struct Limiters {
 impl Limiters {
     pub(crate) fn get(&self, name: &str) -> Option<&Arc<Limiter>> {
         self.by_name.get(name)
+    }
+
+    pub(crate) fn is_defined(&self, name: &str) -> bool {
+        self.defined.iter().any(|d| d == name)
     }
 
     /// Every policy name, sorted (for error messages).
@@ -99,7 +106,10 @@ pub(crate) fn build_limiters(
             }
         }
     });
-    let mut out = Limiters::default();
+    let mut out = Limiters {
+        defined: g.rate_limits.keys().cloned().collect(),
+        ..Limiters::default()
+    };
     for (name, spanned) in &g.rate_limits {
         let cfg = spanned.get_ref();
         let before = errors.0.len();
