@@ -12,9 +12,10 @@ use http::{HeaderName, Method};
 use serde_json::Value;
 use toml::Spanned;
 
+use super::body::{BodyTemplate, JsonTemplate};
 use super::shape::{field_path, Shape};
 use super::template::{parse_var, JsonPath, Names, Source, Template};
-use super::{Aggregate, BodyTemplate, Call, JsonTemplate, Plan};
+use super::{Aggregate, Call, Plan};
 use crate::backend::proxy::{Proxy, ProxyOptions};
 use crate::backend::target::UpstreamPath;
 use crate::config::{AggregateConfig, CallConfig, MergeMode};
