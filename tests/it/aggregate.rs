@@ -249,9 +249,10 @@ service = "svc"
 path = "/v1/things/{id}"
 "#;
     let gw = TestGateway::start(&config(&[("svc", &up)]), &[("m.toml", &routes(route))]).await;
+    let client_trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let r = get_with(
         &gw.url("/m/item/a%2Fb?q=..%2F..%2Fadmin%3Fx%3D1%23f%252F%20"),
-        &[("x-who", "ada")],
+        &[("x-who", "ada"), ("traceparent", client_trace)],
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -268,9 +269,15 @@ path = "/v1/things/{id}"
     assert_eq!(v["by_param"]["path"], "/v1/things/a%2Fb");
     // Every call carries the request id and a trace context.
     assert_eq!(v["by_query"]["request_id"], r.header("x-request-id"));
-    assert!(v["by_param"]["traceparent"]
-        .as_str()
-        .is_some_and(|t| t.starts_with("00-")));
+    // Each call continues the client's trace, as a span of its own.
+    for call in ["by_query", "by_param"] {
+        let tp = v[call]["traceparent"].as_str().unwrap();
+        assert!(
+            tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{tp}"
+        );
+        assert!(!tp.contains("00f067aa0ba902b7"), "a new span id: {tp}");
+    }
 
     // A whole `..` is not a segment: the client's fault, 400, nothing sent.
     let before = up.requests();
@@ -285,9 +292,19 @@ path = "/v1/things/{id}"
         "{}",
         r.text()
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // The other call (no missing value) may have been sent; the refused one never was.
-    assert!(up.requests() - before <= 2);
+    // The refused call was never sent (counted by its failure, not as an answer).
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(
+        m.contains(
+            r#"gatehouse_aggregate_calls_total{call="by_query",outcome="ok",route="m/item"} 1"#
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"gatehouse_aggregate_calls_total{call="by_query",outcome="missing_parameter",route="m/item"} 2"#),
+        "{m}"
+    );
+    let _ = before;
 }
 
 /// A required call that fails fails the request, naming it; an optional one is listed in
@@ -306,6 +323,8 @@ async fn failures_and_the_deadline() {
                 "/html" => text(200, "<html>"),
                 "/big" => json_resp(json!({"blob": "x".repeat(100)})),
                 "/more" => json_resp(json!({"also": 1})),
+                "/list" => json_resp(json!({"items": [1, 2, 3]})),
+                "/bad-request" => text(400, "{}"),
                 _ => {
                     // Hangs; records being dropped (the gateway closed the request).
                     struct Flag(Arc<AtomicBool>);
@@ -329,7 +348,7 @@ async fn failures_and_the_deadline() {
         "[[route]]\nname = \"partial\"\npath = \"/partial\"\n[route.aggregate]\ntimeout = \"300ms\"\n{}{}{}\n[[route]]\nname = \"broken\"\npath = \"/broken\"\n[route.aggregate]\n{}{}\n[[route]]\nname = \"slow\"\npath = \"/slow\"\n[route.aggregate]\ntimeout = \"200ms\"\n{}",
         call("ok", "/ok", true),
         call("flaky", "/fail", false),
-        call("stuck", "/hang", false),
+        call("stuck", "/hang", false) + &call("after_flaky", "/ok", false) + "depends_on = [\"flaky\"]\n",
         call("ok", "/ok", true),
         call("html", "/html", true),
         call("stuck", "/hang", true),
@@ -339,10 +358,16 @@ async fn failures_and_the_deadline() {
         call("more", "/more", true),
         call("big", "/big", false),
     ) + &format!(
-        "\n[[route]]\nname = \"capped\"\npath = \"/capped\"\n[route.aggregate]\nmax_calls = 2\n{}{}{}",
-        call("one", "/ok", true),
-        call("two", "/ok", true),
-        call("three", "/ok", true),
+        "\n[[route]]\nname = \"capped\"\npath = \"/capped\"\n[route.aggregate]\nmax_calls = 3\n{}{}for_each = \"calls.list.body.items[*]\"\ndepends_on = [\"list\"]\n",
+        call("list", "/list", true),
+        call("each", "/ok", true),
+    ) + &format!(
+        // A required call listed before the optional dependency that fails at once, and a
+        // service answering 400 (its fault, not the client's).
+        "\n[[route]]\nname = \"order\"\npath = \"/order\"\n[route.aggregate]\n{}depends_on = [\"early\"]\n{}\n[[route]]\nname = \"refused\"\npath = \"/refused\"\n[route.aggregate]\n{}",
+        call("late", "/ok", true),
+        call("early", "/x/{query.nope}", false),
+        call("asks", "/bad-request", true),
     );
     let gw = TestGateway::start(&config(&[("svc", &up)]), &[("m.toml", &routes(&route))]).await;
 
@@ -356,7 +381,8 @@ async fn failures_and_the_deadline() {
         v["errors"],
         json!([
             {"call": "flaky", "status": 500, "code": "upstream_status"},
-            {"call": "stuck", "status": 504, "code": "timeout"}
+            {"call": "stuck", "status": 504, "code": "timeout"},
+            {"call": "after_flaky", "status": 424, "code": "dependency_failed", "detail": "flaky failed"}
         ])
     );
     eventually(
@@ -372,6 +398,16 @@ async fn failures_and_the_deadline() {
         (r.json()["call"].clone(), r.json()["call_code"].clone()),
         (json!("html"), json!("invalid_json"))
     );
+
+    // The required call whose optional dependency failed fails too: never silently absent.
+    let r = get(&gw.url("/m/order")).await;
+    assert_problem(&r, 502, "aggregate_call_failed");
+    assert_eq!(r.json()["call"], "late");
+    assert_eq!(r.json()["call_code"], "dependency_failed");
+    // A service's 400 is a failed call (502), not the client's 400.
+    let r = get(&gw.url("/m/refused")).await;
+    assert_problem(&r, 502, "aggregate_call_failed");
+    assert_eq!(r.json()["call_status"], 400);
 
     // More calls than `max_calls`: the one beyond fails (required: the request fails).
     let r = get(&gw.url("/m/capped")).await;
@@ -453,6 +489,19 @@ async fn aggregate_config_mistakes_are_located() {
             "must be `calls.CALL.body.PATH` with one `[*]`",
         ),
         (call("a", "") + &call("a", ""), "call `a` is defined twice"),
+        (
+            call("a", "query = { x = \"{calls.a.body.id}\" }"),
+            "reads its own answer",
+        ),
+        (
+            "max_calls = 1\n".to_owned() + &call("a", "") + &call("b", ""),
+            "`max_calls` = 1 is fewer than the 2 calls listed",
+        ),
+        (
+            "[[route.aggregate.call]]\nname = \"a\"\nservice = \"svc\"\npath = \"/x?y=1\"\n"
+                .to_owned(),
+            "may hold no `?`",
+        ),
     ];
     for (calls, says) in cases {
         let e = compile_errors(&gw, &route(&calls));

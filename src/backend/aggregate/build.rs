@@ -57,6 +57,15 @@ pub(crate) fn build(
             span.clone(),
             "`max_calls` and `max_concurrency` must be at least 1".into(),
         );
+    } else if cfg.max_calls < cfg.call.len() {
+        err(
+            span.clone(),
+            format!(
+                "`max_calls` = {} is fewer than the {} calls listed",
+                cfg.max_calls,
+                cfg.call.len()
+            ),
+        );
     }
     let names: Vec<&str> = cfg
         .call
@@ -124,7 +133,7 @@ pub(crate) fn build(
         // calls that did not) rather than the route's plain 504.
         None => route
             .timeout
-            .saturating_sub(Duration::from_millis(1))
+            .saturating_sub(Duration::from_millis(5))
             .max(Duration::from_millis(1)),
     };
     if errors > 0 || calls.len() != cfg.call.len() {
@@ -193,6 +202,27 @@ fn build_call(
         bad(
             c.path.span(),
             format!("path `{}` must start with `/`", c.path.get_ref()),
+        );
+    }
+    // The template's own text is the path's structure: no query, fragment or odd bytes in it
+    // (parameters go in `query`).
+    let mut literal = String::new();
+    let mut depth = 0u32;
+    for ch in c.path.get_ref().chars() {
+        match ch {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            _ if depth == 0 => literal.push(ch),
+            _ => {}
+        }
+    }
+    if literal.contains(['?', '#', ' ']) || literal.chars().any(char::is_control) {
+        bad(
+            c.path.span(),
+            format!(
+                "path `{}` may hold no `?`, `#`, spaces or control characters (put parameters in `query`)",
+                c.path.get_ref()
+            ),
         );
     }
     let path = parse(&c.path, &mut bad);
@@ -269,7 +299,14 @@ fn build_call(
     }
     reads.extend(for_each.iter().map(|(i, _)| *i));
     for r in reads {
-        if !deps.contains(&r) && names.get(r).is_some_and(|n| *n != name) {
+        if names.get(r).is_some_and(|n| *n == name) {
+            bad(
+                spanned.span(),
+                format!("reads its own answer (`calls.{name}`), which it cannot have yet"),
+            );
+            continue;
+        }
+        if !deps.contains(&r) {
             bad(
                 spanned.span(),
                 format!(
@@ -388,6 +425,9 @@ fn for_each(expr: &str, names: &[&str]) -> Result<(usize, JsonPath), String> {
     };
     let rest = expr.strip_prefix("calls.").ok_or_else(bad)?;
     let (call, path) = rest.split_once(".body").ok_or_else(bad)?;
+    if !(path.is_empty() || path.starts_with('.') || path.starts_with('[')) {
+        return Err(bad());
+    }
     let idx = names
         .iter()
         .position(|n| *n == call)

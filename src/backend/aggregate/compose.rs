@@ -53,15 +53,38 @@ impl Answer {
     }
 }
 
-/// The response's members in order; a later member of the same name replaces an earlier one.
+/// The response's members in order; a later member of the same name replaces an earlier one
+/// (found through an index once there are many: a backend object merged at the root may have
+/// thousands of fields).
 #[derive(Default)]
-struct Composed(Vec<(String, Answer)>);
+struct Composed(
+    Vec<(String, Answer)>,
+    Option<std::collections::HashMap<String, usize>>,
+);
 
 impl Composed {
     fn insert(&mut self, key: String, value: Answer) {
-        match self.0.iter_mut().find(|(k, _)| *k == key) {
-            Some(slot) => slot.1 = value,
-            None => self.0.push((key, value)),
+        if self.1.is_none() && self.0.len() >= 16 {
+            self.1 = Some(
+                self.0
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, _))| (k.clone(), i))
+                    .collect(),
+            );
+        }
+        let at = match &self.1 {
+            Some(index) => index.get(&key).copied(),
+            None => self.0.iter().position(|(k, _)| *k == key),
+        };
+        match at {
+            Some(i) => self.0[i].1 = value,
+            None => {
+                if let Some(index) = &mut self.1 {
+                    index.insert(key.clone(), self.0.len());
+                }
+                self.0.push((key, value));
+            }
         }
     }
 
@@ -107,7 +130,8 @@ impl Plan {
                     };
                     match (self.merge == MergeMode::Root || call.shape.flatten, v) {
                         (true, Value::Object(m)) => {
-                            for (k, v) in m {
+                            // `errors` at the root is the gateway's list of failed calls.
+                            for (k, v) in m.into_iter().filter(|(k, _)| k != "errors") {
                                 root.insert(k, Answer::Value(v));
                             }
                         }

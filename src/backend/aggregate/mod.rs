@@ -91,6 +91,8 @@ pub(crate) struct CallError {
     pub(crate) code: &'static str,
     /// The template value that was missing, when that is why.
     pub(crate) missing: Option<Box<str>>,
+    /// Whether the per-call metric already counts it (a backend call was made).
+    pub(crate) counted: bool,
 }
 
 impl CallError {
@@ -99,6 +101,7 @@ impl CallError {
             status,
             code,
             missing: None,
+            counted: false,
         }
     }
 
@@ -111,6 +114,7 @@ impl CallError {
                 "missing_value"
             },
             missing: Some(format!("{} {}", m.var, m.why).into()),
+            counted: false,
         }
     }
 }
@@ -155,9 +159,15 @@ impl Plan {
         let Some(exchange) = req.extensions().get::<Exchange>().cloned() else {
             return Err("an aggregated request has no exchange".into());
         };
+        // From when the gateway took the request, like the route's own deadline (which
+        // starts a little later): the aggregate answers first.
+        let deadline_at = tokio::time::Instant::from_std(exchange.started()) + self.deadline;
         let (parts, body) = req.into_parts();
         let body = if self.needs_body {
-            Some(body.collect().await?.to_bytes())
+            match tokio::time::timeout_at(deadline_at, body.collect()).await {
+                Ok(b) => Some(b?.to_bytes()),
+                Err(_) => return Err(crate::error::GatewayError::UpstreamTimeout.into()),
+            }
         } else {
             None
         };
@@ -183,43 +193,56 @@ impl Plan {
         let permits = tokio::sync::Semaphore::new(self.max_concurrency);
         let mut issued = 0usize;
         let mut running = FuturesUnordered::new();
-        let deadline = tokio::time::sleep(self.deadline);
+        let deadline = tokio::time::sleep_until(deadline_at);
         tokio::pin!(deadline);
+        // One trace for the whole composition: the client's, or one started here.
+        let trace = input
+            .headers
+            .get(&TRACEPARENT)
+            .cloned()
+            .unwrap_or_else(|| crate::observe::trace::next_traceparent(None));
         loop {
-            // Start every call whose dependencies have answered.
-            for i in 0..n {
-                if !matches!(state[i], State::Waiting) {
-                    continue;
-                }
-                let call = &self.calls[i];
-                if let Some(d) = call
-                    .deps
-                    .iter()
-                    .find(|d| matches!(state[**d], State::Failed(_)))
-                {
-                    let mut e = CallError::new(424, "dependency_failed");
-                    e.missing = Some(format!("{} failed", self.calls[*d].name).into());
-                    state[i] = State::Failed(e);
-                    continue;
-                }
-                if !call.deps.iter().all(|d| matches!(state[*d], State::Done)) {
-                    continue;
-                }
-                match self.requests(call, &input, &answers) {
-                    Ok(reqs) if issued + reqs.len() > self.max_calls => {
-                        state[i] = State::Failed(CallError::new(502, "too_many_calls"));
+            // Start every call whose dependencies have answered, until nothing changes (a call
+            // listed before the dependency that just failed must see that failure now).
+            let mut changed = true;
+            while changed {
+                changed = false;
+                for i in 0..n {
+                    if !matches!(state[i], State::Waiting) {
+                        continue;
                     }
-                    Ok(reqs) => {
-                        issued += reqs.len();
-                        state[i] = State::Running;
-                        running.push(self.send(i, reqs, &permits));
+                    let call = &self.calls[i];
+                    if let Some(d) = call
+                        .deps
+                        .iter()
+                        .find(|d| matches!(state[**d], State::Failed(_)))
+                    {
+                        let mut e = CallError::new(424, "dependency_failed");
+                        e.missing = Some(format!("{} failed", self.calls[*d].name).into());
+                        state[i] = State::Failed(e);
+                        changed = true;
+                        continue;
                     }
-                    Err(e) => state[i] = State::Failed(e),
+                    if !call.deps.iter().all(|d| matches!(state[*d], State::Done)) {
+                        continue;
+                    }
+                    changed = true;
+                    match self.requests(call, &input, &answers, &trace) {
+                        Ok(reqs) if issued + reqs.len() > self.max_calls => {
+                            state[i] = State::Failed(CallError::new(502, "too_many_calls"));
+                        }
+                        Ok(reqs) => {
+                            issued += reqs.len();
+                            state[i] = State::Running;
+                            running.push(self.send(i, reqs, &permits));
+                        }
+                        Err(e) => state[i] = State::Failed(e),
+                    }
                 }
             }
             // A failed required call decides at once: the others are cancelled.
             if let Some((i, e)) = self.first_required_failure(&state) {
-                self.record(&input.exchange, &state);
+                self.finish(&input.exchange, &state);
                 return Err(self.failure(i, e).into());
             }
             if running.is_empty() {
@@ -246,7 +269,7 @@ impl Plan {
                         }
                     }
                     if let Some((i, e)) = self.first_required_failure(&state) {
-                        self.record(&input.exchange, &state);
+                        self.finish(&input.exchange, &state);
                         return Err(self.failure(i, e).into());
                     }
                     break;
@@ -254,12 +277,23 @@ impl Plan {
             }
         }
         drop(running);
-        self.record(&input.exchange, &state);
+        self.finish(&input.exchange, &state);
         self.compose(&state, answers, raws)
     }
 
-    /// The calls and how each ended, for the access log: `user:ok orders:timeout`.
-    fn record(&self, x: &Exchange, state: &[State]) {
+    /// Counts the failures no backend call counted (cut by the deadline, a missing value,
+    /// a failed dependency, too many calls), and records the calls and how each ended for the
+    /// access log: `user:ok orders:timeout`.
+    fn finish(&self, x: &Exchange, state: &[State]) {
+        for (call, st) in self.calls.iter().zip(state) {
+            if let State::Failed(e) = st {
+                if !e.counted {
+                    call.outcomes
+                        .with_label_values(&[&*call.route, &*call.name, e.code])
+                        .inc();
+                }
+            }
+        }
         let meta = x.meta();
         if !meta.wants_upstream() {
             return;
@@ -290,13 +324,18 @@ impl Plan {
     /// The problem of a request whose required call `i` failed.
     fn failure(&self, i: usize, e: CallError) -> Problem {
         let name = &*self.calls[i].name;
-        let p = match (e.status, e.code) {
-            (400, _) => Problem::new(
+        let p = match e.code {
+            "missing_parameter" => Problem::new(
                 StatusCode::BAD_REQUEST,
                 "missing_parameter",
                 "The request lacks a value this route needs",
             ),
-            (504, _) => Problem::new(
+            "invalid_parameter" => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                "A value of the request cannot be used by this route",
+            ),
+            "timeout" | "upstream_timeout" => Problem::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "aggregate_call_timeout",
                 "A backend call of this route did not answer in time",
@@ -323,12 +362,15 @@ impl Plan {
         call: &Call,
         input: &Input,
         answers: &[Option<Value>],
+        trace: &HeaderValue,
     ) -> Result<Vec<Request<ReqBody>>, CallError> {
+        // A parameter that is not UTF-8 once decoded counts as absent (400, never mangled).
         let params = |name: &str| {
-            input.exchange.param(name).map(|v| {
+            input.exchange.param(name).and_then(|v| {
                 percent_encoding::percent_decode_str(v)
-                    .decode_utf8_lossy()
-                    .into_owned()
+                    .decode_utf8()
+                    .ok()
+                    .map(|c| c.into_owned())
             })
         };
         let base = Scope {
@@ -340,7 +382,7 @@ impl Plan {
             item: None,
         };
         let Some((src, path)) = &call.for_each else {
-            return Ok(vec![self.request(call, input, &base)?]);
+            return Ok(vec![self.request(call, input, &base, trace)?]);
         };
         let mut items = Vec::new();
         if let Some(v) = answers.get(*src).and_then(Option::as_ref) {
@@ -358,7 +400,7 @@ impl Plan {
                         ..base_clone(&base)
                     }
                 };
-                self.request(call, input, &scope)
+                self.request(call, input, &scope, trace)
             })
             .collect()
     }
@@ -368,11 +410,24 @@ impl Plan {
         call: &Call,
         input: &Input,
         scope: &Scope<'_>,
+        trace: &HeaderValue,
     ) -> Result<Request<ReqBody>, CallError> {
         let mut target = call
             .path
             .render(scope, Encoding::PathSegment)
             .map_err(CallError::missing)?;
+        // Values next to each other (`/{a}{b}`) could still make a `.` or `..` segment.
+        if target.split('/').any(|seg| seg == "." || seg == "..") {
+            let client = call.path.reads_client();
+            return Err(CallError::new(
+                if client { 400 } else { 502 },
+                if client {
+                    "invalid_parameter"
+                } else {
+                    "bad_target"
+                },
+            ));
+        }
         for (i, (k, v)) in call.query.iter().enumerate() {
             target.push(if i == 0 { '?' } else { '&' });
             target.extend(form_urlencoded::byte_serialize(k.as_bytes()));
@@ -403,7 +458,7 @@ impl Plan {
             let v = t
                 .render(scope, Encoding::Header)
                 .map_err(CallError::missing)?;
-            let v = HeaderValue::from_str(&v).map_err(|_| CallError::new(400, "bad_header"))?;
+            let v = HeaderValue::from_str(&v).map_err(|_| CallError::new(502, "bad_header"))?;
             h.insert(name.clone(), v);
         }
         if json {
@@ -416,10 +471,8 @@ impl Plan {
                 h.insert(header::CONTENT_TYPE, ct.clone());
             }
         }
-        // The call continues the client's trace (the proxy makes it a child span).
-        if let Some(tp) = input.headers.get(&TRACEPARENT) {
-            h.insert(TRACEPARENT.clone(), tp.clone());
-        }
+        // The call continues the composition's trace (the proxy makes it a child span).
+        h.insert(TRACEPARENT.clone(), trace.clone());
         h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         req.extensions_mut().insert(input.exchange.sub_request());
         Ok(req)
@@ -437,17 +490,15 @@ impl Plan {
         let call = &self.calls[i];
         let each = call.for_each.is_some();
         async move {
-            let answers = futures_util::future::join_all(
+            // The first failure ends the call: the other requests of a `for_each` are dropped.
+            let mut out = match futures_util::future::try_join_all(
                 reqs.into_iter().map(|r| self.one(call, r, permits)),
             )
-            .await;
-            let mut out = Vec::with_capacity(answers.len());
-            for a in answers {
-                match a {
-                    Ok(v) => out.push(v),
-                    Err(e) => return (i, Err(e)),
-                }
-            }
+            .await
+            {
+                Ok(out) => out,
+                Err(e) => return (i, Err(e)),
+            };
             let answer = match (each, call.as_value) {
                 (true, true) => Answer::Value(Value::Array(
                     out.into_iter().map(Answer::into_value).collect(),
@@ -476,10 +527,16 @@ impl Plan {
         call.outcomes
             .with_label_values(&[&*call.route, &*call.name, outcome])
             .inc();
-        result
+        result.map_err(|mut e| {
+            e.counted = true;
+            e
+        })
     }
 
     async fn fetch(&self, call: &Call, req: Request<ReqBody>) -> Result<Answer, CallError> {
+        // The sub-request's exchange holds the service's bulkhead slot: kept until the answer
+        // has been read.
+        let _exchange = req.extensions().get::<Exchange>().cloned();
         let resp = match call.proxy.clone().oneshot(req).await {
             Ok(r) => r,
             Err(e) => {

@@ -250,6 +250,13 @@ impl Template {
         Ok(Template(pieces.into()))
     }
 
+    /// Whether a value of the client's request goes into it.
+    pub(crate) fn reads_client(&self) -> bool {
+        self.0
+            .iter()
+            .any(|p| matches!(p, Piece::Var(v) if v.source.is_client_input()))
+    }
+
     /// The calls this template reads.
     pub(crate) fn calls(&self) -> impl Iterator<Item = usize> + '_ {
         self.0.iter().filter_map(|p| match p {
@@ -372,10 +379,17 @@ impl Scope<'_> {
             Source::Item(path) => self.item.and_then(|i| path.get(i)).cloned(),
             Source::Body => None,
         };
-        match (found, &v.default) {
-            (Some(Value::Null) | None, Some(d)) => Ok(Value::String(d.to_string())),
-            (Some(Value::Null) | None, None) => Err(Missing::of(v, "has no value")),
-            (Some(x), _) => Ok(x),
+        // As in a shell's `:-`, an empty value takes the default too.
+        let empty = |x: &Option<Value>| match x {
+            None | Some(Value::Null) => true,
+            Some(Value::String(s)) => s.is_empty(),
+            Some(_) => false,
+        };
+        match (empty(&found), found, &v.default) {
+            (true, _, Some(d)) => Ok(Value::String(d.to_string())),
+            (true, None | Some(Value::Null), None) => Err(Missing::of(v, "has no value")),
+            (_, Some(x), _) => Ok(x),
+            (_, None, _) => Err(Missing::of(v, "has no value")),
         }
     }
 
