@@ -518,10 +518,15 @@ impl Plan {
     ) -> Result<Answer, CallError> {
         let _slot = permits.acquire().await;
         let started = Instant::now();
-        let result = self.fetch(call, req).await;
+        let mut status = 0u16;
+        let result = self.fetch(call, req, &mut status).await;
         call.duration.observe(started.elapsed().as_secs_f64());
+        // The service's status when its answer was usable or refused (`200`, `503`); else
+        // why there was none (`upstream_timeout`, `invalid_json` …).
+        let mut num = itoa::Buffer::new();
         let outcome = match &result {
-            Ok(_) => "ok",
+            Ok(_) => num.format(status),
+            Err(e) if e.code == "upstream_status" => num.format(e.status),
             Err(e) => e.code,
         };
         call.outcomes
@@ -533,7 +538,12 @@ impl Plan {
         })
     }
 
-    async fn fetch(&self, call: &Call, req: Request<ReqBody>) -> Result<Answer, CallError> {
+    async fn fetch(
+        &self,
+        call: &Call,
+        req: Request<ReqBody>,
+        answered: &mut u16,
+    ) -> Result<Answer, CallError> {
         // The sub-request's exchange holds the service's bulkhead slot: kept until the answer
         // has been read.
         let _exchange = req.extensions().get::<Exchange>().cloned();
@@ -545,6 +555,7 @@ impl Plan {
             }
         };
         let status = resp.status();
+        *answered = status.as_u16();
         if !status.is_success() {
             return Err(CallError::new(status.as_u16(), "upstream_status"));
         }
