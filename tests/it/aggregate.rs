@@ -438,21 +438,6 @@ async fn failures_and_the_deadline() {
     ));
 }
 
-fn compile_errors(gateway: &str, routes: &str) -> String {
-    let dir = write_config(gateway, &[("m.toml", routes)]);
-    let metrics = gatehouse::observe::metrics::Metrics::new();
-    match gatehouse::gateway::load_and_compile(&dir.path().join("gateway.toml"), None, &metrics, 1)
-    {
-        Err(e) => {
-            e.0.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        }
-        Ok(_) => panic!("a bad aggregate compiled"),
-    }
-}
-
 #[tokio::test]
 async fn aggregate_config_mistakes_are_located() {
     let gw = gateway_toml("", "[services.svc]\nendpoints = [\"http://127.0.0.1:1\"]\n");
@@ -506,23 +491,9 @@ async fn aggregate_config_mistakes_are_located() {
         ),
     ];
     for (calls, says) in cases {
-        let e = compile_errors(&gw, &route(&calls));
+        let e = compile_errors(&gw, "m.toml", &route(&calls));
         assert!(e.contains("m.toml:") && e.contains(says), "{says}:\n{e}");
     }
-}
-
-fn hs256(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({ "sub": sub, "exp": exp }),
-        &jsonwebtoken::EncodingKey::from_secret(b"aggregate-test-secret"),
-    )
-    .unwrap()
 }
 
 /// JWT claims in a path, and a POST whose JSON body is built from a claim, the query and an
@@ -564,12 +535,15 @@ path = "/v1/upload"
 body = "{body}"
 "#;
     let gw = TestGateway::start(&gw_toml, &[("m.toml", &routes(route))]).await;
-    let token = format!("Bearer {}", hs256("../x?y"));
+    let token = format!("Bearer {}", hs256_token(b"aggregate-test-secret", "../x?y"));
     let r = get_with(&gw.url("/m/me?n=3"), &[("authorization", &token)]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(v["profile"]["path"], "/v1/users/..%2Fx%3Fy");
     assert_eq!(v["audit"]["method"], "POST");
+    // No client trace: the gateway starts one for the whole composition, each call a span of it.
+    let trace = |c: &str| v[c]["traceparent"].as_str().unwrap()[3..35].to_owned();
+    assert_eq!(trace("profile"), trace("audit"));
     assert_eq!(v["audit"]["content_type"], "application/json");
     let sent: Value = serde_json::from_str(v["audit"]["body"].as_str().unwrap()).unwrap();
     assert_eq!(sent["user"], "../x?y");

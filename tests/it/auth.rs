@@ -21,11 +21,6 @@ const RSA_PUB_PEM: &str = include_str!("../fixtures/jwt-rsa.pub.pem");
 const RSA_MODULUS_HEX: &str = include_str!("../fixtures/jwt-rsa.modulus.hex");
 
 /// An API key's hash as the config holds it.
-fn sha256_hex(key: &str) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -502,21 +497,6 @@ proxy = { service = "svc" }
     assert_problem(&r, 503, "auth_unavailable");
 }
 
-fn compile_errors(gateway: &str, routes: &str) -> String {
-    let dir = write_config(gateway, &[("web.toml", routes)]);
-    let metrics = gatehouse::observe::metrics::Metrics::new();
-    match gatehouse::gateway::load_and_compile(&dir.path().join("gateway.toml"), None, &metrics, 1)
-    {
-        Err(e) => {
-            e.0.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        }
-        Ok(_) => panic!("a bad auth config compiled"),
-    }
-}
-
 #[tokio::test]
 async fn auth_config_mistakes_are_located() {
     let keydir = tempfile::tempdir().unwrap();
@@ -530,7 +510,7 @@ async fn auth_config_mistakes_are_located() {
             key.display()
         ),
     );
-    let errs = compile_errors(&gwt, routes);
+    let errs = compile_errors(&gwt, "web.toml", routes);
     assert!(
         errs.contains("gateway.toml:")
             && errs.contains("auth.jwt.bad: `none` can never be an algorithm"),
@@ -549,20 +529,20 @@ async fn auth_config_mistakes_are_located() {
         "",
         "[auth.jwt.two]\nalgorithms = [\"RS256\"]\nsecret = \"s\"\njwks_url = \"http://127.0.0.1:9/jwks\"\n",
     );
-    let errs = compile_errors(&two, "[frontend]\nname = \"web\"\n");
+    let errs = compile_errors(&two, "web.toml", "[frontend]\nname = \"web\"\n");
     assert!(
         errs.contains("exactly one of `jwks_url`, `oidc_discovery = true`, `public_key` or `secret` (it has 2)"),
         "{errs}"
     );
     // `auth` of the wrong type is located and says what it takes.
     let gwt = gateway_toml("", "[services.svc]\nendpoints = [\"http://127.0.0.1:9\"]\n");
-    let errs = compile_errors(&gwt, "[frontend]\nname = \"web\"\nauth = 5\n");
+    let errs = compile_errors(&gwt, "web.toml", "[frontend]\nname = \"web\"\nauth = 5\n");
     assert!(
         errs.contains("web.toml:3:8:")
             && errs.contains("a provider name, a list of provider names, or \"none\""),
         "{errs}"
     );
-    let errs = compile_errors(&gwt, "[frontend]\nname = \"web\"\nauth = []\n");
+    let errs = compile_errors(&gwt, "web.toml", "[frontend]\nname = \"web\"\nauth = []\n");
     assert!(errs.contains("names no provider"), "{errs}");
 }
 

@@ -203,34 +203,19 @@ async fn the_ip_guard_refuses_before_routing() {
     );
 }
 
-fn compile_errors(gateway: &str, routes: &str) -> String {
-    let dir = write_config(gateway, &[("web.toml", routes)]);
-    let metrics = gatehouse::observe::metrics::Metrics::new();
-    match gatehouse::gateway::load_and_compile(&dir.path().join("gateway.toml"), None, &metrics, 1)
-    {
-        Err(e) => {
-            e.0.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        }
-        Ok(_) => panic!("a bad rate limit config compiled"),
-    }
-}
-
 #[tokio::test]
 async fn rate_limit_config_mistakes_are_located() {
     let svc = "[services.svc]\nendpoints = [\"http://127.0.0.1:1\"]\n";
     let gw = |rest: &str| gateway_toml("", &format!("{svc}\n{rest}"));
 
-    let e = compile_errors(&gw(""), &routes("rate_limit = \"nobody\"", ""));
+    let e = compile_errors(&gw(""), "web.toml", &routes("rate_limit = \"nobody\"", ""));
     assert!(
         e.contains("web.toml:3:") && e.contains("unknown rate limit `nobody` (defined: none)"),
         "{e}"
     );
 
     let redis_less = "[rate_limits.shared]\nkey = \"ip\"\nlimits = [{ requests = 1, per = \"1s\" }]\nstore = \"redis\"\n";
-    let e = compile_errors(&gw(redis_less), &routes("", ""));
+    let e = compile_errors(&gw(redis_less), "web.toml", &routes("", ""));
     assert!(
         e.contains("gateway.toml:") && e.contains("store = \"redis\" needs a [redis] table"),
         "{e}"
@@ -238,36 +223,42 @@ async fn rate_limit_config_mistakes_are_located() {
 
     let by_claim =
         "[rate_limits.per_user]\nkey = \"claim:sub\"\nlimits = [{ requests = 1, per = \"1s\" }]\n";
-    let e = compile_errors(&gw(by_claim), &routes("rate_limit = \"per_user\"", ""));
+    let e = compile_errors(
+        &gw(by_claim),
+        "web.toml",
+        &routes("rate_limit = \"per_user\"", ""),
+    );
     assert!(
         e.contains("counted by `claim:sub`, which needs `auth`"),
         "{e}"
     );
 
     let bad_key = "[rate_limits.x]\nkey = \"user\"\nlimits = [{ requests = 1, per = \"1s\" }]\n";
-    let e = compile_errors(&gw(bad_key), &routes("", ""));
+    let e = compile_errors(&gw(bad_key), "web.toml", &routes("", ""));
     assert!(
         e.contains("gateway.toml:") && e.contains("ip, header:NAME, claim:NAME"),
         "{e}"
     );
 
     let zero = "[rate_limits.x]\nkey = \"ip\"\nlimits = [{ requests = 0, per = \"1s\" }]\n";
-    let e = compile_errors(&gw(zero), &routes("", ""));
+    // Named by the frontend: the policy's own error, and no second "unknown rate limit".
+    let e = compile_errors(&gw(zero), "web.toml", &routes("rate_limit = \"x\"", ""));
+    assert!(!e.contains("unknown rate limit"), "{e}");
     assert!(
         e.contains("[rate_limits.x] `requests` must be at least 1"),
         "{e}"
     );
 
     let empty = "[rate_limits.x]\nkey = \"ip\"\nlimits = []\n";
-    let e = compile_errors(&gw(empty), &routes("", ""));
+    let e = compile_errors(&gw(empty), "web.toml", &routes("", ""));
     assert!(e.contains("`limits` is empty"), "{e}");
 
-    let e = compile_errors(&gw(""), &routes("rate_limit = []", ""));
+    let e = compile_errors(&gw(""), "web.toml", &routes("rate_limit = []", ""));
     assert!(e.contains("write `rate_limit = \"none\"`"), "{e}");
 
     let bad_name =
         "[rate_limits.\"a\\\"b\"]\nkey = \"ip\"\nlimits = [{ requests = 1, per = \"1s\" }]\n";
-    let e = compile_errors(&gw(bad_name), &routes("", ""));
+    let e = compile_errors(&gw(bad_name), "web.toml", &routes("", ""));
     assert!(e.contains("a policy name is letters, digits"), "{e}");
 }
 
@@ -521,25 +512,6 @@ async fn redis_failures_follow_on_store_failure_and_recover() {
     let _ = redis.wait();
 }
 
-fn sha256_hex(key: &str) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn token(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &serde_json::json!({ "sub": sub, "exp": exp }),
-        &jsonwebtoken::EncodingKey::from_secret(b"rate-limit-test-secret"),
-    )
-    .unwrap()
-}
-
 /// Budgets per JWT subject and per API-key consumer: the identity authentication recorded.
 #[tokio::test]
 async fn claims_and_consumers_each_have_their_own_budget() {
@@ -558,7 +530,7 @@ async fn claims_and_consumers_each_have_their_own_budget() {
         )],
     )
     .await;
-    let bearer = |sub: &str| format!("Bearer {}", token(sub));
+    let bearer = |sub: &str| format!("Bearer {}", hs256_token(b"rate-limit-test-secret", sub));
     let (ada, bob) = (bearer("ada"), bearer("bob"));
     let as_user = |t: &str| [("authorization", t.to_owned())];
     let status = |url: String, h: Vec<(&'static str, String)>| async move {

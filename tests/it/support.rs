@@ -433,3 +433,41 @@ pub async fn seen(gw: &TestGateway, n: usize) -> std::collections::HashSet<Strin
     }
     out
 }
+
+/// Every located error `load_and_compile` reports for this gateway.toml and one route file
+/// (`file` in routes/), one a line; panics when the config compiles.
+pub fn compile_errors(gateway: &str, file: &str, routes: &str) -> String {
+    let dir = write_config(gateway, &[(file, routes)]);
+    let metrics = gatehouse::observe::metrics::Metrics::new();
+    match gatehouse::gateway::load_and_compile(&dir.path().join("gateway.toml"), None, &metrics, 1)
+    {
+        Err(e) => {
+            e.0.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Ok(_) => panic!("a config that should be refused compiled:\n{gateway}\n{routes}"),
+    }
+}
+
+/// An API key's SHA-256, hex, as `[auth.api_keys]` holds it.
+pub fn sha256_hex(key: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An HS256 JWT for `sub`, valid for ten minutes, signed with `secret`.
+pub fn hs256_token(secret: &[u8], sub: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": sub, "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}

@@ -326,6 +326,40 @@ mod tests {
         );
     }
 
+    /// Down-marking: the calls in flight when the store goes down fail together and move the
+    /// backoff once; while down, one call per interval probes; a success brings it back.
+    #[test]
+    fn the_backoff_moves_on_the_switch_and_on_failed_probes_only() {
+        let s = RedisStore::new(
+            "redis://127.0.0.1:1",
+            Duration::from_millis(5),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(s.is_up() && s.may_call());
+        assert!(s.failed(false), "the first failure is the switch");
+        for _ in 0..100 {
+            assert!(!s.failed(false), "calls in flight at the switch");
+        }
+        assert_eq!(s.failures.load(Ordering::Relaxed), 1);
+        assert!(!s.is_up());
+        assert!(
+            !s.may_call(),
+            "within the backoff interval nothing is asked"
+        );
+        // Past the interval, exactly one call probes.
+        s.retry_at.store(1, Ordering::Release);
+        assert!(s.may_call());
+        assert!(!s.may_call());
+        s.failed(true);
+        assert_eq!(s.failures.load(Ordering::Relaxed), 2);
+        assert!(s.backoff(2) > s.backoff(1) && s.backoff(40) == 5000);
+        s.succeeded();
+        assert!(s.is_up() && s.may_call());
+        assert_eq!(s.failures.load(Ordering::Relaxed), 0);
+    }
+
     #[test]
     fn a_reply_of_the_wrong_shape_is_an_error() {
         assert!(parse_reply(&[1, 0, 5], 1).is_none());
