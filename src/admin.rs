@@ -2,7 +2,8 @@
 //! is alive), `/readyz` (config loaded, listeners up, required services have an endpoint),
 //! `/metrics` (Prometheus text), `GET /admin/config` (the effective config, secrets redacted,
 //! and the last reload's outcome), `GET /admin/services` (endpoints, health, circuits) and
-//! `POST /admin/reload`.
+//! `POST /admin/reload`; `GET /admin/cache` (what the response cache holds) and
+//! `POST /admin/cache/purge?url=…|prefix=…|route=…|all=true`.
 
 use std::sync::Arc;
 
@@ -25,6 +26,8 @@ pub(crate) fn router(live: Arc<Live>) -> Router {
         .route("/admin/config", get(config))
         .route("/admin/services", get(services))
         .route("/admin/reload", post(reload))
+        .route("/admin/cache", get(cache_stats))
+        .route("/admin/cache/purge", post(cache_purge))
         .route_layer(middleware::from_fn_with_state(live.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -213,4 +216,74 @@ async fn reload(State(live): State<Arc<Live>>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// What `POST /admin/cache/purge` drops: one of `url` (a URL as clients request it), `prefix`
+/// (every URL that starts with it), `route` (`frontend/route`: everything it stored), `all`.
+#[derive(serde::Deserialize)]
+struct Purge {
+    url: Option<String>,
+    prefix: Option<String>,
+    route: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+fn cache_store(live: &Live) -> Option<Arc<crate::layers::cache::CacheStore>> {
+    live.snapshot()
+        .resources
+        .get::<crate::layers::cache::CacheStore>("cache")
+}
+
+async fn cache_stats(State(live): State<Arc<Live>>) -> Response {
+    let Some(store) = cache_store(&live) else {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": "no_cache"}))).into_response();
+    };
+    store.settle();
+    Json(json!({"urls": store.urls(), "bytes": store.bytes()})).into_response()
+}
+
+async fn cache_purge(
+    State(live): State<Arc<Live>>,
+    axum::extract::Query(p): axum::extract::Query<Purge>,
+) -> Response {
+    let Some(store) = cache_store(&live) else {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": "no_cache"}))).into_response();
+    };
+    let chosen = [
+        p.url.is_some(),
+        p.prefix.is_some(),
+        p.route.is_some(),
+        p.all,
+    ];
+    if chosen.iter().filter(|c| **c).count() != 1 {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "bad_request", "detail": "give exactly one of url, prefix, route or all=true"})),
+        )
+            .into_response();
+    }
+    let purged = if let Some(url) = &p.url {
+        match crate::layers::cache::key::from_url(url, |p| {
+            crate::routing::normalize(p).ok().map(|c| c.into_owned())
+        }) {
+            Some(key) => store.purge(|k, _| k == key),
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"error": "bad_request", "detail": "url must be absolute: http(s)://host/path?query"})),
+                )
+                    .into_response()
+            }
+        }
+    } else if let Some(prefix) = &p.prefix {
+        let prefix = crate::layers::cache::key::prefix_of(prefix);
+        store.purge(|k, _| k.starts_with(&prefix))
+    } else if let Some(route) = &p.route {
+        store.purge(|_, v| &*v.route == route.as_str())
+    } else {
+        store.purge(|_, _| true)
+    };
+    store.settle();
+    Json(json!({"purged": purged})).into_response()
 }

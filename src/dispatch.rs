@@ -324,7 +324,7 @@ fn error_response(
         tracing::debug!(request_id = id, route = metrics.route(), error = %e, code = problem.code, "request failed");
     }
     (
-        problem_response(&problem, request_id).map(Either::Right),
+        problem_response(&problem, request_id).map(RespBody::Full),
         problem.code,
     )
 }

@@ -4,6 +4,7 @@
 
 mod aggregate;
 mod auth;
+mod cache;
 mod defaults;
 mod names;
 mod rate_limit;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 pub(crate) use aggregate::*;
 pub(crate) use auth::*;
+pub(crate) use cache::*;
 pub(crate) use rate_limit::*;
 pub(crate) use route::*;
 pub(crate) use server::*;

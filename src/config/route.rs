@@ -7,6 +7,7 @@ use toml::Spanned;
 
 use super::aggregate::AggregateConfig;
 use super::auth::{AuthRef, CorsConfig, RequireConfig};
+use super::cache::RouteCache;
 use super::defaults::*;
 use super::rate_limit::RateLimitRef;
 use super::service::RetryConfig;
@@ -53,6 +54,8 @@ pub(crate) struct FrontendConfig {
     pub(crate) cors: Option<Spanned<CorsConfig>>,
     /// Rate limits of the routes below (a route may say otherwise).
     pub(crate) rate_limit: Option<Spanned<RateLimitRef>>,
+    /// Response caching of the routes below (a route may say otherwise).
+    pub(crate) cache: Option<Spanned<RouteCache>>,
 }
 
 /// One `[[route]]`. Serde reads it through `RawRoute` (every key a route may have, unknown keys
@@ -83,6 +86,8 @@ pub(crate) struct RouteConfig {
     pub(crate) require: Option<Spanned<RequireConfig>>,
     /// Overrides the frontend's rate limits (`"none"` lifts them explicitly).
     pub(crate) rate_limit: Option<Spanned<RateLimitRef>>,
+    /// Overrides the frontend's caching (`false` turns it off).
+    pub(crate) cache: Option<Spanned<RouteCache>>,
     /// What answers the route: exactly one of the backend keys.
     pub(crate) backend: BackendConfig,
 }
@@ -135,6 +140,8 @@ pub(crate) struct RawRoute {
     #[serde(skip_serializing_if = "Option::is_none")]
     rate_limit: Option<Spanned<RateLimitRef>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<Spanned<RouteCache>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     proxy: Option<Spanned<ProxyConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     respond: Option<Spanned<RespondConfig>>,
@@ -185,6 +192,7 @@ impl TryFrom<RawRoute> for RouteConfig {
             auth: r.auth,
             require: r.require,
             rate_limit: r.rate_limit,
+            cache: r.cache,
             backend,
         })
     }
@@ -211,6 +219,7 @@ impl From<RouteConfig> for RawRoute {
             auth: r.auth,
             require: r.require,
             rate_limit: r.rate_limit,
+            cache: r.cache,
             proxy,
             respond,
             aggregate,

@@ -34,6 +34,8 @@ pub struct GatewayConfig {
     pub(crate) redis: Option<Spanned<super::rate_limit::RedisConfig>>,
     #[serde(default)]
     pub(crate) rate_limits: super::rate_limit::RateLimits,
+    /// The response cache of routes with `cache` (defaults when absent).
+    pub(crate) cache: Option<Spanned<super::cache::CacheConfig>>,
 }
 
 /// One address or a list of them (`listen = "…"` or `listen = ["…", "…"]`).

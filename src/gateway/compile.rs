@@ -43,6 +43,13 @@ pub(crate) fn compile(
         metrics,
         &mut errors,
     );
+    let cache = crate::layers::cache::build_store(
+        &loaded,
+        previous.map(|p| &p.resources),
+        &mut resources,
+        metrics,
+        &mut errors,
+    );
     let tls = compile_tls(&loaded, &mut errors);
     let trusted: Arc<[ipnet::IpNet]> = loaded.gateway.server.trusted_proxies.clone().into();
 
@@ -57,6 +64,7 @@ pub(crate) fn compile(
         providers: &providers,
         limiters: &limiters,
         trusted: trusted.clone(),
+        cache,
     };
     let mut built = Vec::new();
     // For each route: its file and where its name is, to locate router errors.
@@ -317,6 +325,7 @@ fn compile_frontend(
         strip: strip.into(),
         cors,
         rate_limit: fe.rate_limit.as_ref(),
+        cache: fe.cache.as_ref(),
     };
     let mut route_names = HashSet::new();
     for spanned in &ff.route {

@@ -15,6 +15,11 @@ use crate::backend::RespBody;
 use crate::body::ReqBody;
 use crate::error::{classify, BoxError};
 
+/// Marks a response the fallback served (a response extension): the cache serves a stale
+/// object in its place when it may, and never stores it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Served;
+
 #[derive(Clone)]
 pub(crate) struct FallbackLayer {
     response: Respond,
@@ -84,6 +89,7 @@ where
                         "x-gatehouse-fallback",
                         HeaderValue::from_static(problem.code),
                     );
+                    resp.extensions_mut().insert(Served);
                     Ok(resp)
                 }
             }

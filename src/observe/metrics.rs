@@ -40,6 +40,11 @@ pub struct Metrics {
     pub(crate) ip_rate_limited: prometheus::IntCounter,
     pub(crate) aggregate_calls_total: IntCounterVec,
     pub(crate) aggregate_call_seconds: prometheus::HistogramVec,
+    /// Cache lookups by route and result (hit, miss, stale, revalidated, coalesced, bypass).
+    pub(crate) cache_total: IntCounterVec,
+    pub(crate) cache_evictions: prometheus::IntCounter,
+    pub(crate) cache_bytes: prometheus::IntGauge,
+    pub(crate) cache_objects: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -206,8 +211,33 @@ impl Metrics {
             &["route", "call"],
         )
         .expect("static metric definition is valid");
+        let cache_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_cache_total",
+                "Response cache results by route: hit, miss, stale (served stale), revalidated, coalesced (waited for another request's fill), bypass",
+            ),
+            &["route", "result"],
+        )
+        .expect("static metric definition is valid");
+        let cache_evictions = prometheus::IntCounter::new(
+            "gatehouse_cache_evictions_total",
+            "Cached objects evicted to stay within [cache] max_size",
+        )
+        .expect("static metric definition is valid");
+        let cache_bytes = prometheus::IntGauge::new(
+            "gatehouse_cache_bytes",
+            "Bytes held by the response cache (bodies, headers and per-object overhead)",
+        )
+        .expect("static metric definition is valid");
+        let cache_objects =
+            prometheus::IntGauge::new("gatehouse_cache_objects", "URLs held by the response cache")
+                .expect("static metric definition is valid");
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_total.clone()),
+            Box::new(cache_evictions.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_objects.clone()),
             Box::new(aggregate_calls_total.clone()),
             Box::new(aggregate_call_seconds.clone()),
             Box::new(rate_limit_total.clone()),
@@ -245,6 +275,10 @@ impl Metrics {
             ip_rate_limited,
             aggregate_calls_total,
             aggregate_call_seconds,
+            cache_total,
+            cache_evictions,
+            cache_bytes,
+            cache_objects,
             connections_total,
             connections_parked,
             requests_total,

@@ -19,11 +19,12 @@ use crate::backend::proxy::{Proxy, ProxyOptions};
 use crate::backend::respond::Respond;
 use crate::backend::target::UpstreamPath;
 use crate::config::{
-    AuthRef, BackendConfig, ConfigErrors, FallbackConfig, ProxyConfig, RateKey, RateLimitRef,
-    RequireConfig, RespondConfig, RouteConfig, SourceFile,
+    AuthRef, BackendConfig, CacheScope, ConfigErrors, FallbackConfig, ProxyConfig, RateKey,
+    RateLimitRef, RequireConfig, RespondConfig, RouteConfig, SourceFile,
 };
 use crate::context::RouteInfo;
 use crate::layers::auth::{AuthLayer, AuthPolicy, Providers, Require};
+use crate::layers::cache::{CacheLayer, CacheStore, RouteCache, RESULTS as CACHE_RESULTS};
 use crate::layers::cors::CorsLayer;
 use crate::layers::rate_limit::{Limiters, RateLimitLayer, RouteLimiter, RoutePolicy, OUTCOMES};
 use crate::observe::metrics::Metrics;
@@ -46,6 +47,8 @@ pub(crate) struct BuildContext<'a> {
     pub(crate) limiters: &'a Limiters,
     /// `[server] trusted_proxies`.
     pub(crate) trusted: Arc<[ipnet::IpNet]>,
+    /// The `[cache]` store (built when `[cache]` parsed).
+    pub(crate) cache: Option<Arc<CacheStore>>,
 }
 
 /// Settings a frontend passes down to its routes (after applying `[server]` defaults).
@@ -82,6 +85,7 @@ pub(crate) struct Frontend<'a> {
     pub(crate) strip: Arc<[HeaderName]>,
     pub(crate) cors: Option<CorsLayer>,
     pub(crate) rate_limit: Option<&'a toml::Spanned<RateLimitRef>>,
+    pub(crate) cache: Option<&'a toml::Spanned<crate::config::RouteCache>>,
 }
 
 /// A built route, ready for the router.
@@ -141,11 +145,13 @@ pub(crate) fn build(
     let id = format!("{}/{rname}", fe.name);
     let auth = auth_layer(cx, fe, rc, &id, &mut fail);
     let rate_limit = rate_limit_layer(cx, fe, rc, &id, &mut fail);
+    let cache = cache_layer(cx, fe, rc, &id, &mut fail);
     let layers = Layers {
         fallback,
         cors: fe.cors.clone(),
         auth,
         rate_limit,
+        cache,
         ..Layers::deadline(settings.timeout)
     };
     let service = match &rc.backend {
@@ -300,6 +306,78 @@ fn auth_layer(
         strip: fe.strip.clone(),
         outcomes: cx.metrics.auth_total.clone(),
         route: Arc::from(id),
+    }))
+}
+
+/// The route's response cache: its own `cache`, else the frontend's (`false`: none).
+fn cache_layer(
+    cx: &BuildContext<'_>,
+    fe: &Frontend<'_>,
+    rc: &RouteConfig,
+    id: &str,
+    fail: &mut impl FnMut(Range<usize>, String),
+) -> Option<CacheLayer> {
+    let cfg = rc.cache.as_ref().or(fe.cache)?;
+    let settings = cfg.get_ref().settings()?;
+    let rname = rc.name.get_ref();
+    let mut vary = Vec::new();
+    for v in &settings.vary {
+        match HeaderName::from_bytes(v.get_ref().as_bytes()) {
+            Ok(n) => vary.push(n),
+            Err(_) => fail(
+                v.span(),
+                format!(
+                    "route `{rname}` cache: `{}` is not a header name",
+                    v.get_ref()
+                ),
+            ),
+        }
+    }
+    let key_query = settings.key_query.as_ref().map(|names| {
+        for n in names.iter().filter(|n| n.get_ref().is_empty()) {
+            fail(
+                n.span(),
+                format!("route `{rname}` cache: a `key_query` name is empty"),
+            );
+        }
+        names
+            .iter()
+            .map(|n| Box::from(n.get_ref().as_str()))
+            .collect::<Box<[Box<str>]>>()
+    });
+    // The route's effective authentication: its own `auth` (`"none"` opens it), else the
+    // frontend's.
+    let authenticated = rc
+        .auth
+        .as_ref()
+        .or(fe.auth)
+        .is_some_and(|a| !a.get_ref().names().is_empty());
+    let per_identity = match settings.scope.as_ref().map(|s| (*s.get_ref(), s.span())) {
+        None => authenticated,
+        Some((CacheScope::Shared, _)) => false,
+        Some((CacheScope::Private, span)) => {
+            if !authenticated {
+                fail(
+                    span,
+                    format!("route `{rname}` cache: `scope = \"private\"` needs `auth` on the route or its frontend"),
+                );
+            }
+            true
+        }
+    };
+    let store = cx.cache.clone()?;
+    Some(CacheLayer::new(RouteCache {
+        store,
+        route: Arc::from(id),
+        ttl: settings.ttl.map(|t| t.get()),
+        stale_while_revalidate: settings
+            .stale_while_revalidate
+            .map_or(Duration::ZERO, |d| d.get()),
+        stale_if_error: settings.stale_if_error.map_or(Duration::ZERO, |d| d.get()),
+        vary: vary.into(),
+        key_query,
+        per_identity,
+        results: CACHE_RESULTS.map(|r| cx.metrics.cache_total.with_label_values(&[id, r])),
     }))
 }
 

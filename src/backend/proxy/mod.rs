@@ -25,7 +25,6 @@ use futures_util::future;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{self, PathAndQuery};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::Either;
 use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -194,7 +193,7 @@ impl Proxy {
         if let Some(slot) = slot {
             meta.hold(slot);
         }
-        Ok(resp.map(Either::Left))
+        Ok(resp.map(RespBody::Upstream))
     }
 
     /// The request for one attempt at `ep`.

@@ -1,0 +1,156 @@
+//! Filling an object while the client reads it: the response body passes through frame by
+//! frame, and a copy of each chunk (a reference count, not a copy of the bytes) is kept until
+//! the body ends; then the object is stored and the requests waiting for it are answered. A
+//! body that grows past `max_object_size`, fails, carries trailers or is dropped unfinished is
+//! passed on without being stored.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+
+use super::store::{CacheStore, FlightGuard, Object, Outcome};
+use crate::backend::RespBody;
+use crate::error::BoxError;
+
+/// An object being filled: everything but its body, and the body so far.
+pub(crate) struct Filling {
+    pub(crate) store: Arc<CacheStore>,
+    pub(crate) key: Arc<str>,
+    pub(crate) route: Arc<str>,
+    /// The object, with an empty body.
+    pub(crate) object: Object,
+    pub(crate) guard: Option<FlightGuard>,
+    chunks: Vec<Bytes>,
+    size: usize,
+}
+
+impl Filling {
+    pub(crate) fn new(
+        store: Arc<CacheStore>,
+        key: Arc<str>,
+        route: Arc<str>,
+        object: Object,
+        guard: Option<FlightGuard>,
+    ) -> Self {
+        Filling {
+            store,
+            key,
+            route,
+            object,
+            guard,
+            chunks: Vec::new(),
+            size: 0,
+        }
+    }
+
+    /// Keeps a chunk; `false` once the object is too large to store.
+    fn push(&mut self, chunk: &Bytes) -> bool {
+        self.size += chunk.len();
+        if self.size > self.store.max_object_size {
+            return false;
+        }
+        if !chunk.is_empty() {
+            self.chunks.push(chunk.clone());
+        }
+        true
+    }
+
+    /// The body ended: store the object and answer the waiters.
+    fn complete(self) {
+        let Filling {
+            store,
+            key,
+            route,
+            mut object,
+            guard,
+            mut chunks,
+            size,
+        } = self;
+        object.body = match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.swap_remove(0),
+            _ => {
+                let mut b = BytesMut::with_capacity(size);
+                for c in &chunks {
+                    b.extend_from_slice(c);
+                }
+                b.freeze()
+            }
+        };
+        let object = Arc::new(object);
+        store.put(&key, &route, object.clone());
+        if let Some(g) = guard {
+            g.finish(Outcome::Stored(object));
+        }
+    }
+}
+
+/// A response body that fills an object as it is read.
+pub(crate) struct FillBody {
+    inner: RespBody,
+    filling: Option<Filling>,
+}
+
+impl FillBody {
+    pub(crate) fn new(inner: RespBody, filling: Filling) -> Self {
+        let mut body = FillBody {
+            inner,
+            filling: Some(filling),
+        };
+        // An empty body (204, `Content-Length: 0`) is complete before it is read.
+        if body.inner.is_end_stream() {
+            if let Some(f) = body.filling.take() {
+                f.complete();
+            }
+        }
+        body
+    }
+}
+
+impl Body for FillBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(f) = this.filling.as_mut() {
+                    // Trailers are not stored: an object is its head and its bytes.
+                    let keep = frame.data_ref().is_some_and(|d| f.push(d));
+                    if !keep {
+                        this.filling = None;
+                    }
+                }
+                if this.inner.is_end_stream() {
+                    if let Some(f) = this.filling.take() {
+                        f.complete();
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(f) = this.filling.take() {
+                    f.complete();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.filling = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,335 @@
+//! The in-memory tier: stored objects in a `moka` cache weighed by bytes (one entry per URL,
+//! holding its variants), and the registry of fills in flight that coalesces concurrent misses
+//! of one URL into one upstream request. One `CacheStore` per `[cache]` config, a resource that
+//! survives reloads while that config is unchanged.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use moka::notification::RemovalCause;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::key::{selected_by, Selected};
+use super::rules::{ResponseDirectives, Timing};
+use crate::config::CacheConfig;
+use crate::observe::metrics::Metrics;
+
+/// Variants kept per URL at most (the oldest is dropped beyond it).
+const MAX_VARIANTS: usize = 8;
+/// What an object costs besides its body and headers (the entry, the key, the maps).
+const OVERHEAD: usize = 256;
+
+/// One stored response.
+#[derive(Debug)]
+pub(crate) struct Object {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    /// The request header values this variant was selected by.
+    pub(crate) selected: Selected,
+    /// Who it is for, on a per-identity route.
+    pub(crate) identity: Option<Box<str>>,
+    pub(crate) cc: ResponseDirectives,
+    pub(crate) timing: Timing,
+    /// When its response arrived (its resident time counts from here).
+    pub(crate) stored_at: Instant,
+    /// How long past freshness it may be served while refreshed, or when the service fails.
+    pub(crate) stale_while_revalidate: Duration,
+    pub(crate) stale_if_error: Duration,
+}
+
+impl Object {
+    /// Its current age (§4.2.3).
+    pub(crate) fn age(&self, now: Instant) -> Duration {
+        self.timing.initial_age + now.saturating_duration_since(self.stored_at)
+    }
+
+    /// Whether it may be used without validation (§4.2; `no-cache` always validates).
+    pub(crate) fn fresh(&self, now: Instant) -> bool {
+        !self.cc.no_cache && self.timing.lifetime > self.age(now)
+    }
+
+    /// How long it has been stale (zero while fresh).
+    pub(crate) fn staleness(&self, now: Instant) -> Duration {
+        self.age(now).saturating_sub(self.timing.lifetime)
+    }
+
+    /// Remaining freshness in whole seconds, negative once stale (`Cache-Status: ttl`).
+    pub(crate) fn ttl_secs(&self, now: Instant) -> i64 {
+        let age = self.age(now);
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        if self.timing.lifetime >= age {
+            secs(self.timing.lifetime - age)
+        } else {
+            -secs(age - self.timing.lifetime)
+        }
+    }
+
+    /// Whether it may stand in for a failed service now (RFC 5861 `stale-if-error`).
+    pub(crate) fn serves_on_error(&self, now: Instant) -> bool {
+        self.cc.allows_stale() && self.staleness(now) <= self.stale_if_error
+    }
+
+    /// Whether it may be served stale while a background request refreshes it.
+    pub(crate) fn serves_while_revalidating(&self, now: Instant) -> bool {
+        self.cc.allows_stale()
+            && !self.stale_while_revalidate.is_zero()
+            && self.staleness(now) <= self.stale_while_revalidate
+    }
+
+    /// Whether this variant answers a request with these headers from `identity`.
+    pub(crate) fn answers(&self, headers: &HeaderMap, identity: Option<&str>) -> bool {
+        self.identity.as_deref() == identity && selected_by(&self.selected, headers)
+    }
+
+    pub(crate) fn etag(&self) -> Option<&HeaderValue> {
+        self.headers.get(http::header::ETAG)
+    }
+
+    pub(crate) fn last_modified(&self) -> Option<&HeaderValue> {
+        self.headers.get(http::header::LAST_MODIFIED)
+    }
+
+    fn weight(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 16)
+            .sum();
+        OVERHEAD + self.body.len() + headers
+    }
+}
+
+/// The stored variants of one URL.
+pub(crate) struct Variants {
+    /// The route that stored them (`frontend/route`), for purges by route.
+    pub(crate) route: Arc<str>,
+    pub(crate) list: Box<[Arc<Object>]>,
+}
+
+impl Variants {
+    /// The variant that answers a request, if any.
+    pub(crate) fn find(&self, headers: &HeaderMap, identity: Option<&str>) -> Option<&Arc<Object>> {
+        self.list.iter().find(|o| o.answers(headers, identity))
+    }
+
+    fn weight(&self, key: &str) -> u32 {
+        let w: usize = key.len() + self.list.iter().map(|o| o.weight()).sum::<usize>();
+        u32::try_from(w).unwrap_or(u32::MAX)
+    }
+}
+
+/// What the request that fills an object ended in, for those waiting on it.
+#[derive(Clone)]
+pub(crate) enum Outcome {
+    Pending,
+    /// Stored: the waiters are answered from it.
+    Stored(Arc<Object>),
+    /// Answered, but not stored (not storable, too large, cut short): each waiter asks itself.
+    NotStored,
+    /// The service failed: a waiter serves its stale copy if it may, else asks itself.
+    Failed,
+}
+
+/// One fill in flight.
+pub(crate) struct Flight {
+    tx: watch::Sender<Outcome>,
+    waiters: AtomicUsize,
+}
+
+/// Whether a request leads a fill or waits for another's.
+pub(crate) enum Join {
+    Lead(FlightGuard),
+    Follow(Arc<Flight>),
+}
+
+/// Held by the request that fills an object: tells the waiters how it ended, and ends the
+/// flight (a dropped guard ends it as `NotStored`).
+pub(crate) struct FlightGuard {
+    store: Arc<CacheStore>,
+    key: Arc<str>,
+    flight: Arc<Flight>,
+    done: bool,
+}
+
+impl FlightGuard {
+    pub(crate) fn finish(mut self, outcome: Outcome) {
+        self.end(outcome);
+    }
+
+    fn end(&mut self, outcome: Outcome) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.flight.tx.send_replace(outcome);
+        // Only this guard removes its flight, and no other can be registered while it is
+        // there: the entry is this flight unless the registry evicted it.
+        if self
+            .store
+            .flights
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(&f, &self.flight))
+        {
+            self.store.flights.invalidate(&self.key);
+        }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.end(Outcome::NotStored);
+    }
+}
+
+/// One `[cache]`: its objects and flights.
+pub(crate) struct CacheStore {
+    objects: moka::sync::Cache<Arc<str>, Arc<Variants>>,
+    flights: moka::sync::Cache<Arc<str>, Arc<Flight>>,
+    pub(crate) max_object_size: usize,
+    pub(crate) heuristic: bool,
+    pub(crate) store_set_cookie: bool,
+    pub(crate) lock_timeout: Duration,
+    pub(crate) max_waiters: usize,
+    bytes: prometheus::IntGauge,
+    count: prometheus::IntGauge,
+}
+
+impl CacheStore {
+    pub(crate) fn new(c: &CacheConfig, metrics: &Metrics) -> Self {
+        let (bytes, count, evictions) = (
+            metrics.cache_bytes.clone(),
+            metrics.cache_objects.clone(),
+            metrics.cache_evictions.clone(),
+        );
+        let (b, n) = (bytes.clone(), count.clone());
+        let objects = moka::sync::Cache::builder()
+            .max_capacity(c.max_size.0)
+            .weigher(|k: &Arc<str>, v: &Arc<Variants>| v.weight(k))
+            .eviction_listener(move |k: Arc<Arc<str>>, v: Arc<Variants>, cause| {
+                b.sub(i64::from(v.weight(&k)));
+                n.dec();
+                if cause == RemovalCause::Size {
+                    evictions.inc();
+                }
+            })
+            .build();
+        CacheStore {
+            objects,
+            flights: moka::sync::Cache::builder().max_capacity(1 << 20).build(),
+            max_object_size: usize::try_from(c.max_object_size.0).unwrap_or(usize::MAX),
+            heuristic: c.heuristic,
+            store_set_cookie: c.store_set_cookie,
+            lock_timeout: c.lock_timeout.get(),
+            max_waiters: c.max_waiters,
+            bytes,
+            count,
+        }
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<Variants>> {
+        self.objects.get(key)
+    }
+
+    /// Stores `obj` under `key`, replacing the variant it stands for.
+    pub(crate) fn put(&self, key: &Arc<str>, route: &Arc<str>, obj: Arc<Object>) {
+        let mut list: Vec<Arc<Object>> = Vec::with_capacity(2);
+        list.push(obj.clone());
+        if let Some(old) = self.objects.get(&**key) {
+            list.extend(
+                old.list
+                    .iter()
+                    .filter(|o| o.identity != obj.identity || o.selected != obj.selected)
+                    .take(MAX_VARIANTS - 1)
+                    .cloned(),
+            );
+        }
+        let v = Arc::new(Variants {
+            route: route.clone(),
+            list: list.into(),
+        });
+        self.bytes.add(i64::from(v.weight(key)));
+        self.count.inc();
+        self.objects.insert(key.clone(), v);
+    }
+
+    /// Drops every variant of `key`.
+    pub(crate) fn remove(&self, key: &str) {
+        self.objects.invalidate(key);
+    }
+
+    /// Drops every URL `matches` selects; how many.
+    pub(crate) fn purge(&self, matches: impl Fn(&str, &Variants) -> bool) -> usize {
+        let keys: Vec<Arc<str>> = self
+            .objects
+            .iter()
+            .filter(|(k, v)| matches(k, v))
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        for k in &keys {
+            self.objects.invalidate(k);
+        }
+        keys.len()
+    }
+
+    /// URLs held.
+    pub(crate) fn urls(&self) -> u64 {
+        self.objects.entry_count()
+    }
+
+    /// Bytes held (as weighed).
+    pub(crate) fn bytes(&self) -> u64 {
+        self.objects.weighted_size()
+    }
+
+    /// Settles pending evictions (for tests and the admin API's counts).
+    pub(crate) fn settle(&self) {
+        self.objects.run_pending_tasks();
+    }
+
+    /// Leads the fill of `key`, or joins the one in flight.
+    pub(crate) fn join(self: &Arc<Self>, key: &Arc<str>) -> Join {
+        let entry = self.flights.entry(key.clone()).or_insert_with(|| {
+            Arc::new(Flight {
+                tx: watch::channel(Outcome::Pending).0,
+                waiters: AtomicUsize::new(0),
+            })
+        });
+        if entry.is_fresh() {
+            Join::Lead(FlightGuard {
+                store: self.clone(),
+                key: key.clone(),
+                flight: entry.into_value(),
+                done: false,
+            })
+        } else {
+            Join::Follow(entry.into_value())
+        }
+    }
+}
+
+impl Flight {
+    /// Waits for the fill's outcome: `None` when too many wait already or it took longer than
+    /// `lock_timeout` (the waiter then asks the service itself).
+    pub(crate) async fn wait(&self, store: &CacheStore) -> Option<Outcome> {
+        if self.waiters.fetch_add(1, Ordering::Relaxed) >= store.max_waiters {
+            self.waiters.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let mut rx = self.tx.subscribe();
+        let waited = tokio::time::timeout(
+            store.lock_timeout,
+            rx.wait_for(|o| !matches!(o, Outcome::Pending)),
+        )
+        .await;
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        match waited {
+            Ok(Ok(o)) => Some(o.clone()),
+            _ => None,
+        }
+    }
+}

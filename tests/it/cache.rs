@@ -1,0 +1,720 @@
+//! The response cache against real upstream servers: hits with `Age` and `Cache-Status`, HEAD
+//! from a stored GET, what a shared cache must not store, the route's `ttl` only where the
+//! service says nothing, revalidation (the service's 304 refreshing the stored headers) and the
+//! client's conditional requests, 100 concurrent misses making one upstream request,
+//! stale-while-revalidate, stale-if-error with the service killed (and over the route's
+//! fallback), `Vary`, per-identity storage on authenticated routes, invalidation by unsafe
+//! methods, purges, the object size limit, streaming fills, and reloads.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use crate::support::*;
+
+/// An upstream whose answer for each path is `script(path, request headers, n)`, `n` counting
+/// that path's requests from 1.
+async fn scripted<F>(script: F) -> Upstream
+where
+    F: Fn(&str, &http::HeaderMap, usize) -> Response<TestBody> + Send + Sync + 'static,
+{
+    let counts = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        usize,
+    >::new()));
+    let script = Arc::new(script);
+    Upstream::start(move |req: Request<Incoming>| {
+        let n = {
+            let mut c = counts.lock().unwrap();
+            let e = c.entry(req.uri().path().to_owned()).or_default();
+            *e += 1;
+            *e
+        };
+        let resp = script(req.uri().path(), req.headers(), n);
+        async move { resp }
+    })
+    .await
+}
+
+fn with(mut r: Response<TestBody>, headers: &[(&str, &str)]) -> Response<TestBody> {
+    for (k, v) in headers {
+        r.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    r
+}
+
+async fn gateway(up: &Upstream, cache_table: &str, route_cache: &str) -> TestGateway {
+    let gwt = gateway_toml(
+        "",
+        &format!(
+            "[services.svc]\nendpoints = [\"{}\"]\n\n{cache_table}\n",
+            up.url()
+        ),
+    );
+    let routes = format!(
+        "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{{*rest}}\"\ncache = {route_cache}\nproxy = {{ service = \"svc\" }}\n"
+    );
+    TestGateway::start(&gwt, &[("web.toml", &routes)]).await
+}
+
+async fn req(method: &str, url: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(b.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_responses_are_hits_with_age_and_cache_status_and_head_is_served_from_get() {
+    let up = scripted(|_, _, n| {
+        with(
+            text(200, format!("v{n}")),
+            &[("cache-control", "max-age=60"), ("etag", "\"e1\"")],
+        )
+    })
+    .await;
+    let gw = gateway(&up, "", "true").await;
+    let first = get(&gw.url("/a")).await;
+    assert_eq!(first.text(), "v1");
+    assert!(
+        first
+            .header("cache-status")
+            .starts_with("gatehouse; fwd=uri-miss; fwd-status=200; stored"),
+        "{}",
+        first.header("cache-status")
+    );
+    let hit = get(&gw.url("/a")).await;
+    assert_eq!(hit.text(), "v1");
+    assert!(
+        hit.header("cache-status")
+            .starts_with("gatehouse; hit; ttl="),
+        "{}",
+        hit.header("cache-status")
+    );
+    let age: u64 = hit.header("age").parse().unwrap();
+    assert!(age <= 60, "age {age}");
+    let head = req("HEAD", &gw.url("/a"), &[]).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert!(head.header("cache-status").contains("hit"));
+    assert_eq!(
+        up.requests(),
+        1,
+        "the hit and the HEAD were answered by the cache"
+    );
+    // The query is part of the key, sorted.
+    assert_eq!(get(&gw.url("/a?y=2&x=1")).await.text(), "v2");
+    assert_eq!(get(&gw.url("/a?x=1&y=2")).await.text(), "v2");
+    assert_eq!(up.requests(), 2);
+    // A client's conditional request on a fresh object: 304 from the cache.
+    let nm = req("GET", &gw.url("/a"), &[("if-none-match", "\"e1\"")]).await;
+    assert_eq!(nm.status, 304);
+    assert_eq!(nm.header("etag"), "\"e1\"");
+    assert!(nm.header("cache-status").contains("hit"));
+    let other = req("GET", &gw.url("/a"), &[("if-none-match", "\"e0\"")]).await;
+    assert_eq!((other.status.as_u16(), other.text().as_str()), (200, "v1"));
+    // Client Cache-Control: no-cache forwards (and refreshes the object).
+    let nc = req("GET", &gw.url("/a"), &[("cache-control", "no-cache")]).await;
+    assert!(
+        nc.header("cache-status").contains("fwd=request"),
+        "{}",
+        nc.header("cache-status")
+    );
+    assert_eq!(up.requests(), 3);
+    // Metrics count each result.
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(
+        m.contains(r#"gatehouse_cache_total{result="hit",route="web/all"}"#),
+        "{m}"
+    );
+    assert!(m.contains("gatehouse_cache_bytes"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_shared_cache_must_not_store_is_asked_for_each_time() {
+    let up = scripted(|path, _, n| {
+        let cc: &[(&str, &str)] = match path {
+            "/no-store" => &[("cache-control", "no-store, max-age=60")],
+            "/private" => &[("cache-control", "private, max-age=60")],
+            "/cookie" => &[("cache-control", "max-age=60"), ("set-cookie", "s=1")],
+            "/vary-star" => &[("cache-control", "max-age=60"), ("vary", "*")],
+            "/teapot" => &[],
+            "/auth" => &[("cache-control", "max-age=60")],
+            "/auth-public" => &[("cache-control", "public, max-age=60")],
+            _ => &[("cache-control", "max-age=60")],
+        };
+        let status = if path == "/teapot" { 418 } else { 200 };
+        with(text(status, format!("{path} {n}")), cc)
+    })
+    .await;
+    let gw = gateway(&up, "", "{ ttl = \"60s\" }").await;
+    for path in ["/no-store", "/private", "/cookie", "/vary-star", "/teapot"] {
+        let a = get(&gw.url(path)).await;
+        let b = get(&gw.url(path)).await;
+        assert_eq!(b.text(), format!("{path} 2"), "{path} must not be stored");
+        assert!(
+            !a.header("cache-status").contains("stored"),
+            "{path}: {}",
+            a.header("cache-status")
+        );
+    }
+    // §3.5: a response to a request with Authorization only when the service allows it.
+    let bearer = [("authorization", "Bearer x")];
+    req("GET", &gw.url("/auth"), &bearer).await;
+    let b = req("GET", &gw.url("/auth"), &bearer).await;
+    assert_eq!(b.text(), "/auth 2");
+    req("GET", &gw.url("/auth-public"), &bearer).await;
+    let b = req("GET", &gw.url("/auth-public"), &bearer).await;
+    assert_eq!(b.text(), "/auth-public 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routes_ttl_applies_only_where_the_service_says_nothing_and_304_refreshes_headers() {
+    let up = scripted(|path, headers, n| match path {
+        "/plain" => text(200, format!("plain {n}")),
+        // Always stale: every use is revalidated with the stored validator.
+        _ => {
+            if headers.get("if-none-match").is_some_and(|v| v == "\"v1\"") {
+                with(
+                    text(304, ""),
+                    &[
+                        ("etag", "\"v1\""),
+                        ("x-version", &format!("{n}")),
+                        ("cache-control", "max-age=0"),
+                    ],
+                )
+            } else {
+                with(
+                    text(200, "validated body"),
+                    &[
+                        ("etag", "\"v1\""),
+                        ("x-version", "1"),
+                        ("cache-control", "max-age=0"),
+                    ],
+                )
+            }
+        }
+    })
+    .await;
+    let gw = gateway(&up, "", "{ ttl = \"60s\" }").await;
+    assert_eq!(get(&gw.url("/plain")).await.text(), "plain 1");
+    assert_eq!(
+        get(&gw.url("/plain")).await.text(),
+        "plain 1",
+        "the ttl applies"
+    );
+    let first = get(&gw.url("/etag")).await;
+    assert_eq!(
+        (first.text().as_str(), first.header("x-version")),
+        ("validated body", "1")
+    );
+    let second = get(&gw.url("/etag")).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(
+        second.text(),
+        "validated body",
+        "the stored body, revalidated"
+    );
+    assert_eq!(
+        second.header("x-version"),
+        "2",
+        "the 304's headers replace the stored ones"
+    );
+    assert!(
+        second
+            .header("cache-status")
+            .contains("fwd=stale; fwd-status=304"),
+        "{}",
+        second.header("cache-status")
+    );
+    let third = get(&gw.url("/etag")).await;
+    assert_eq!(third.header("x-version"), "3");
+    // A client's own condition, answered from the revalidated object.
+    let nm = req("GET", &gw.url("/etag"), &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(nm.status, 304);
+    assert_eq!(up.requests(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_misses_make_one_upstream_request() {
+    let up = Upstream::start(|_req| async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        with(
+            text(200, "slow and shared"),
+            &[("cache-control", "max-age=60")],
+        )
+    })
+    .await;
+    let gw = gateway(&up, "", "true").await;
+    let url = gw.url("/popular");
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    let mut collapsed = 0;
+    for c in calls {
+        let r = c.await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (200, "slow and shared")
+        );
+        if r.header("cache-status").contains("collapsed") {
+            collapsed += 1;
+        }
+    }
+    assert_eq!(
+        up.requests(),
+        1,
+        "one upstream request for 100 concurrent misses"
+    );
+    assert!(collapsed >= 1, "the waiters are marked collapsed");
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(
+        m.contains(r#"gatehouse_cache_total{result="coalesced",route="web/all"}"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() {
+    let up = scripted(|_, _, n| {
+        with(
+            text(200, format!("v{n}")),
+            &[
+                ("cache-control", "max-age=0"),
+                ("etag", &format!("\"{n}\"")),
+            ],
+        )
+    })
+    .await;
+    let gw = gateway(&up, "", "{ stale_while_revalidate = \"60s\" }").await;
+    assert_eq!(get(&gw.url("/s")).await.text(), "v1");
+    let stale = get(&gw.url("/s")).await;
+    assert_eq!(stale.text(), "v1", "the stale object answers at once");
+    assert!(
+        stale
+            .header("cache-status")
+            .contains("detail=stale-while-revalidate"),
+        "{}",
+        stale.header("cache-status")
+    );
+    eventually(10, "the background refresh stores v2", || {
+        let url = gw.url("/s");
+        async move { get(&url).await.text() == "v2" }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_answers_when_the_service_is_killed_or_fails_and_before_the_fallback() {
+    let failing = Arc::new(AtomicUsize::new(0));
+    let f = failing.clone();
+    let up = scripted(move |_, _, n| {
+        if f.load(Ordering::SeqCst) == 1 {
+            return text(503, "down");
+        }
+        with(
+            text(200, format!("good {n}")),
+            &[("cache-control", "max-age=0"), ("etag", "\"g\"")],
+        )
+    })
+    .await;
+    let gwt = gateway_toml(
+        "",
+        &format!("[services.svc]\nendpoints = [\"{}\"]\n", up.url()),
+    );
+    let routes = r#"[frontend]
+name = "web"
+cache = { stale_if_error = "5m" }
+
+[[route]]
+name = "plain"
+path = "/plain/{*rest}"
+proxy = { service = "svc" }
+
+[[route]]
+name = "fb"
+path = "/fb/{*rest}"
+fallback = { status = 200, body = "canned" }
+proxy = { service = "svc" }
+"#;
+    let gw = TestGateway::start(&gwt, &[("web.toml", routes)]).await;
+    assert_eq!(get(&gw.url("/plain/x")).await.text(), "good 1");
+    assert_eq!(get(&gw.url("/fb/x")).await.text(), "good 1");
+    // The service answers 503: the stale object stands in.
+    failing.store(1, Ordering::SeqCst);
+    let r = get(&gw.url("/plain/x")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "good 1"));
+    assert!(
+        r.header("cache-status").contains("fwd-status=503; ttl=")
+            && r.header("cache-status").contains("detail=stale-if-error"),
+        "{}",
+        r.header("cache-status")
+    );
+    // The service is gone: the stale object, not the route's canned fallback.
+    up.kill();
+    let r = get(&gw.url("/plain/x")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "good 1"));
+    assert!(
+        r.header("cache-status").contains("detail=stale-if-error"),
+        "{}",
+        r.header("cache-status")
+    );
+    let r = get(&gw.url("/fb/x")).await;
+    assert_eq!(r.text(), "good 1", "stale data over the canned fallback");
+    // Nothing stored: the fallback answers, and is not stored.
+    let r = get(&gw.url("/fb/never-seen")).await;
+    assert_eq!(r.text(), "canned");
+    // Nothing stored on a route without fallback: the failure itself.
+    let r = get(&gw.url("/plain/never-seen")).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_and_the_routes_vary_select_variants() {
+    let up = scripted(|path, headers, _| {
+        let lang = headers
+            .get("accept-language")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let tenant = headers
+            .get("x-tenant")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let vary: &[(&str, &str)] = if path == "/vary" {
+            &[("vary", "Accept-Language")]
+        } else {
+            &[]
+        };
+        with(
+            with(
+                text(200, format!("{lang}{tenant}")),
+                &[("cache-control", "max-age=60")],
+            ),
+            vary,
+        )
+    })
+    .await;
+    let gw = gateway(&up, "", "{ vary = [\"x-tenant\"] }").await;
+    let de = [("accept-language", "de")];
+    let fr = [("accept-language", "fr")];
+    assert_eq!(req("GET", &gw.url("/vary"), &de).await.text(), "de");
+    let r = req("GET", &gw.url("/vary"), &fr).await;
+    assert_eq!(r.text(), "fr");
+    assert!(
+        r.header("cache-status").contains("fwd=vary-miss"),
+        "{}",
+        r.header("cache-status")
+    );
+    assert_eq!(req("GET", &gw.url("/vary"), &de).await.text(), "de");
+    assert_eq!(req("GET", &gw.url("/vary"), &fr).await.text(), "fr");
+    assert_eq!(up.requests(), 2);
+    // The route's `vary`: a header the service does not name.
+    assert_eq!(
+        req("GET", &gw.url("/t"), &[("x-tenant", "a")]).await.text(),
+        "a"
+    );
+    assert_eq!(
+        req("GET", &gw.url("/t"), &[("x-tenant", "b")]).await.text(),
+        "b"
+    );
+    assert_eq!(
+        req("GET", &gw.url("/t"), &[("x-tenant", "a")]).await.text(),
+        "a"
+    );
+    assert_eq!(up.requests(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_routes_store_per_identity_and_shared_ones_never_leak() {
+    let up = scripted(|path, headers, n| {
+        let who = headers
+            .get("x-consumer")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let cc = if path.starts_with("/private") {
+            "private, max-age=60"
+        } else {
+            "max-age=60"
+        };
+        with(text(200, format!("{who} {n}")), &[("cache-control", cc)])
+    })
+    .await;
+    let gwt = gateway_toml(
+        "",
+        &format!(
+            "[services.svc]\nendpoints = [\"{}\"]\n\n[auth.api_keys.k]\nheader = \"x-api-key\"\nkeys = [{{ consumer = \"ann\", sha256 = \"{}\" }}, {{ consumer = \"bob\", sha256 = \"{}\" }}]\n",
+            up.url(),
+            sha256_hex("key-ann"),
+            sha256_hex("key-bob"),
+        ),
+    );
+    let routes = r#"[frontend]
+name = "web"
+auth = "k"
+
+[[route]]
+name = "mine"
+path = "/private/{*rest}"
+cache = true
+proxy = { service = "svc" }
+
+[[route]]
+name = "shared"
+path = "/shared/{*rest}"
+cache = { scope = "shared" }
+proxy = { service = "svc" }
+"#;
+    let gw = TestGateway::start(&gwt, &[("web.toml", routes)]).await;
+    let ann = [("x-api-key", "key-ann")];
+    let bob = [("x-api-key", "key-bob")];
+    assert_eq!(
+        req("GET", &gw.url("/private/me"), &ann).await.text(),
+        "ann 1"
+    );
+    assert_eq!(
+        req("GET", &gw.url("/private/me"), &bob).await.text(),
+        "bob 2"
+    );
+    assert_eq!(
+        req("GET", &gw.url("/private/me"), &ann).await.text(),
+        "ann 1",
+        "ann's own copy"
+    );
+    assert_eq!(
+        req("GET", &gw.url("/private/me"), &bob).await.text(),
+        "bob 2",
+        "bob's own copy"
+    );
+    // A shared route stores an authenticated request's response only when the service marks
+    // it shareable (public, s-maxage): here it does not, so bob never sees ann's.
+    assert_eq!(req("GET", &gw.url("/shared/x"), &ann).await.text(), "ann 1");
+    assert_eq!(req("GET", &gw.url("/shared/x"), &bob).await.text(), "bob 2");
+    // Unauthenticated requests never reach the cache.
+    assert_eq!(req("GET", &gw.url("/private/me"), &[]).await.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_methods_invalidate_and_the_admin_api_purges() {
+    let up = scripted(|path, _, n| {
+        let mut r = with(
+            text(200, format!("{path} {n}")),
+            &[("cache-control", "max-age=600")],
+        );
+        if path == "/items/new" {
+            r = with(r, &[("location", "/items/1")]);
+        }
+        r
+    })
+    .await;
+    let gw = gateway(&up, "", "true").await;
+    for p in ["/items/1", "/items/2", "/other/1"] {
+        get(&gw.url(p)).await;
+        assert_eq!(get(&gw.url(p)).await.text(), format!("{p} 1"));
+    }
+    // A successful POST invalidates its URL and its Location.
+    let r = req("POST", &gw.url("/items/new"), &[]).await;
+    assert!(r.header("cache-status").contains("fwd=method"));
+    assert_eq!(
+        get(&gw.url("/items/1")).await.text(),
+        "/items/1 2",
+        "Location invalidated"
+    );
+    assert_eq!(req("DELETE", &gw.url("/items/2"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/items/2")).await.text(), "/items/2 3");
+    // Purge by URL, by prefix, by route, all.
+    let purge = |q: &str| {
+        let url = gw.admin_url(&format!("/admin/cache/purge?{q}"));
+        async move { req("POST", &url, &[]).await }
+    };
+    let host = format!("http://{}", gw.addr);
+    let r = purge(&format!("url={host}/other/1")).await;
+    assert_eq!(r.json()["purged"], 1, "{}", r.text());
+    assert_eq!(get(&gw.url("/other/1")).await.text(), "/other/1 2");
+    let r = purge(&format!("prefix={host}/items/")).await;
+    assert_eq!(r.json()["purged"], 2, "{}", r.text());
+    assert_eq!(get(&gw.url("/items/1")).await.text(), "/items/1 3");
+    let r = purge("route=web/all").await;
+    assert!(r.json()["purged"].as_u64().unwrap() >= 2, "{}", r.text());
+    get(&gw.url("/other/1")).await;
+    assert_eq!(purge("all=true").await.json()["purged"], 1);
+    let r = purge("").await;
+    assert_eq!(r.status, 400);
+    let r = purge("url=/relative").await;
+    assert_eq!(r.status, 400);
+    // The purge API is on the admin listener only.
+    assert_eq!(
+        req("POST", &gw.url("/admin/cache/purge?all=true"), &[])
+            .await
+            .text(),
+        "/admin/cache/purge 1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_objects_pass_through_and_fills_stream() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let up = Upstream::start(move |req: Request<Incoming>| {
+        let mut release = release_rx.clone();
+        async move {
+            match req.uri().path() {
+                "/big" => with(
+                    text(200, vec![b'x'; 4096]),
+                    &[("cache-control", "max-age=60")],
+                ),
+                "/big-chunked" | "/slow" => {
+                    let big = req.uri().path() == "/big-chunked";
+                    let (tx, rx) =
+                        tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, BoxError>>(4);
+                    tokio::spawn(async move {
+                        let chunk = if big {
+                            vec![b'y'; 1000]
+                        } else {
+                            b"first ".to_vec()
+                        };
+                        let _ = tx
+                            .send(Ok(http_body::Frame::data(Bytes::from(chunk))))
+                            .await;
+                        if !big {
+                            let _ = release.wait_for(|r| *r).await;
+                        }
+                        for _ in 0..3 {
+                            let chunk = if big {
+                                vec![b'y'; 1000]
+                            } else {
+                                b"more ".to_vec()
+                            };
+                            let _ = tx
+                                .send(Ok(http_body::Frame::data(Bytes::from(chunk))))
+                                .await;
+                        }
+                    });
+                    let body = http_body_util::StreamBody::new(tokio_stream_from(rx)).boxed();
+                    let mut r = Response::new(body);
+                    r.headers_mut()
+                        .insert("cache-control", "max-age=60".parse().unwrap());
+                    r
+                }
+                _ => text(404, ""),
+            }
+        }
+    })
+    .await;
+    let gw = gateway(&up, "[cache]\nmax_object_size = \"2KiB\"\n", "true").await;
+    for _ in 0..2 {
+        let r = get(&gw.url("/big")).await;
+        assert_eq!(r.body.len(), 4096);
+        assert!(
+            r.header("cache-status").contains("detail=too-large"),
+            "{}",
+            r.header("cache-status")
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(get(&gw.url("/big-chunked")).await.body.len(), 4000);
+    }
+    assert_eq!(up.requests(), 4, "nothing over max_object_size is stored");
+    // The client reads the first bytes while the service is still sending.
+    let resp = open(&gw.url("/slow")).await;
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first ");
+    release_tx.send(true).unwrap();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "more more more ");
+    let hit = get(&gw.url("/slow")).await;
+    assert_eq!(hit.text(), "first more more more ");
+    assert!(hit.header("cache-status").contains("hit"));
+    assert_eq!(up.requests(), 5);
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_survive_reloads_until_the_cache_settings_change() {
+    let up = scripted(|_, _, n| {
+        with(
+            text(200, format!("v{n}")),
+            &[("cache-control", "max-age=600")],
+        )
+    })
+    .await;
+    let gw = gateway(&up, "", "true").await;
+    assert_eq!(get(&gw.url("/r")).await.text(), "v1");
+    // A route file changes (a new route): the store is kept.
+    gw.write_route(
+        "web.toml",
+        "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\ncache = true\nproxy = { service = \"svc\" }\n\n[[route]]\nname = \"new\"\npath = \"/new\"\nrespond = { body = \"new\" }\n",
+    );
+    assert_eq!(admin_reload(&gw).await.status, 200);
+    assert_eq!(get(&gw.url("/new")).await.text(), "new");
+    assert_eq!(
+        get(&gw.url("/r")).await.text(),
+        "v1",
+        "kept across the reload"
+    );
+    // [cache] changes: a new, empty store.
+    let gwt = gateway_toml(
+        "",
+        &format!(
+            "[services.svc]\nendpoints = [\"{}\"]\n\n[cache]\nmax_size = \"64MiB\"\n",
+            up.url()
+        ),
+    );
+    std::fs::write(gw.dir.path().join("gateway.toml"), gwt).unwrap();
+    assert_eq!(admin_reload(&gw).await.status, 200);
+    assert_eq!(get(&gw.url("/r")).await.text(), "v2");
+}
+
+#[test]
+fn cache_config_mistakes_are_located() {
+    let gw = "[services.svc]\nendpoints = [\"http://127.0.0.1:9\"]\n";
+    let e = compile_errors(
+        gw,
+        "web.toml",
+        "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"a\"\npath = \"/a\"\ncache = { ttl = \"30s\", vary = [\"bad header\"] }\nproxy = { service = \"svc\" }\n",
+    );
+    assert!(
+        e.contains("web.toml:7") && e.contains("`bad header` is not a header name"),
+        "{e}"
+    );
+    let e = compile_errors(
+        gw,
+        "web.toml",
+        "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"a\"\npath = \"/a\"\ncache = { scope = \"private\" }\nproxy = { service = \"svc\" }\n",
+    );
+    assert!(
+        e.contains("web.toml:7") && e.contains("needs `auth`"),
+        "{e}"
+    );
+    let e = compile_errors(
+        gw,
+        "web.toml",
+        "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"a\"\npath = \"/a\"\ncache = { tll = \"30s\" }\nproxy = { service = \"svc\" }\n",
+    );
+    assert!(e.contains("web.toml:7") && e.contains("tll"), "{e}");
+    let e = compile_errors(
+        &format!("{gw}\n[cache]\ntiers = [\"memory\", \"redis\"]\n"),
+        "web.toml",
+        "[frontend]\nname = \"web\"\n",
+    );
+    assert!(
+        e.contains("gateway.toml:5") && e.contains("`redis` tier"),
+        "{e}"
+    );
+}
