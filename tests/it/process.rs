@@ -244,6 +244,13 @@ fn demo_serves_the_shipped_config_with_sample_services() {
         assert_eq!(dash["name"], "Ada Lovelace");
         assert_eq!(dash["orders"][1]["sku"], "cup-02");
         assert_eq!(dash["catalog"].as_array().map(Vec::len), Some(2));
+        // The response cache the demo prints: a stored miss, then a hit with Age.
+        let first = get(&format!("{base}/web/products?utm=x")).await;
+        assert!(first.header("cache-status").contains("stored"), "{:?}", first.headers);
+        let hit = get(&format!("{base}/web/products")).await;
+        assert!(hit.header("cache-status").starts_with("gatehouse; hit"), "{:?}", hit.headers);
+        assert!(!hit.header("age").is_empty());
+        assert_eq!(hit.body, first.body);
         // The rate limit the demo prints: five per 10 s per client IP, then 429.
         let mut codes = Vec::new();
         for _ in 0..6 {
