@@ -4,6 +4,7 @@
 
 mod build;
 mod chain;
+mod layers;
 
 use std::future::Future;
 use std::pin::Pin;
