@@ -69,6 +69,12 @@ SCENARIOS = {
     "plain_c1": dict(title="Plain proxy, 1 connection (latency without queueing)", path="/json", conns=1),
     "agg3_c1": dict(title="Aggregate of 3 parallel calls, 1 connection (latency without queueing)",
                     path="/agg/three", conns=1, only=["gatehouse"]),
+    # The response cache (issue 15), every request a hit on one stored object: gatehouse's
+    # in-memory cache against nginx's proxy_cache (its standard cache: files under
+    # proxy_cache_path, in the page cache after the first read). The upstream is not asked
+    # after the warm-up. Goal: gatehouse's CPU per hit <= 0.8x nginx's.
+    "cache_hit": dict(title="Cache hit: GET ~200 B served from the cache (gatehouse memory, nginx proxy_cache), 64 connections",
+                      path="/cache/json", conns=64, only=["gatehouse", "nginx"]),
     "rl_redis": dict(title="Rate limit, Redis store (one script call per request, all admitted), 64 connections",
                      path="/rl/redis", conns=64, only=["gatehouse"], needs_redis=True),
 }
@@ -326,6 +332,19 @@ proxy = { service = "up", path = "/json" }
 """
 
 
+CACHE_ROUTES = """
+[frontend]
+name = "cache"
+path_prefix = "/cache"
+
+[[route]]
+name = "json"
+path = "/{*rest}"
+cache = { ttl = "1h" }
+proxy = { service = "up", path = "/json" }
+"""
+
+
 AGG_ROUTES = """
 [frontend]
 name = "agg"
@@ -357,6 +376,30 @@ def redis_up():
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def cache_memory(c, n=20000):
+    """What a stored object costs gatehouse beyond its body: RSS before and after n distinct
+    URLs of the cached route are stored, less their bodies, per object; and the weight the
+    cache itself counts (`/admin/cache`)."""
+    import http.client
+    import json as _json
+    before = rss_kib(c.pids())
+    conn = http.client.HTTPConnection("127.0.0.1", GH_PORT)
+    body_len = 0
+    for i in range(n):
+        conn.request("GET", f"/cache/json?object={i}")
+        r = conn.getresponse()
+        body_len = len(r.read())
+    conn.close()
+    time.sleep(1)
+    after = rss_kib(c.pids())
+    a = http.client.HTTPConnection("127.0.0.1", GH_ADMIN)
+    a.request("GET", "/admin/cache")
+    stats = _json.loads(a.getresponse().read())
+    a.close()
+    return dict(n=n, body=body_len, rss_per=(after - before) * 1024 / n - body_len,
+                weighed_per=stats["bytes"] / max(stats["urls"], 1), urls=stats["urls"])
 
 
 def mint_tokens():
@@ -413,6 +456,7 @@ proxy = { service = "up" }
     (WORK / "routes" / "jwt.toml").write_text(JWT_ROUTES)
     (WORK / "routes" / "rl.toml").write_text(RL_ROUTES)
     (WORK / "routes" / "agg.toml").write_text(AGG_ROUTES)
+    (WORK / "routes" / "cache.toml").write_text(CACHE_ROUTES)
     (WORK / "gateway-nojwt.toml").write_text((WORK / "gateway.toml").read_text())
     with open(WORK / "gateway.toml", "a") as f:
         f.write(JWT_CONFIG)
@@ -431,8 +475,20 @@ http {{
   client_body_temp_path {WORK}/nginx-body;
   proxy_temp_path {WORK}/nginx-proxy;
   upstream up {{ server 127.0.0.1:{UP_PORT}; keepalive 512; keepalive_requests 1000000; }}
+  proxy_cache_path {WORK}/nginx-cache keys_zone=bench:16m max_size=256m;
   server {{
     listen 127.0.0.1:{NGINX_PORT} backlog=4096;
+    # The cache_hit scenario: nginx's proxy_cache, as gatehouse's route cache = {{ ttl = "1h" }}.
+    location /cache/ {{
+      proxy_pass http://up/json;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache bench;
+      proxy_cache_valid 200 1h;
+      proxy_cache_lock on;
+      add_header X-Request-Id $request_id always;
+      add_header Cache-Status $upstream_cache_status always;
+    }}
     location / {{
       proxy_pass http://up;
       proxy_http_version 1.1;
@@ -454,6 +510,7 @@ http {{
     bare = "\n".join(l for l in bare.splitlines() if "X-Forwarded" not in l and "X-Request-Id" not in l)
     bare = bare.replace(f"listen 127.0.0.1:{NGINX_PORT}", f"listen 127.0.0.1:{NGINX_BARE_PORT}")
     bare = bare.replace(f"pid {WORK}/nginx.pid", f"pid {WORK}/nginx-bare.pid")
+    bare = bare.replace(f"{WORK}/nginx-cache keys_zone=bench", f"{WORK}/nginx-bare-cache keys_zone=bench")
     (WORK / "nginx-bare.conf").write_text(bare)
     (WORK / "haproxy.cfg").write_text(f"""
 global
@@ -585,6 +642,11 @@ def main():
                 results[sname][n]["cpu_best"] = min(x["cpu_us"] for x in rs)
                 results[sname][n]["cpu_reps"] = [x["cpu_us"] for x in rs]
 
+        cache_mem = None
+        if "cache_hit" in results and "gatehouse" in names:
+            cache_mem = cache_memory(all_contenders["gatehouse"])
+            print(f"  cache: {cache_mem['rss_per']:.0f} B of RSS per stored object beyond its {cache_mem['body']} B body "
+                  f"({cache_mem['urls']} URLs; weighed {cache_mem['weighed_per']:.0f} B each)", flush=True)
         # What each process still holds after the scenarios (memory its allocator kept from the
         # busiest moments, e.g. 2000 connections at once).
         after_rss = {c.name: rss_kib(c.pids()) for c in contenders} if results else {}
@@ -606,6 +668,11 @@ def main():
             c.stop()
 
     report = render(args, names, results, idle_rss, idle, after_rss)
+    if cache_mem:
+        report += (f"\n## Response cache memory\n\n{cache_mem['n']} distinct URLs of the cached route stored "
+                   f"({cache_mem['body']} B bodies): gatehouse's RSS grew by {cache_mem['rss_per']:.0f} B per object "
+                   f"beyond its body; the cache weighs each at {cache_mem['weighed_per']:.0f} B (body, headers, "
+                   "key and a fixed 256 B overhead), which is what `[cache] max_size` counts.\n")
     print("\n" + report)
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -154,3 +154,107 @@ impl Body for FillBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CacheConfig;
+    use crate::layers::cache::store::Join;
+    use http_body_util::BodyExt;
+
+    fn object() -> Object {
+        Object {
+            status: http::StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+            selected: Box::new([]),
+            identity: None,
+            cc: Default::default(),
+            timing: super::super::rules::Timing {
+                lifetime: std::time::Duration::from_secs(60),
+                initial_age: std::time::Duration::ZERO,
+            },
+            stored_at: tokio::time::Instant::now(),
+            stale_while_revalidate: std::time::Duration::ZERO,
+            stale_if_error: std::time::Duration::ZERO,
+        }
+    }
+
+    /// A body of `chunks`, one frame each, from a channel.
+    fn streamed(
+        chunks: usize,
+    ) -> (
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+        RespBody,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(chunks.max(1));
+        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let body = http_body_util::StreamBody::new(stream);
+        (
+            tx,
+            RespBody::Stream(http_body_util::combinators::BoxBody::new(body)),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_fill_stores_at_the_end_and_a_dropped_one_releases_its_waiters() {
+        let store = Arc::new(CacheStore::new(
+            &CacheConfig::default(),
+            &crate::observe::metrics::Metrics::new(),
+        ));
+        let (key, route): (Arc<str>, Arc<str>) = ("http://x/a".into(), "web/a".into());
+        // Completed: the waiter gets the stored object, with the whole body.
+        let Join::Lead(guard) = store.join(&key) else {
+            panic!("the first request leads")
+        };
+        let Join::Follow(flight) = store.join(&key) else {
+            panic!("the second one waits")
+        };
+        let waiter = tokio::spawn({
+            let (store, flight) = (store.clone(), flight.clone());
+            async move { flight.wait(&store).await }
+        });
+        let (tx, body) = streamed(2);
+        let filling = Filling::new(
+            store.clone(),
+            key.clone(),
+            route.clone(),
+            object(),
+            Some(guard),
+        );
+        let mut fill = FillBody::new(body, filling);
+        tx.send(Ok(Frame::data(Bytes::from("ab")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from("cd")))).await.unwrap();
+        drop(tx);
+        let all = (&mut fill).collect().await.unwrap().to_bytes();
+        assert_eq!(all, "abcd");
+        match waiter.await.unwrap() {
+            Some(Outcome::Stored(o)) => assert_eq!(o.body, "abcd"),
+            _ => panic!("the waiter is answered from the stored object"),
+        }
+        assert!(store.get(&key).is_some());
+        // Dropped half-read: nothing stored, the waiter asks the service itself.
+        let key2: Arc<str> = "http://x/b".into();
+        let Join::Lead(guard) = store.join(&key2) else {
+            panic!("a new flight")
+        };
+        let Join::Follow(flight) = store.join(&key2) else {
+            panic!("waits")
+        };
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { flight.wait(&store).await }
+        });
+        let (tx, body) = streamed(2);
+        let filling = Filling::new(store.clone(), key2.clone(), route, object(), Some(guard));
+        let mut fill = FillBody::new(body, filling);
+        tx.send(Ok(Frame::data(Bytes::from("half")))).await.unwrap();
+        let first = fill.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "half");
+        drop(fill);
+        assert!(matches!(waiter.await.unwrap(), Some(Outcome::NotStored)));
+        assert!(store.get(&key2).is_none());
+        // The flight ended: the next request leads again.
+        assert!(matches!(store.join(&key2), Join::Lead(_)));
+    }
+}
