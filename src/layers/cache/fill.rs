@@ -66,12 +66,14 @@ impl Filling {
             route,
             mut object,
             guard,
-            mut chunks,
+            chunks,
             size,
         } = self;
         object.body = match chunks.len() {
             0 => Bytes::new(),
-            1 => chunks.swap_remove(0),
+            // A copy of its own: a chunk is a slice of the buffer hyper read it into, which a
+            // stored slice would keep alive whole.
+            1 => Bytes::copy_from_slice(&chunks[0]),
             _ => {
                 let mut b = BytesMut::with_capacity(size);
                 for c in &chunks {

