@@ -263,11 +263,17 @@ async fn cache_purge(
         )
             .into_response();
     }
+    // What the shared tier purges alongside: (key or prefix, exact, route).
+    let shared: (String, bool, Option<&str>);
     let purged = if let Some(url) = &p.url {
         match crate::layers::cache::key::from_url(url, |p| {
             crate::routing::normalize(p).ok().map(|c| c.into_owned())
         }) {
-            Some(key) => store.purge(|k, _| k == key),
+            Some(key) => {
+                let n = store.purge(|k, _| k == key);
+                shared = (key, true, None);
+                n
+            }
             None => {
                 return (
                     StatusCode::BAD_REQUEST,
@@ -278,12 +284,26 @@ async fn cache_purge(
         }
     } else if let Some(prefix) = &p.prefix {
         let prefix = crate::layers::cache::key::prefix_of(prefix);
-        store.purge(|k, _| k.starts_with(&prefix))
+        let n = store.purge(|k, _| k.starts_with(&prefix));
+        shared = (prefix, false, None);
+        n
     } else if let Some(route) = &p.route {
+        shared = (String::new(), false, Some(route.as_str()));
         store.purge(|_, v| &*v.route == route.as_str())
     } else {
+        shared = (String::new(), false, None);
         store.purge(|_, _| true)
     };
     store.settle();
-    Json(json!({"purged": purged})).into_response()
+    let Some(tier) = &store.shared else {
+        return Json(json!({"purged": purged})).into_response();
+    };
+    match tier.purge(&shared.0, shared.1, shared.2).await {
+        Ok(n) => Json(json!({"purged": purged, "purged_shared": n})).into_response(),
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            Json(json!({"purged": purged, "error": "shared_tier_failed", "detail": format!("the Redis tier was not purged: {e}")})),
+        )
+            .into_response(),
+    }
 }

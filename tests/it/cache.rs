@@ -714,7 +714,85 @@ fn cache_config_mistakes_are_located() {
         "[frontend]\nname = \"web\"\n",
     );
     assert!(
-        e.contains("gateway.toml:5") && e.contains("`redis` tier"),
+        e.contains("gateway.toml:5") && e.contains("needs a [redis] table"),
         "{e}"
     );
+    let e = compile_errors(
+        &format!("{gw}\n[cache]\ntiers = [\"redis\"]\n"),
+        "web.toml",
+        "[frontend]\nname = \"web\"\n",
+    );
+    assert!(e.contains("tiers must hold \"memory\""), "{e}");
+}
+
+/// Two gateways of a fleet share the Redis tier: what one stored, the other serves without
+/// asking the service; purges reach Redis; a gateway whose Redis is unreachable still caches
+/// in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_tier_is_shared_by_a_fleet_and_optional_when_down() {
+    assert!(
+        std::net::TcpStream::connect("127.0.0.1:6379").is_ok(),
+        "Redis is required for this test at 127.0.0.1:6379 (.ci/run starts it)"
+    );
+    let up = scripted(|path, _, n| {
+        with(
+            text(200, format!("{path} {n}")),
+            &[("cache-control", "max-age=600")],
+        )
+    })
+    .await;
+    let gwt = |redis: &str| {
+        gateway_toml(
+            "",
+            &format!(
+                "[services.svc]\nendpoints = [\"{}\"]\n\n[redis]\nurl = \"{redis}\"\ntimeout = \"200ms\"\n\n[cache]\ntiers = [\"memory\", \"redis\"]\n",
+                up.url()
+            ),
+        )
+    };
+    let routes = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\ncache = true\nproxy = { service = \"svc\" }\n";
+    let a = TestGateway::start(&gwt("redis://127.0.0.1:6379"), &[("web.toml", routes)]).await;
+    let b = TestGateway::start(&gwt("redis://127.0.0.1:6379"), &[("web.toml", routes)]).await;
+    // One public host name for the fleet, new on every run (Redis outlives test runs).
+    let host = format!("shop-{}.test", std::process::id());
+    let h = [("host", host.as_str())];
+    assert_eq!(req("GET", &a.url("/p"), &h).await.text(), "/p 1");
+    let mut from_b = None;
+    for _ in 0..50 {
+        // The write to Redis is in the background: b may miss until it lands.
+        let r = req("GET", &b.url("/p"), &h).await;
+        if r.text() == "/p 1" {
+            from_b = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = from_b.expect("gateway b serves what gateway a stored");
+    assert!(
+        r.header("cache-status").contains("hit"),
+        "{}",
+        r.header("cache-status")
+    );
+    assert_eq!(up.requests(), 1, "b did not ask the service");
+    let m = get(&b.admin_url("/metrics")).await.text();
+    assert!(
+        m.contains(r#"gatehouse_cache_total{result="shared",route="web/all"}"#),
+        "{m}"
+    );
+    // A purge on a drops the URL from Redis too: a third gateway misses.
+    let r = req(
+        "POST",
+        &a.admin_url(&format!("/admin/cache/purge?prefix=http://{host}/")),
+        &[],
+    )
+    .await;
+    assert_eq!(r.json()["purged_shared"], 1, "{}", r.text());
+    let c = TestGateway::start(&gwt("redis://127.0.0.1:6379"), &[("web.toml", routes)]).await;
+    assert_eq!(req("GET", &c.url("/p"), &h).await.text(), "/p 2");
+    // Redis unreachable: the memory tier still caches.
+    let dead = closed_port().await;
+    let d = TestGateway::start(&gwt(&format!("redis://{dead}")), &[("web.toml", routes)]).await;
+    assert_eq!(req("GET", &d.url("/q"), &h).await.text(), "/q 1");
+    assert_eq!(req("GET", &d.url("/q"), &h).await.text(), "/q 1");
+    assert_eq!(up.requests(), 3);
 }

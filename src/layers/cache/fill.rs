@@ -203,6 +203,7 @@ mod tests {
         let store = Arc::new(CacheStore::new(
             &CacheConfig::default(),
             &crate::observe::metrics::Metrics::new(),
+            None,
         ));
         let (key, route): (Arc<str>, Arc<str>) = ("http://x/a".into(), "web/a".into());
         // Completed: the waiter gets the stored object, with the whole body.

@@ -101,7 +101,9 @@ pub(crate) fn selected_by(selected: &Selected, headers: &HeaderMap) -> bool {
     })
 }
 
-/// Fuzzing entry: any query and host make a key, the same each time, without panicking.
+/// Fuzzing entry: any query and host make a key, the same each time, without panicking; any
+/// header value is parsed as Cache-Control, Expires and Age; any bytes are read as a shared
+/// tier's object.
 pub(crate) fn fuzz_key(data: &[u8]) {
     let s = String::from_utf8_lossy(data);
     let (host, rest) = s.split_once('/').unwrap_or((&s, ""));
@@ -132,6 +134,7 @@ pub(crate) fn fuzz_key(data: &[u8]) {
         per_identity: false,
     };
     let _ = super::rules::storable(http::StatusCode::OK, &cc, &d, false, &a, now, now);
+    super::shared::fuzz_decode(data);
 }
 
 #[cfg(test)]

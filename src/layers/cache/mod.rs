@@ -22,6 +22,7 @@ mod fill;
 mod forward;
 pub(crate) mod key;
 pub(crate) mod rules;
+pub(crate) mod shared;
 pub(crate) mod store;
 
 use std::future::Future;
@@ -47,14 +48,22 @@ use tower::{Service, ServiceExt};
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// `gatehouse_cache_total`'s results, in the order of `RouteCache::results`.
-pub(crate) const RESULTS: [&str; 6] =
-    ["hit", "miss", "stale", "revalidated", "coalesced", "bypass"];
+pub(crate) const RESULTS: [&str; 7] = [
+    "hit",
+    "miss",
+    "stale",
+    "revalidated",
+    "coalesced",
+    "bypass",
+    "shared",
+];
 const HIT: usize = 0;
 const MISS: usize = 1;
 const STALE: usize = 2;
 const REVALIDATED: usize = 3;
 const COALESCED: usize = 4;
 const BYPASS: usize = 5;
+const SHARED: usize = 6;
 
 /// A route's cache settings, compiled.
 pub(crate) struct RouteCache {
@@ -69,7 +78,7 @@ pub(crate) struct RouteCache {
     pub(crate) key_query: Option<Box<[Box<str>]>>,
     /// `private` responses are stored per identity (the route has authentication).
     pub(crate) per_identity: bool,
-    pub(crate) results: [prometheus::IntCounter; 6],
+    pub(crate) results: [prometheus::IntCounter; 7],
 }
 
 /// The cache layer of one route.
@@ -138,7 +147,17 @@ async fn serve<S: Inner>(
     let Some(exchange) = req.extensions().get::<Exchange>().cloned() else {
         return inner.clone().oneshot(req).await;
     };
-    let lookup = rc.lookup(&exchange, req.headers());
+    let mut lookup = rc.lookup(&exchange, req.headers());
+    // Not in this gateway's memory: what another gateway of the fleet stored, if any.
+    if lookup.found.is_none() {
+        if let Some(v) = rc.store.fetch_shared(&lookup.key).await {
+            lookup.url_known = true;
+            lookup.found = v.find(req.headers(), lookup.identity.as_deref()).cloned();
+            if lookup.found.is_some() {
+                rc.count(SHARED);
+            }
+        }
+    }
     let now = Instant::now();
     if let Some(obj) = &lookup.found {
         if rd.no_store {
@@ -308,39 +327,36 @@ pub(crate) fn build_store(
     metrics: &crate::observe::metrics::Metrics,
     errors: &mut crate::config::ConfigErrors,
 ) -> Option<Arc<CacheStore>> {
+    use crate::config::Tier;
     let default = crate::config::CacheConfig::default();
     let cfg = loaded
         .gateway
         .cache
         .as_ref()
         .map_or(&default, |c| c.get_ref());
+    let gfile = &loaded.gateway_file;
     let mut ok = true;
-    for t in cfg.tiers.get_ref() {
-        if *t.get_ref() == crate::config::Tier::Redis {
-            ok = false;
-            errors.push(loaded.gateway_file.error_at(
-                t.span(),
-                "[cache] tiers: the `redis` tier is not available in this version; use [\"memory\"]"
-                    .to_owned(),
-            ));
-        }
-    }
-    if !cfg
-        .tiers
-        .get_ref()
-        .iter()
-        .any(|t| *t.get_ref() == crate::config::Tier::Memory)
-    {
+    let tiers = cfg.tiers.get_ref();
+    let wants_redis = tiers.iter().any(|t| *t.get_ref() == Tier::Redis);
+    if !tiers.iter().any(|t| *t.get_ref() == Tier::Memory) {
         ok = false;
-        errors.push(loaded.gateway_file.error_at(
+        errors.push(gfile.error_at(
             cfg.tiers.span(),
-            "[cache] tiers must hold \"memory\"".to_owned(),
+            "[cache] tiers must hold \"memory\" (a hit is answered from memory; \"redis\" is shared behind it)"
+                .to_owned(),
+        ));
+    }
+    if wants_redis && loaded.gateway.redis.is_none() {
+        ok = false;
+        errors.push(gfile.error_at(
+            cfg.tiers.span(),
+            "[cache] tiers: the `redis` tier needs a [redis] table".to_owned(),
         ));
     }
     if cfg.max_object_size.0 > cfg.max_size.0 {
         ok = false;
         let span = loaded.gateway.cache.as_ref().map_or(0..0, |c| c.span());
-        errors.push(loaded.gateway_file.error_at(
+        errors.push(gfile.error_at(
             span,
             "[cache] max_object_size is larger than max_size".to_owned(),
         ));
@@ -348,8 +364,33 @@ pub(crate) fn build_store(
     if !ok {
         return None;
     }
-    let built = resources.reuse_or_build(previous, "cache", cfg, |_| {
-        Ok::<_, ()>(CacheStore::new(cfg, metrics))
+    // Rebuilt when [cache] changes, or the [redis] its shared tier uses.
+    let redis = if wants_redis {
+        resources.get::<crate::layers::rate_limit::redis::RedisStore>("redis")
+    } else {
+        None
+    };
+    if wants_redis && redis.is_none() {
+        // [redis] itself failed to build; its error is reported where it is.
+        return None;
+    }
+    let key = StoreKey {
+        cache: cfg.clone(),
+        redis: redis
+            .as_ref()
+            .and(loaded.gateway.redis.as_ref())
+            .map(|r| r.get_ref().clone()),
+    };
+    let built = resources.reuse_or_build(previous, "cache", &key, |_| {
+        let shared = redis.map(|redis| shared::SharedTier { redis });
+        Ok::<_, ()>(CacheStore::new(cfg, metrics, shared))
     });
     built.ok().map(|(s, _)| s)
+}
+
+/// What a cache store is rebuilt on.
+#[derive(Clone, PartialEq)]
+struct StoreKey {
+    cache: crate::config::CacheConfig,
+    redis: Option<crate::config::RedisConfig>,
 }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use super::key::{selected_by, Selected};
 use super::rules::{ResponseDirectives, Timing};
+use super::shared::SharedTier;
 use crate::config::CacheConfig;
 use crate::observe::metrics::Metrics;
 
@@ -197,10 +198,12 @@ pub(crate) struct CacheStore {
     pub(crate) max_waiters: usize,
     bytes: prometheus::IntGauge,
     count: prometheus::IntGauge,
+    /// The Redis tier, with `tiers = ["memory", "redis"]`.
+    pub(crate) shared: Option<SharedTier>,
 }
 
 impl CacheStore {
-    pub(crate) fn new(c: &CacheConfig, metrics: &Metrics) -> Self {
+    pub(crate) fn new(c: &CacheConfig, metrics: &Metrics, shared: Option<SharedTier>) -> Self {
         let (bytes, count, evictions) = (
             metrics.cache_bytes.clone(),
             metrics.cache_objects.clone(),
@@ -228,6 +231,7 @@ impl CacheStore {
             max_waiters: c.max_waiters,
             bytes,
             count,
+            shared,
         }
     }
 
@@ -252,14 +256,36 @@ impl CacheStore {
             route: route.clone(),
             list: list.into(),
         });
+        if let Some(s) = &self.shared {
+            s.put(key, &v);
+        }
+        self.hold(key, v);
+    }
+
+    fn hold(&self, key: &Arc<str>, v: Arc<Variants>) {
         self.bytes.add(i64::from(v.weight(key)));
         self.count.inc();
         self.objects.insert(key.clone(), v);
     }
 
-    /// Drops every variant of `key`.
+    /// What the shared tier holds for `key`, now also held in memory (`None` without a shared
+    /// tier, or when it holds nothing usable or does not answer in time).
+    pub(crate) async fn fetch_shared(&self, key: &Arc<str>) -> Option<Arc<Variants>> {
+        let fetched = self.shared.as_ref()?.get(key).await?;
+        let v = Arc::new(Variants {
+            route: fetched.route,
+            list: fetched.objects.into(),
+        });
+        self.hold(key, v.clone());
+        Some(v)
+    }
+
+    /// Drops every variant of `key` (in the shared tier too).
     pub(crate) fn remove(&self, key: &str) {
         self.objects.invalidate(key);
+        if let Some(s) = &self.shared {
+            s.remove(key);
+        }
     }
 
     /// Drops every URL `matches` selects; how many.

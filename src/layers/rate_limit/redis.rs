@@ -195,12 +195,18 @@ impl RedisStore {
         switched
     }
 
-    fn succeeded(&self) {
+    fn succeeded(&self, what: &str) {
         if self.retry_at.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
             self.retry_at.store(0, Ordering::Release);
-            tracing::info!("rate limit store (Redis) is reachable again");
+            tracing::info!("{what} (Redis) is reachable again");
         }
+    }
+
+    /// The connection, for callers with deadlines of their own (admin purges); `None` outside
+    /// a runtime.
+    pub(crate) fn connection(&self) -> Option<ConnectionManager> {
+        self.conn.clone()
     }
 
     /// Whether the store answered its last call.
@@ -215,6 +221,30 @@ impl RedisStore {
         key: &Raw<'_>,
         args: &WindowArgs,
     ) -> Result<Outcome, StoreError> {
+        let mut inv = self.script.key(redis_key(policy, key));
+        inv.arg(args.windows.len()).arg(args.ttl_ms);
+        for (field, us, burst) in &args.windows {
+            inv.arg(field.as_str()).arg(*us).arg(*burst);
+        }
+        let values: Vec<i64> = self
+            .call("rate limit store", |mut conn| async move {
+                inv.invoke_async::<Vec<i64>>(&mut conn).await
+            })
+            .await?;
+        parse_reply(&values, args.windows.len()).ok_or(StoreError::Error)
+    }
+
+    /// Runs one call on the connection, within `[redis] timeout`, unless the store is down
+    /// (then only the probe of the current backoff interval calls). `what` names the user in
+    /// the log lines of a switch to down and back.
+    pub(crate) async fn call<T, F>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(ConnectionManager) -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         let Some(conn) = &self.conn else {
             return Err(StoreError::Down);
         };
@@ -222,31 +252,24 @@ impl RedisStore {
         if !self.may_call() {
             return Err(StoreError::Down);
         }
-        let mut inv = self.script.key(redis_key(policy, key));
-        inv.arg(args.windows.len()).arg(args.ttl_ms);
-        for (field, us, burst) in &args.windows {
-            inv.arg(field.as_str()).arg(*us).arg(*burst);
-        }
-        let mut conn = conn.clone();
-        let reply =
-            tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await;
-        let values = match reply {
-            Ok(Ok(v)) => v,
+        match tokio::time::timeout(self.timeout, f(conn.clone())).await {
+            Ok(Ok(v)) => {
+                self.succeeded(what);
+                Ok(v)
+            }
             Ok(Err(e)) => {
                 if self.failed(probe) {
-                    tracing::warn!(error = %e, "rate limit store (Redis) failed; on_store_failure applies until it answers again");
+                    tracing::warn!(error = %e, "{what} (Redis) failed; its fallback applies until it answers again");
                 }
-                return Err(StoreError::Error);
+                Err(StoreError::Error)
             }
             Err(_) => {
                 if self.failed(probe) {
-                    tracing::warn!(timeout = ?self.timeout, "rate limit store (Redis) timed out; on_store_failure applies until it answers again");
+                    tracing::warn!(timeout = ?self.timeout, "{what} (Redis) timed out; its fallback applies until it answers again");
                 }
-                return Err(StoreError::Timeout);
+                Err(StoreError::Timeout)
             }
-        };
-        self.succeeded();
-        parse_reply(&values, args.windows.len()).ok_or(StoreError::Error)
+        }
     }
 }
 
@@ -355,7 +378,7 @@ mod tests {
         s.failed(true);
         assert_eq!(s.failures.load(Ordering::Relaxed), 2);
         assert!(s.backoff(2) > s.backoff(1) && s.backoff(40) == 5000);
-        s.succeeded();
+        s.succeeded("test");
         assert!(s.is_up() && s.may_call());
         assert_eq!(s.failures.load(Ordering::Relaxed), 0);
     }
