@@ -87,10 +87,10 @@ pub(super) async fn forward<S: Inner>(
         .get::<crate::layers::fallback::Served>()
         .is_some();
     if is_fallback || failed(status) {
-        if let Some(g) = guard {
-            g.finish(Outcome::Failed);
-        }
         if let Some(obj) = stale {
+            if let Some(g) = guard {
+                g.finish(Outcome::Failed);
+            }
             rc.count(STALE);
             let status = format!(
                 "gatehouse; fwd=stale; fwd-status={}; ttl={}; detail=stale-if-error",
@@ -99,10 +99,17 @@ pub(super) async fn forward<S: Inner>(
             );
             return Ok(answer_to(obj, &client_conditions, false, now, &status));
         }
-        return Ok(with_status(
-            resp,
-            &format!("gatehouse; fwd={fwd}; fwd-status={}", status.as_u16()),
-        ));
+        // A fallback's answer is never stored; a 5xx from the service is, like any other
+        // answer, when it says it may be (explicit freshness).
+        if is_fallback {
+            if let Some(g) = guard {
+                g.finish(Outcome::Failed);
+            }
+            return Ok(with_status(
+                resp,
+                &format!("gatehouse; fwd={fwd}; fwd-status={}", status.as_u16()),
+            ));
+        }
     }
     let identity = lookup.identity.is_some();
     if status == StatusCode::NOT_MODIFIED {

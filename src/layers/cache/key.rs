@@ -90,15 +90,21 @@ pub(crate) fn select<'a>(
 }
 
 /// Whether a request has the header values a variant was selected by (§4.1: the same values,
-/// compared after trimming surrounding whitespace).
+/// compared as lists: whitespace around each member does not count).
 pub(crate) fn selected_by(selected: &Selected, headers: &HeaderMap) -> bool {
     selected.iter().all(|(name, want)| {
         let mut have = headers.get_all(name).iter();
-        want.iter().all(|w| {
-            have.next()
-                .is_some_and(|h| h.as_bytes().trim_ascii() == w.as_bytes().trim_ascii())
-        }) && have.next().is_none()
+        want.iter()
+            .all(|w| have.next().is_some_and(|h| same_list(h, w)))
+            && have.next().is_none()
     })
+}
+
+fn same_list(a: &HeaderValue, b: &HeaderValue) -> bool {
+    fn members(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+        v.as_bytes().split(|c| *c == b',').map(<[u8]>::trim_ascii)
+    }
+    a.as_bytes() == b.as_bytes() || members(a).eq(members(b))
 }
 
 /// Fuzzing entry: any query and host make a key, the same each time, without panicking; any
@@ -172,6 +178,14 @@ mod tests {
         b.insert("accept-language", HeaderValue::from_static("fr"));
         assert!(!selected_by(&sel, &b));
         assert!(!selected_by(&sel, &HeaderMap::new()), "absent is not `de`");
+        let mut list = HeaderMap::new();
+        list.append("accept-language", HeaderValue::from_static("de,fr"));
+        let sel_list = select(&list, names.iter());
+        list.insert("accept-language", HeaderValue::from_static("de , fr"));
+        assert!(
+            selected_by(&sel_list, &list),
+            "whitespace around members does not count"
+        );
         let none = select(&HeaderMap::new(), names.iter());
         assert!(selected_by(&none, &HeaderMap::new()));
     }

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
 /// RFC 9111 §1.2.2: a delta-seconds value too large to represent is taken as 2^31.
@@ -31,6 +31,10 @@ pub(crate) struct ResponseDirectives {
     pub(crate) proxy_revalidate: bool,
     pub(crate) stale_while_revalidate: Option<u64>,
     pub(crate) stale_if_error: Option<u64>,
+    /// `must-understand`: a cache that understands the status may store despite `no-store`.
+    pub(crate) must_understand: bool,
+    /// Read from `CDN-Cache-Control`: `Cache-Control` and `Expires` do not count.
+    pub(crate) targeted: bool,
 }
 
 /// The directives of a request's `Cache-Control` (and `Pragma: no-cache`).
@@ -47,9 +51,17 @@ pub(crate) struct RequestDirectives {
 
 /// Calls `f(name, value)` for each directive of every `Cache-Control` line, names lowercased,
 /// quoted values unquoted; commas inside quotes do not split.
-fn directives(headers: &HeaderMap, mut f: impl FnMut(&str, Option<&str>)) {
-    for line in headers.get_all(header::CACHE_CONTROL) {
+fn directives(headers: &HeaderMap, field: &HeaderName, mut f: impl FnMut(&str, Option<&str>)) {
+    for line in headers.get_all(field) {
         let Ok(s) = line.to_str() else { continue };
+        items(s, |name, value| f(name, value));
+    }
+}
+
+/// The comma-separated items of one field line (commas inside quotes do not split), names
+/// lowercased, quoted values unquoted.
+fn items(s: &str, mut f: impl FnMut(&str, Option<&str>)) {
+    {
         let mut rest = s;
         while !rest.is_empty() {
             // One directive: up to a comma outside quotes.
@@ -80,6 +92,99 @@ fn directives(headers: &HeaderMap, mut f: impl FnMut(&str, Option<&str>)) {
     }
 }
 
+/// `CDN-Cache-Control` (RFC 9213), the field a gateway at the edge follows instead of
+/// `Cache-Control` (and `Expires`) when a response carries it.
+pub(crate) static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
+
+/// Whether a `CDN-Cache-Control` line is a Structured Field dictionary (RFC 8941) whose
+/// freshness directives are integers; one that is not is ignored whole (RFC 9213 §2.1).
+fn targeted_valid(s: &str) -> bool {
+    let mut ok = true;
+    // Members, split outside quotes.
+    let mut in_quotes = false;
+    let mut escaped = false;
+    let mut start = 0;
+    let bytes = s.as_bytes();
+    let mut members = Vec::new();
+    for (i, &b) in bytes.iter().enumerate() {
+        if in_quotes {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_quotes = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_quotes = true,
+            b',' => {
+                members.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if in_quotes {
+        return false;
+    }
+    members.push(&s[start..]);
+    for m in members {
+        let m = m.trim_matches([' ', '\t']);
+        // The member's own key and value; parameters (`;k=v`) are checked for their keys.
+        let mut parts = m.split(';');
+        let head = parts.next().unwrap_or("");
+        let (key, value) = match head.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (head, None),
+        };
+        ok &= sf_key(key) && value.is_none_or(sf_bare_item);
+        if matches!(
+            key,
+            "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
+        ) {
+            ok &= value.is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+        }
+        for p in parts {
+            let p = p.trim_start_matches(' ');
+            let (k, v) = match p.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (p, None),
+            };
+            ok &= sf_key(k) && v.is_none_or(sf_bare_item);
+        }
+    }
+    ok
+}
+
+fn sf_key(k: &str) -> bool {
+    let mut b = k.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_lowercase() || c == b'*')
+        && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.*".contains(&c))
+}
+
+fn sf_bare_item(v: &str) -> bool {
+    let b = v.as_bytes();
+    match b.first() {
+        Some(b'"') => b.len() >= 2 && b[b.len() - 1] == b'"',
+        Some(b'?') => v == "?0" || v == "?1",
+        Some(b':') => b.len() >= 2 && b[b.len() - 1] == b':',
+        Some(c) if c.is_ascii_digit() || *c == b'-' => {
+            let digits = v.trim_start_matches('-');
+            let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+            !int.is_empty()
+                && int.len() <= 15
+                && int.bytes().all(|c| c.is_ascii_digit())
+                && frac.len() <= 3
+                && frac.bytes().all(|c| c.is_ascii_digit())
+        }
+        Some(c) if c.is_ascii_alphabetic() || *c == b'*' => v
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&c)),
+        _ => false,
+    }
+}
+
 /// A delta-seconds value: digits only; too large is 2^31; anything else is `None`.
 fn delta(v: Option<&str>) -> Option<u64> {
     let v = v?;
@@ -96,10 +201,23 @@ fn delta_or_zero(v: Option<&str>) -> u64 {
 }
 
 impl ResponseDirectives {
+    /// The directives this cache follows: `CDN-Cache-Control`'s when the response has a valid
+    /// one, else `Cache-Control`'s.
     pub(crate) fn parse(headers: &HeaderMap) -> Self {
-        let mut d = ResponseDirectives::default();
+        let cdn = headers.get_all(&CDN_CACHE_CONTROL);
+        let targeted =
+            cdn.iter().next().is_some() && cdn.iter().all(|v| v.to_str().is_ok_and(targeted_valid));
+        let field = if targeted {
+            &CDN_CACHE_CONTROL
+        } else {
+            &header::CACHE_CONTROL
+        };
+        let mut d = ResponseDirectives {
+            targeted,
+            ..ResponseDirectives::default()
+        };
         // The first occurrence of a repeated directive wins.
-        directives(headers, |name, value| match name {
+        directives(headers, field, |name, value| match name {
             "max-age" if d.max_age.is_none() => d.max_age = Some(delta_or_zero(value)),
             "s-maxage" if d.s_maxage.is_none() => d.s_maxage = Some(delta_or_zero(value)),
             "no-store" => d.no_store = true,
@@ -112,6 +230,7 @@ impl ResponseDirectives {
                 d.stale_while_revalidate = delta(value)
             }
             "stale-if-error" if d.stale_if_error.is_none() => d.stale_if_error = delta(value),
+            "must-understand" => d.must_understand = true,
             _ => {}
         });
         d
@@ -129,7 +248,7 @@ impl RequestDirectives {
     pub(crate) fn parse(headers: &HeaderMap) -> Self {
         let mut d = RequestDirectives::default();
         let mut any = false;
-        directives(headers, |name, value| {
+        directives(headers, &header::CACHE_CONTROL, |name, value| {
             any = true;
             match name {
                 "no-cache" => d.no_cache = true,
@@ -170,6 +289,14 @@ pub(crate) fn heuristically_cacheable(status: StatusCode) -> bool {
 fn understood(status: StatusCode) -> bool {
     let s = status.as_u16();
     (200..600).contains(&s) && s != 206 && s != 304
+}
+
+/// Statuses whose semantics are defined (RFC 9110 §15, and 429, 451), for `must-understand`.
+fn known(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200..=205 | 300..=303 | 305 | 307 | 308 | 400..=417 | 421 | 422 | 426 | 429 | 451 | 500..=505
+    )
 }
 
 /// What a route's settings and the store add to the RFC's rules.
@@ -236,7 +363,12 @@ pub(crate) fn storable(
     if !understood(status) {
         return Err(NotStorable::Status);
     }
-    if cc.no_store {
+    // §5.2.2.3: with `must-understand`, only a status whose semantics this cache knows is
+    // stored, and then `no-store` may be ignored.
+    if cc.must_understand && !known(status) {
+        return Err(NotStorable::Status);
+    }
+    if cc.no_store && !cc.must_understand {
         return Err(NotStorable::NoStore);
     }
     if cc.private && !a.per_identity {
@@ -263,7 +395,7 @@ pub(crate) fn storable(
         Some(Duration::from_secs(s))
     } else if let Some(m) = cc.max_age {
         Some(Duration::from_secs(m))
-    } else if headers.contains_key(header::EXPIRES) {
+    } else if !cc.targeted && headers.contains_key(header::EXPIRES) {
         // An invalid Expires (such as "0") is a time in the past (§5.3).
         Some(
             headers
@@ -310,7 +442,15 @@ pub(crate) fn initial_age(
 ) -> Duration {
     let age_value = headers
         .get(header::AGE)
-        .and_then(|v| delta(v.to_str().ok()))
+        // A list (`7200, 0`) counts by its first member.
+        .and_then(|v| {
+            delta(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.split(',').next())
+                    .map(str::trim),
+            )
+        })
         .map_or(Duration::ZERO, Duration::from_secs);
     let apparent = response_time.duration_since(date).unwrap_or(Duration::ZERO);
     let delay = response_time
@@ -330,9 +470,30 @@ pub(crate) fn vary_names(headers: &HeaderMap) -> impl Iterator<Item = String> + 
         .filter(|n| !n.is_empty())
 }
 
-/// An HTTP-date (IMF-fixdate, RFC 850 or asctime).
+/// An HTTP-date (IMF-fixdate, RFC 850 or asctime); names of days and months and `GMT` in any
+/// case (RFC 9110 §5.6.7 asks for them as written, but senders get it wrong).
 pub(crate) fn http_date(v: &HeaderValue) -> Option<SystemTime> {
-    httpdate::parse_http_date(v.to_str().ok()?.trim()).ok()
+    let s = v.to_str().ok()?.trim();
+    if let Ok(t) = httpdate::parse_http_date(s) {
+        return Some(t);
+    }
+    let mut fixed = String::with_capacity(s.len());
+    let mut word_start = true;
+    for c in s.chars() {
+        if c.is_ascii_alphabetic() {
+            fixed.push(if word_start {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            });
+            word_start = false;
+        } else {
+            fixed.push(c);
+            word_start = true;
+        }
+    }
+    let fixed = fixed.replace("Gmt", "GMT");
+    httpdate::parse_http_date(&fixed).ok()
 }
 
 /// Whether an entity tag in `If-None-Match` matches `etag` (weak comparison, RFC 9110 §13.1.2).
@@ -576,6 +737,61 @@ mod tests {
             Duration::from_secs(10),
             "apparent age"
         );
+    }
+
+    #[test]
+    fn cdn_cache_control_wins_when_valid_and_is_ignored_whole_when_not() {
+        let d = ResponseDirectives::parse(&h(&[
+            ("cdn-cache-control", "max-age=600"),
+            ("cache-control", "no-store"),
+        ]));
+        assert!(d.targeted && !d.no_store && d.max_age == Some(600));
+        // Expires does not count beside it.
+        let t = store(
+            200,
+            &[
+                ("cdn-cache-control", "private"),
+                ("cache-control", "max-age=60"),
+            ],
+            false,
+            &A,
+        );
+        assert_eq!(t, Err(NotStorable::Private));
+        for bad in [
+            "max-age=10000, &&&&&",
+            "max-age=\"10000\"",
+            "max-age=1;&x",
+            "\"open",
+        ] {
+            let d = ResponseDirectives::parse(&h(&[
+                ("cdn-cache-control", bad),
+                ("cache-control", "no-store"),
+            ]));
+            assert!(!d.targeted && d.no_store, "`{bad}` is ignored");
+        }
+        let d = ResponseDirectives::parse(&h(&[(
+            "cdn-cache-control",
+            "max-age=60, foo=\"a, b\";p=?1, bar=tok/1",
+        )]));
+        assert!(d.targeted && d.max_age == Some(60));
+    }
+
+    #[test]
+    fn must_understand_lifts_no_store_for_a_known_status_and_ages_take_the_first_member() {
+        assert!(store(
+            200,
+            &[("cache-control", "no-store, must-understand, max-age=60")],
+            false,
+            &A
+        )
+        .is_ok());
+        let headers = h(&[("age", "7200, 0")]);
+        assert_eq!(
+            initial_age(&headers, at(0), at(0), at(0)),
+            Duration::from_secs(7200)
+        );
+        let wrong_case = HeaderValue::from_static("wed, 02 DEC 2026 18:46:36 gmt");
+        assert!(http_date(&wrong_case).is_some());
     }
 
     #[test]
