@@ -796,3 +796,157 @@ async fn the_redis_tier_is_shared_by_a_fleet_and_optional_when_down() {
     assert_eq!(req("GET", &d.url("/q"), &h).await.text(), "/q 1");
     assert_eq!(up.requests(), 3);
 }
+
+/// stale-if-error for each way a service fails besides answering 5xx or being gone: a
+/// timeout, an open circuit, no healthy endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_covers_timeouts_open_circuits_and_no_healthy_endpoint() {
+    let broken = Arc::new(AtomicUsize::new(0));
+    let b = broken.clone();
+    let up = Upstream::start(move |req: Request<Incoming>| {
+        let broken = b.load(Ordering::SeqCst) == 1;
+        async move {
+            match (req.uri().path(), broken) {
+                ("/health", false) => text(200, "ok"),
+                ("/health", true) => text(500, "sick"),
+                ("/slow/x", true) => {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    text(200, "late")
+                }
+                (_, true) => text(500, "broken"),
+                (p, false) => with(
+                    text(200, format!("fresh {p}")),
+                    &[("cache-control", "max-age=0"), ("etag", "\"1\"")],
+                ),
+            }
+        }
+    })
+    .await;
+    let u = up.url();
+    let gwt = gateway_toml(
+        "",
+        &format!(
+            r#"[services.slow]
+endpoints = ["{u}"]
+timeout = "300ms"
+
+[services.breaker]
+endpoints = ["{u}"]
+[services.breaker.circuit_breaker]
+consecutive_failures = 1
+open_for = "1h"
+max_open_for = "1h"
+
+[services.health]
+endpoints = ["{u}"]
+[services.health.health_check]
+path = "/health"
+interval = "100ms"
+timeout = "100ms"
+unhealthy_threshold = 1
+"#
+        ),
+    );
+    let routes = r#"[frontend]
+name = "web"
+cache = { stale_if_error = "5m" }
+
+[[route]]
+name = "slow"
+path = "/slow/{*rest}"
+proxy = { service = "slow", path = "/slow/{rest}" }
+
+[[route]]
+name = "breaker"
+path = "/breaker/{*rest}"
+proxy = { service = "breaker", path = "/breaker/{rest}" }
+
+[[route]]
+name = "health"
+path = "/health-checked/{*rest}"
+proxy = { service = "health", path = "/h/{rest}" }
+"#;
+    let gw = TestGateway::start(&gwt, &[("web.toml", routes)]).await;
+    for p in ["/slow/x", "/breaker/x", "/health-checked/x"] {
+        assert!(get(&gw.url(p)).await.text().starts_with("fresh"), "{p}");
+    }
+    broken.store(1, Ordering::SeqCst);
+    let r = get(&gw.url("/slow/x")).await;
+    assert_eq!(r.text(), "fresh /slow/x", "a timeout: the stale object");
+    assert!(
+        r.header("cache-status").contains("fwd-status=504"),
+        "{}",
+        r.header("cache-status")
+    );
+    // The first failure (a 500) opens the circuit; the next request is refused by it (503).
+    get(&gw.url("/breaker/x")).await;
+    let r = get(&gw.url("/breaker/x")).await;
+    assert_eq!(
+        r.text(),
+        "fresh /breaker/x",
+        "an open circuit: the stale object"
+    );
+    assert!(
+        r.header("cache-status").contains("fwd-status=503"),
+        "{}",
+        r.header("cache-status")
+    );
+    // Once the health check has marked the only endpoint down: 503 no_healthy_endpoint.
+    eventually(10, "the health check marks the endpoint down", || {
+        let url = gw.url("/health-checked/x");
+        async move {
+            let r = get(&url).await;
+            r.text() == "fresh /h/x" && r.header("cache-status").contains("fwd-status=503")
+        }
+    })
+    .await;
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(
+        m.contains(r#"gatehouse_cache_total{result="stale",route="web/breaker"}"#),
+        "{m}"
+    );
+}
+
+/// The store holds at most max_size bytes: beyond it objects are evicted, counted, and the
+/// bytes gauge agrees with what the store holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_evicts_beyond_max_size_and_counts_what_it_holds() {
+    let up = Upstream::start(|_req| async {
+        with(
+            text(200, vec![b'z'; 2000]),
+            &[("cache-control", "max-age=600")],
+        )
+    })
+    .await;
+    let gw = gateway(
+        &up,
+        "[cache]\nmax_size = \"64KiB\"\nmax_object_size = \"8KiB\"\n",
+        "true",
+    )
+    .await;
+    for i in 0..100 {
+        assert_eq!(get(&gw.url(&format!("/o/{i}"))).await.body.len(), 2000);
+    }
+    let stats = get(&gw.admin_url("/admin/cache")).await.json();
+    let bytes = stats["bytes"].as_u64().unwrap();
+    assert!(bytes <= 64 * 1024, "{stats}");
+    assert!(stats["urls"].as_u64().unwrap() < 100, "{stats}");
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    let value = |name: &str| -> u64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+    };
+    assert!(value("gatehouse_cache_evictions_total") > 0);
+    assert_eq!(
+        value("gatehouse_cache_bytes "),
+        bytes,
+        "the gauge is what the store holds"
+    );
+    assert_eq!(
+        value("gatehouse_cache_objects "),
+        stats["urls"].as_u64().unwrap()
+    );
+}
