@@ -672,7 +672,7 @@ def main():
         report += (f"\n## Response cache memory\n\n{cache_mem['n']} distinct URLs of the cached route stored "
                    f"({cache_mem['body']} B bodies): gatehouse's RSS grew by {cache_mem['rss_per']:.0f} B per object "
                    f"beyond its body; the cache weighs each at {cache_mem['weighed_per']:.0f} B (body, headers, "
-                   "key and a fixed 256 B overhead), which is what `[cache] max_size` counts.\n")
+                   "key and a fixed 1 KiB overhead), which is what `[cache] max_size` counts.\n")
     print("\n" + report)
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -304,7 +304,13 @@ pub(super) fn refresh<S: Inner>(
     *bg.uri_mut() = req.uri().clone();
     *bg.version_mut() = req.version();
     *bg.headers_mut() = req.headers().clone();
-    bg.extensions_mut().insert(exchange.sub_request());
+    // On behalf of the same client: its identity decides what may be stored (§3.5) as for
+    // the request that found the object stale.
+    let sub = exchange.sub_request();
+    if let Some(id) = exchange.identity() {
+        sub.set_identity(id.clone());
+    }
+    bg.extensions_mut().insert(sub);
     let (rc, inner) = (rc.clone(), inner.clone());
     let lookup = Lookup {
         key: lookup.key.clone(),
