@@ -97,7 +97,6 @@ impl Problem {
     }
 
     /// Keeps the error that caused this, for the log (never shown to the client).
-    #[allow(dead_code)] // API of the seam: read by the layers and backends to come (auth, cache, aggregate, plugins)
     pub(crate) fn caused_by(mut self, e: impl Into<BoxError>) -> Self {
         self.source = Some(Arc::from(e.into()));
         self

@@ -789,12 +789,32 @@ async fn the_redis_tier_is_shared_by_a_fleet_and_optional_when_down() {
     assert_eq!(r.json()["purged_shared"], 1, "{}", r.text());
     let c = TestGateway::start(&gwt("redis://127.0.0.1:6379"), &[("web.toml", routes)]).await;
     assert_eq!(req("GET", &c.url("/p"), &h).await.text(), "/p 2");
+    // Redis accepts connections and never answers: a miss waits [redis] timeout at most, then
+    // the memory tier works alone (a hit never asks Redis).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            conns.push(s);
+        }
+    });
+    let s = TestGateway::start(
+        &gwt(&format!("redis://{silent_addr}")),
+        &[("web.toml", routes)],
+    )
+    .await;
+    assert_eq!(req("GET", &s.url("/s"), &h).await.text(), "/s 1");
+    let hit = req("GET", &s.url("/s"), &h).await;
+    assert_eq!(hit.text(), "/s 1");
+    assert!(hit.header("cache-status").contains("hit"));
+    held.abort();
     // Redis unreachable: the memory tier still caches.
     let dead = closed_port().await;
     let d = TestGateway::start(&gwt(&format!("redis://{dead}")), &[("web.toml", routes)]).await;
     assert_eq!(req("GET", &d.url("/q"), &h).await.text(), "/q 1");
     assert_eq!(req("GET", &d.url("/q"), &h).await.text(), "/q 1");
-    assert_eq!(up.requests(), 3);
+    assert_eq!(up.requests(), 4);
 }
 
 /// stale-if-error for each way a service fails besides answering 5xx or being gone: a
@@ -949,4 +969,64 @@ async fn the_store_evicts_beyond_max_size_and_counts_what_it_holds() {
         value("gatehouse_cache_objects "),
         stats["urls"].as_u64().unwrap()
     );
+}
+
+/// The coalescing bounds: waiters give up after `lock_timeout` and ask the service
+/// themselves; beyond `max_waiters` requests do not wait at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_is_bounded_by_lock_timeout_and_max_waiters() {
+    let up = Upstream::start(|_req| async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        with(text(200, "slow"), &[("cache-control", "max-age=600")])
+    })
+    .await;
+    let burst = |gw: &TestGateway, path: &str| {
+        let url = gw.url(path);
+        let calls: Vec<_> = (0..5)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { get(&url).await })
+            })
+            .collect();
+        async move {
+            for c in calls {
+                assert_eq!(c.await.unwrap().text(), "slow");
+            }
+        }
+    };
+    let gw = gateway(&up, "[cache]\nlock_timeout = \"100ms\"\n", "true").await;
+    burst(&gw, "/t").await;
+    assert_eq!(
+        up.requests(),
+        5,
+        "each waiter gave up after 100 ms and asked the service"
+    );
+    let gw = gateway(&up, "[cache]\nmax_waiters = 1\n", "true").await;
+    burst(&gw, "/w").await;
+    assert_eq!(
+        up.requests(),
+        5 + 4,
+        "the leader and one waiter share a request; three do not wait"
+    );
+}
+
+/// An error answer of a cached route carries Cache-Status too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_of_a_cached_route_carry_cache_status() {
+    let dead = closed_port().await;
+    let gwt = gateway_toml(
+        "",
+        &format!("[services.svc]\nendpoints = [\"http://{dead}\"]\n"),
+    );
+    let routes = "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"all\"\npath = \"/{*rest}\"\ncache = true\nproxy = { service = \"svc\" }\n";
+    let gw = TestGateway::start(&gwt, &[("web.toml", routes)]).await;
+    let r = get(&gw.url("/x")).await;
+    assert_problem(&r, 502, "upstream_connect_failed");
+    assert_eq!(
+        r.header("cache-status"),
+        "gatehouse; fwd=uri-miss; fwd-status=502"
+    );
+    let r = req("GET", &gw.url("/x"), &[("cache-control", "only-if-cached")]).await;
+    assert_problem(&r, 504, "not_cached");
+    assert!(r.header("cache-status").contains("only-if-cached"));
 }

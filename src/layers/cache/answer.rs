@@ -134,3 +134,15 @@ pub(super) fn with_status(mut resp: Response<RespBody>, status: &str) -> Respons
 pub(super) fn status_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("gatehouse"))
 }
+
+/// A failure of the stack below, carrying the cache's `Cache-Status` to the error response
+/// (the problem is the same; the original error stays its source, for the log).
+pub(super) fn failed_with_status(
+    e: crate::error::BoxError,
+    status: &str,
+) -> crate::error::BoxError {
+    let p = crate::error::classify(&*e)
+        .header(CACHE_STATUS.clone(), status_value(status))
+        .caused_by(e);
+    Box::new(p)
+}

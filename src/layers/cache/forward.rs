@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::answer::{
-    answer_to, conditions_match, not_modified, status_value, take_conditions, with_status,
+    answer_to, conditions_match, failed_with_status, not_modified, status_value, take_conditions,
+    with_status,
 };
 use super::fill::{FillBody, Filling};
 use super::rules::{self, ResponseDirectives};
@@ -77,7 +78,8 @@ pub(super) async fn forward<S: Inner>(
             if let Some(g) = guard {
                 g.finish(Outcome::Failed);
             }
-            return Err(e);
+            let status = format!("gatehouse; fwd={fwd}; fwd-status={}", p.status.as_u16());
+            return Err(failed_with_status(e, &status));
         }
         Ok(resp) => resp,
     };
@@ -336,7 +338,11 @@ pub(super) async fn other_method<S: Inner>(
     let safe = matches!(*req.method(), Method::OPTIONS | Method::TRACE);
     let exchange = req.extensions().get::<Exchange>().cloned();
     rc.count(BYPASS);
-    let resp = inner.clone().oneshot(req).await?;
+    let resp = inner
+        .clone()
+        .oneshot(req)
+        .await
+        .map_err(|e| failed_with_status(e, "gatehouse; fwd=method"))?;
     let ok = resp.status().is_success() || resp.status().is_redirection();
     if let (false, true, Some(x)) = (safe, ok, exchange) {
         rc.store.remove(&rc.key(&x));

@@ -30,7 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
@@ -38,7 +38,7 @@ use crate::backend::RespBody;
 use crate::body::ReqBody;
 use crate::context::{Exchange, Identity};
 use crate::error::{BoxError, Problem};
-use answer::{answer, with_status};
+use answer::{answer, failed_with_status, with_status};
 use forward::{forward, other_method, refresh};
 use rules::{Assumptions, RequestDirectives};
 pub(crate) use store::CacheStore;
@@ -183,6 +183,10 @@ async fn serve<S: Inner>(
             "not_cached",
             "No stored response can answer this only-if-cached request",
         )
+        .header(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static("gatehouse; fwd=miss; detail=only-if-cached"),
+        )
         .into());
     }
     let fwd = if rd.no_cache || rd.no_store {
@@ -198,8 +202,13 @@ async fn serve<S: Inner>(
     // or a client that asked for nothing to be stored.
     if method == Method::HEAD || req.headers().contains_key(header::RANGE) || rd.no_store {
         rc.count(BYPASS);
-        let resp = inner.clone().oneshot(req).await?;
-        return Ok(with_status(resp, &format!("gatehouse; fwd={fwd}")));
+        let status = format!("gatehouse; fwd={fwd}");
+        let resp = inner
+            .clone()
+            .oneshot(req)
+            .await
+            .map_err(|e| failed_with_status(e, &status))?;
+        return Ok(with_status(resp, &status));
     }
     match rc.store.join(&lookup.key) {
         Join::Lead(guard) => {
