@@ -24,6 +24,7 @@ pub(crate) mod key;
 pub(crate) mod rules;
 pub(crate) mod shared;
 pub(crate) mod store;
+mod targeted;
 
 use std::future::Future;
 use std::pin::Pin;
