@@ -17,8 +17,10 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::Full;
 
+use crate::body::ReqBody;
 use crate::error::BoxError;
 pub(crate) use crate::upstream::UpstreamBody;
+use http::{Request, Response};
 
 /// A response body: an upstream's stream, bytes the gateway made, or a stream a layer made of
 /// another (the cache filling an object as the client reads it). An enum over concrete types,
@@ -28,6 +30,30 @@ pub(crate) enum RespBody {
     Upstream(UpstreamBody),
     Full(Full<Bytes>),
     Stream(BoxBody<Bytes, BoxError>),
+}
+
+/// What a route's stack (and each backend) is: a tower service of the gateway's request and
+/// response bodies, cheap to clone and shareable between workers.
+pub(crate) trait RouteStack:
+    tower::Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> RouteStack for S where
+    S: tower::Service<
+            Request<ReqBody>,
+            Response = Response<RespBody>,
+            Error = BoxError,
+            Future: Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
 }
 
 /// A response body the gateway produced itself.

@@ -15,6 +15,7 @@ use http::{Request, Response};
 use tower::{Service, ServiceExt};
 
 use crate::backend::RespBody;
+pub(crate) use crate::backend::RouteStack;
 use crate::body::ReqBody;
 use crate::context::RouteInfo;
 use crate::error::BoxError;
@@ -49,26 +50,6 @@ pub(crate) struct RouteService(Arc<dyn Stack>);
 /// A built stack, type-erased.
 trait Stack: Send + Sync {
     fn call(&self, req: Request<ReqBody>) -> RouteCall;
-}
-
-/// What a route's stack (and each backend) is: a tower service of the gateway's request and
-/// response bodies, cheap to clone and shareable between workers.
-pub(crate) trait RouteStack:
-    Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError, Future: Send>
-    + Clone
-    + Send
-    + Sync
-    + 'static
-{
-}
-
-impl<S> RouteStack for S where
-    S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError, Future: Send>
-        + Clone
-        + Send
-        + Sync
-        + 'static
-{
 }
 
 impl<S: RouteStack> Stack for S {

@@ -44,7 +44,7 @@ use forward::{forward, other_method, refresh};
 use rules::{Assumptions, RequestDirectives};
 pub(crate) use store::CacheStore;
 use store::{Join, Object, Outcome};
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
@@ -101,23 +101,7 @@ impl CacheLayer {
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError>> + Send>>;
 
 /// The stack below the cache (the erased rest of the route).
-pub(crate) trait Inner:
-    Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError, Future: Send>
-    + Clone
-    + Send
-    + Sync
-    + 'static
-{
-}
-
-impl<S> Inner for S where
-    S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError, Future: Send>
-        + Clone
-        + Send
-        + Sync
-        + 'static
-{
-}
+pub(crate) use crate::backend::RouteStack as Inner;
 
 /// What a request looked up.
 struct Lookup {
