@@ -263,17 +263,13 @@ async fn cache_purge(
         )
             .into_response();
     }
-    // What the shared tier purges alongside: (key or prefix, exact, route).
-    let shared: (String, bool, Option<&str>);
-    let purged = if let Some(url) = &p.url {
+    // Which keys (or which prefix) and route: in memory by `matches`, in Redis by the same
+    // key or prefix, exact or not.
+    let (key, exact, route): (String, bool, Option<&str>) = if let Some(url) = &p.url {
         match crate::layers::cache::key::from_url(url, |p| {
             crate::routing::normalize(p).ok().map(|c| c.into_owned())
         }) {
-            Some(key) => {
-                let n = store.purge(|k, _| k == key);
-                shared = (key, true, None);
-                n
-            }
+            Some(key) => (key, true, None),
             None => {
                 return (
                     StatusCode::BAD_REQUEST,
@@ -283,24 +279,25 @@ async fn cache_purge(
             }
         }
     } else if let Some(prefix) = &p.prefix {
-        let prefix = crate::layers::cache::key::prefix_of(prefix);
-        let n = store.purge(|k, _| k.starts_with(&prefix));
-        shared = (prefix, false, None);
-        n
-    } else if let Some(route) = &p.route {
-        shared = (String::new(), false, Some(route.as_str()));
-        store.purge(|_, v| &*v.route == route.as_str())
+        (crate::layers::cache::key::prefix_of(prefix), false, None)
     } else {
-        shared = (String::new(), false, None);
-        store.purge(|_, _| true)
+        (String::new(), false, p.route.as_deref())
     };
+    let matches = |k: &str, v: &crate::layers::cache::store::Variants| {
+        (if exact { k == key } else { k.starts_with(&key) }) && route.is_none_or(|r| v.of_route(r))
+    };
+    // Redis first: a miss in memory meanwhile may read an object back from Redis, and the
+    // memory purge after it drops that too.
+    let shared = match &store.shared {
+        Some(tier) => Some(tier.purge(&key, exact, route).await),
+        None => None,
+    };
+    let purged = store.purge(matches);
     store.settle();
-    let Some(tier) = &store.shared else {
-        return Json(json!({"purged": purged})).into_response();
-    };
-    match tier.purge(&shared.0, shared.1, shared.2).await {
-        Ok(n) => Json(json!({"purged": purged, "purged_shared": n})).into_response(),
-        Err(e) => (
+    match shared {
+        None => Json(json!({"purged": purged})).into_response(),
+        Some(Ok(n)) => Json(json!({"purged": purged, "purged_shared": n})).into_response(),
+        Some(Err(e)) => (
             StatusCode::BAD_GATEWAY,
             Json(json!({"purged": purged, "error": "shared_tier_failed", "detail": format!("the Redis tier was not purged: {e}")})),
         )

@@ -789,6 +789,20 @@ async fn the_redis_tier_is_shared_by_a_fleet_and_optional_when_down() {
     assert_eq!(r.json()["purged_shared"], 1, "{}", r.text());
     let c = TestGateway::start(&gwt("redis://127.0.0.1:6379"), &[("web.toml", routes)]).await;
     assert_eq!(req("GET", &c.url("/p"), &h).await.text(), "/p 2");
+    // A successful PUT on c invalidates the URL in Redis before it answers: a's next miss
+    // (its memory purged above) does not read the old copy back.
+    assert_eq!(
+        req("GET", &a.url("/p"), &h).await.text(),
+        "/p 2",
+        "from Redis, stored by c"
+    );
+    assert_eq!(req("PUT", &c.url("/p"), &h).await.status, 200);
+    let d2 = TestGateway::start(&gwt("redis://127.0.0.1:6379"), &[("web.toml", routes)]).await;
+    assert_eq!(
+        req("GET", &d2.url("/p"), &h).await.text(),
+        "/p 4",
+        "not the invalidated copy"
+    );
     // Redis accepts connections and never answers: a miss waits [redis] timeout at most, then
     // the memory tier works alone (a hit never asks Redis).
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -814,7 +828,7 @@ async fn the_redis_tier_is_shared_by_a_fleet_and_optional_when_down() {
     let d = TestGateway::start(&gwt(&format!("redis://{dead}")), &[("web.toml", routes)]).await;
     assert_eq!(req("GET", &d.url("/q"), &h).await.text(), "/q 1");
     assert_eq!(req("GET", &d.url("/q"), &h).await.text(), "/q 1");
-    assert_eq!(up.requests(), 4);
+    assert_eq!(up.requests(), 6);
 }
 
 /// stale-if-error for each way a service fails besides answering 5xx or being gone: a
@@ -1029,4 +1043,87 @@ async fn errors_of_a_cached_route_carry_cache_status() {
     let r = req("GET", &gw.url("/x"), &[("cache-control", "only-if-cached")]).await;
     assert_problem(&r, 504, "not_cached");
     assert!(r.header("cache-status").contains("only-if-cached"));
+}
+
+/// Two routes may serve one URL, told apart by a header: each answers only with what it
+/// stored. A client asking for `max-age=0` is not given a stale copy while it is refreshed.
+/// Preconditions do not turn a stored 404 into a 304.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_keep_their_own_objects_and_client_freshness_limits_hold() {
+    let up = scripted(|path, headers, n| {
+        let who = if headers.contains_key("x-internal") {
+            "internal"
+        } else {
+            "public"
+        };
+        match path {
+            "/missing" => with(
+                text(404, "nope"),
+                &[("cache-control", "max-age=60"), ("etag", "\"m\"")],
+            ),
+            "/swr" => with(
+                text(200, format!("swr {n}")),
+                &[
+                    ("cache-control", "max-age=0, stale-while-revalidate=60"),
+                    ("etag", "\"s\""),
+                ],
+            ),
+            _ => with(
+                text(200, format!("{who} {n}")),
+                &[("cache-control", "public, max-age=60")],
+            ),
+        }
+    })
+    .await;
+    let gwt = gateway_toml(
+        "",
+        &format!("[services.svc]\nendpoints = [\"{}\"]\n", up.url()),
+    );
+    let routes = r#"[frontend]
+name = "web"
+cache = true
+
+[[route]]
+name = "internal"
+path = "/{*rest}"
+headers = { "x-internal" = "1" }
+proxy = { service = "svc" }
+
+[[route]]
+name = "public"
+path = "/{*rest}"
+proxy = { service = "svc" }
+"#;
+    let gw = TestGateway::start(&gwt, &[("web.toml", routes)]).await;
+    assert_eq!(
+        req("GET", &gw.url("/data"), &[("x-internal", "1")])
+            .await
+            .text(),
+        "internal 1"
+    );
+    assert_eq!(
+        get(&gw.url("/data")).await.text(),
+        "public 2",
+        "not the internal route's object"
+    );
+    assert_eq!(
+        req("GET", &gw.url("/data"), &[("x-internal", "1")])
+            .await
+            .text(),
+        "internal 1"
+    );
+    assert_eq!(get(&gw.url("/data")).await.text(), "public 2");
+    // max-age=0 from the client: the service is asked, even within stale-while-revalidate.
+    assert_eq!(get(&gw.url("/swr")).await.text(), "swr 1");
+    let r = req("GET", &gw.url("/swr"), &[("cache-control", "max-age=0")]).await;
+    assert!(
+        !r.header("cache-status").contains("hit"),
+        "{}",
+        r.header("cache-status")
+    );
+    // A stored 404 answers a conditional request with the 404.
+    assert_eq!(get(&gw.url("/missing")).await.status, 404);
+    let r = req("GET", &gw.url("/missing"), &[("if-none-match", "\"m\"")]).await;
+    assert_eq!(r.status, 404);
+    assert!(r.header("cache-status").contains("hit"));
 }

@@ -39,6 +39,10 @@ pub(super) fn take_conditions(h: &mut HeaderMap) -> Conditions {
 /// RFC 9110 §13.2.2 for a stored response: `If-None-Match` first, else `If-Modified-Since`
 /// against `Last-Modified` (or `Date`, §4.3.2).
 pub(super) fn conditions_match(c: &Conditions, obj: &Object) -> bool {
+    // Preconditions apply to 2xx representations only (RFC 9110 §13.2.1).
+    if !obj.status.is_success() {
+        return false;
+    }
     if c.if_none_match.contains_key(header::IF_NONE_MATCH) {
         return rules::none_match(&c.if_none_match, obj.etag());
     }

@@ -19,7 +19,6 @@ use crate::error::BoxError;
 pub(crate) struct Filling {
     pub(crate) store: Arc<CacheStore>,
     pub(crate) key: Arc<str>,
-    pub(crate) route: Arc<str>,
     /// The object, with an empty body.
     pub(crate) object: Object,
     pub(crate) guard: Option<FlightGuard>,
@@ -31,14 +30,12 @@ impl Filling {
     pub(crate) fn new(
         store: Arc<CacheStore>,
         key: Arc<str>,
-        route: Arc<str>,
         object: Object,
         guard: Option<FlightGuard>,
     ) -> Self {
         Filling {
             store,
             key,
-            route,
             object,
             guard,
             chunks: Vec::new(),
@@ -63,7 +60,6 @@ impl Filling {
         let Filling {
             store,
             key,
-            route,
             mut object,
             guard,
             chunks,
@@ -83,7 +79,7 @@ impl Filling {
             }
         };
         let object = Arc::new(object);
-        store.put(&key, &route, object.clone());
+        store.put(&key, object.clone());
         if let Some(g) = guard {
             g.finish(Outcome::Stored(object));
         }
@@ -94,13 +90,26 @@ impl Filling {
 pub(crate) struct FillBody {
     inner: RespBody,
     filling: Option<Filling>,
+    /// Read by nobody but the fill (a background refresh): it ends as soon as the object
+    /// cannot be stored, rather than reading the rest of the body for nothing.
+    background: bool,
 }
 
 impl FillBody {
     pub(crate) fn new(inner: RespBody, filling: Filling) -> Self {
+        Self::with(inner, filling, false)
+    }
+
+    /// A fill no client reads.
+    pub(crate) fn background(inner: RespBody, filling: Filling) -> Self {
+        Self::with(inner, filling, true)
+    }
+
+    fn with(inner: RespBody, filling: Filling, background: bool) -> Self {
         let mut body = FillBody {
             inner,
             filling: Some(filling),
+            background,
         };
         // An empty body (204, `Content-Length: 0`) is complete before it is read.
         if body.inner.is_end_stream() {
@@ -129,6 +138,9 @@ impl Body for FillBody {
                     let keep = frame.data_ref().is_some_and(|d| f.push(d));
                     if !keep {
                         this.filling = None;
+                        if this.background {
+                            return Poll::Ready(None);
+                        }
                     }
                 }
                 if this.inner.is_end_stream() {
@@ -149,12 +161,18 @@ impl Body for FillBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        (self.background && self.filling.is_none()) || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Reads a fill no client reads to its end (which stores it), keeping no frame.
+pub(crate) async fn drain(mut body: FillBody) {
+    use http_body_util::BodyExt;
+    while let Some(Ok(_)) = body.frame().await {}
 }
 
 #[cfg(test)]
@@ -171,6 +189,7 @@ mod tests {
             body: Bytes::new(),
             selected: Box::new([]),
             identity: None,
+            route: "web/a".into(),
             cc: Default::default(),
             timing: super::super::rules::Timing {
                 lifetime: std::time::Duration::from_secs(60),
@@ -205,7 +224,7 @@ mod tests {
             &crate::observe::metrics::Metrics::new(),
             None,
         ));
-        let (key, route): (Arc<str>, Arc<str>) = ("http://x/a".into(), "web/a".into());
+        let key: Arc<str> = "http://x/a".into();
         // Completed: the waiter gets the stored object, with the whole body.
         let Join::Lead(guard) = store.join(&key) else {
             panic!("the first request leads")
@@ -218,13 +237,7 @@ mod tests {
             async move { flight.wait(&store).await }
         });
         let (tx, body) = streamed(2);
-        let filling = Filling::new(
-            store.clone(),
-            key.clone(),
-            route.clone(),
-            object(),
-            Some(guard),
-        );
+        let filling = Filling::new(store.clone(), key.clone(), object(), Some(guard));
         let mut fill = FillBody::new(body, filling);
         tx.send(Ok(Frame::data(Bytes::from("ab")))).await.unwrap();
         tx.send(Ok(Frame::data(Bytes::from("cd")))).await.unwrap();
@@ -249,7 +262,7 @@ mod tests {
             async move { flight.wait(&store).await }
         });
         let (tx, body) = streamed(2);
-        let filling = Filling::new(store.clone(), key2.clone(), route, object(), Some(guard));
+        let filling = Filling::new(store.clone(), key2.clone(), object(), Some(guard));
         let mut fill = FillBody::new(body, filling);
         tx.send(Ok(Frame::data(Bytes::from("half")))).await.unwrap();
         let first = fill.frame().await.unwrap().unwrap();

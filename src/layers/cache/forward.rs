@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -16,7 +15,7 @@ use super::answer::{
     answer_to, conditions_match, failed_with_status, not_modified, status_value, take_conditions,
     with_status,
 };
-use super::fill::{FillBody, Filling};
+use super::fill::{drain, FillBody, Filling};
 use super::rules::{self, ResponseDirectives};
 use super::store::{FlightGuard, Join, Object, Outcome};
 use super::{key, Inner, Lookup, RouteCache, BYPASS, CACHE_STATUS, REVALIDATED, STALE};
@@ -35,6 +34,7 @@ pub(super) async fn forward<S: Inner>(
     lookup: &Lookup,
     fwd: &str,
     guard: Option<FlightGuard>,
+    background: bool,
 ) -> Result<Response<RespBody>, BoxError> {
     // The client's own conditions are answered here, from what the service sends: it is asked
     // for the representation (or, when one is stored, whether that one is still current).
@@ -155,6 +155,7 @@ pub(super) async fn forward<S: Inner>(
             body: obj.body.clone(),
             selected: obj.selected.clone(),
             identity: obj.identity.clone(),
+            route: obj.route.clone(),
             cc,
             timing: timing.unwrap_or(obj.timing),
             stored_at: now,
@@ -162,12 +163,12 @@ pub(super) async fn forward<S: Inner>(
         rc.count(REVALIDATED);
         match timing {
             Ok(_) => {
-                rc.store.put(&lookup.key, &rc.route, refreshed.clone());
+                rc.store.put(&lookup.key, refreshed.clone());
                 if let Some(g) = guard {
                     g.finish(Outcome::Stored(refreshed.clone()));
                 }
             }
-            Err(_) => rc.store.remove(&lookup.key),
+            Err(_) => rc.store.remove(&lookup.key).await,
         }
         let status = format!(
             "gatehouse; fwd=stale; fwd-status=304; ttl={}",
@@ -234,6 +235,7 @@ pub(super) async fn forward<S: Inner>(
         body: Bytes::new(),
         selected,
         identity: lookup.identity.clone(),
+        route: rc.route.clone(),
         stale_while_revalidate: window(cc.stale_while_revalidate, rc.stale_while_revalidate),
         stale_if_error: window(cc.stale_if_error, rc.stale_if_error),
         cc,
@@ -242,28 +244,25 @@ pub(super) async fn forward<S: Inner>(
     };
     let ttl = object.ttl_secs(now);
     let matches = conditions_match(&client_conditions, &object);
-    let filling = Filling::new(
-        rc.store.clone(),
-        lookup.key.clone(),
-        rc.route.clone(),
-        object,
-        guard,
-    );
-    let fill = FillBody::new(body, filling);
+    let filling = Filling::new(rc.store.clone(), lookup.key.clone(), object, guard);
     let cache_status = format!(
         "gatehouse; fwd={fwd}; fwd-status={}; stored; ttl={ttl}",
         status.as_u16()
     );
+    if background {
+        // A refresh: nobody reads the answer; reading it to its end stores it.
+        drain(FillBody::background(body, filling)).await;
+        return Ok(Response::new(crate::backend::full(Bytes::new())));
+    }
     if matches {
         // The client already has it: 304 now, and the object is filled in the background.
-        tokio::spawn(async move {
-            let _ = fill.collect().await;
-        });
+        tokio::spawn(drain(FillBody::background(body, filling)));
         let mut resp = not_modified(&parts.headers);
         resp.headers_mut()
             .append(CACHE_STATUS.clone(), status_value(&cache_status));
         return Ok(resp);
     }
+    let fill = FillBody::new(body, filling);
     let mut resp = Response::from_parts(parts, RespBody::Stream(BoxBody::new(fill)));
     resp.headers_mut()
         .append(CACHE_STATUS.clone(), status_value(&cache_status));
@@ -298,7 +297,7 @@ pub(super) fn refresh<S: Inner>(
     exchange: &Exchange,
     lookup: &Lookup,
 ) {
-    let Join::Lead(guard) = rc.store.join(&lookup.key) else {
+    let Join::Lead(guard) = rc.store.join(&rc.flight_key(lookup)) else {
         return;
     };
     let mut bg = Request::new(req_full(Bytes::new()));
@@ -306,6 +305,9 @@ pub(super) fn refresh<S: Inner>(
     *bg.uri_mut() = req.uri().clone();
     *bg.version_mut() = req.version();
     *bg.headers_mut() = req.headers().clone();
+    // The whole representation: a range would come back as a 206, which is never stored.
+    bg.headers_mut().remove(header::RANGE);
+    bg.headers_mut().remove(header::IF_RANGE);
     // On behalf of the same client: its identity decides what may be stored (§3.5) as for
     // the request that found the object stale.
     let sub = exchange.sub_request();
@@ -321,10 +323,8 @@ pub(super) fn refresh<S: Inner>(
         url_known: true,
     };
     tokio::spawn(async move {
-        if let Ok(resp) = forward(&rc, &inner, bg, &lookup, "stale", Some(guard)).await {
-            // Reading the body to its end is what stores it.
-            let _ = resp.into_body().collect().await;
-        }
+        // What is not stored is dropped unread.
+        let _ = forward(&rc, &inner, bg, &lookup, "stale", Some(guard), true).await;
     });
 }
 
@@ -345,14 +345,14 @@ pub(super) async fn other_method<S: Inner>(
         .map_err(|e| failed_with_status(e, "gatehouse; fwd=method"))?;
     let ok = resp.status().is_success() || resp.status().is_redirection();
     if let (false, true, Some(x)) = (safe, ok, exchange) {
-        rc.store.remove(&rc.key(&x));
+        rc.store.remove(&rc.key(&x)).await;
         let host = x.host().and_then(|h| h.to_str().ok()).unwrap_or("");
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = resp.headers().get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
             };
             if let Some(k) = same_origin_key(x.client().tls, host, target) {
-                rc.store.remove(&k);
+                rc.store.remove(&k).await;
             }
         }
     }

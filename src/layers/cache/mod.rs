@@ -137,7 +137,9 @@ async fn serve<S: Inner>(
     if lookup.found.is_none() {
         if let Some(v) = rc.store.fetch_shared(&lookup.key).await {
             lookup.url_known = true;
-            lookup.found = v.find(req.headers(), lookup.identity.as_deref()).cloned();
+            lookup.found = v
+                .find(&rc.route, req.headers(), lookup.identity.as_deref())
+                .cloned();
             if lookup.found.is_some() {
                 rc.count(SHARED);
             }
@@ -152,7 +154,12 @@ async fn serve<S: Inner>(
             rc.count(HIT);
             let status = format!("gatehouse; hit; ttl={}", obj.ttl_secs(now));
             return Ok(answer(obj, &req, now, &status));
-        } else if !rd.no_cache && obj.serves_while_revalidating(now) {
+        } else if !rd.no_cache
+            && rd.max_age.is_none()
+            && rd.min_fresh.is_none()
+            && obj.serves_while_revalidating(now)
+        {
+            // (Not for a client that asked for an age or freshness this copy does not have.)
             rc.count(STALE);
             refresh(&rc, &inner, &req, &exchange, &lookup);
             let status = format!(
@@ -184,8 +191,11 @@ async fn serve<S: Inner>(
         "uri-miss"
     };
     // Not filled through this request: a HEAD (no body to store), a range (not assembled),
-    // or a client that asked for nothing to be stored.
-    if method == Method::HEAD || req.headers().contains_key(header::RANGE) || rd.no_store {
+    // a client that asked for nothing to be stored, or a private route's request without an
+    // identity to store it for.
+    let unkeyed = rc.per_identity && lookup.identity.is_none();
+    if method == Method::HEAD || req.headers().contains_key(header::RANGE) || rd.no_store || unkeyed
+    {
         rc.count(BYPASS);
         let status = format!("gatehouse; fwd={fwd}");
         let resp = inner
@@ -195,14 +205,16 @@ async fn serve<S: Inner>(
             .map_err(|e| failed_with_status(e, &status))?;
         return Ok(with_status(resp, &status));
     }
-    match rc.store.join(&lookup.key) {
+    match rc.store.join(&rc.flight_key(&lookup)) {
         Join::Lead(guard) => {
             rc.count(MISS);
-            forward(&rc, &inner, req, &lookup, fwd, Some(guard)).await
+            forward(&rc, &inner, req, &lookup, fwd, Some(guard), false).await
         }
         Join::Follow(flight) => match flight.wait(&rc.store).await {
+            // Answered from the waited-for object only when it may be reused as it is.
             Some(Outcome::Stored(obj))
-                if obj.answers(req.headers(), lookup.identity.as_deref()) =>
+                if obj.answers(&rc.route, req.headers(), lookup.identity.as_deref())
+                    && usable(&obj, &rd, Instant::now()) =>
             {
                 rc.count(COALESCED);
                 let now = Instant::now();
@@ -230,13 +242,25 @@ async fn serve<S: Inner>(
             }
             _ => {
                 rc.count(MISS);
-                forward(&rc, &inner, req, &lookup, fwd, None).await
+                forward(&rc, &inner, req, &lookup, fwd, None, false).await
             }
         },
     }
 }
 
 impl RouteCache {
+    /// What concurrent misses wait together on: the URL, for one route and one identity
+    /// (another user's fill on a private route could never answer this one).
+    fn flight_key(&self, lookup: &Lookup) -> Arc<str> {
+        format!(
+            "{}\0{}\0{}",
+            self.route,
+            lookup.identity.as_deref().unwrap_or(""),
+            lookup.key
+        )
+        .into()
+    }
+
     fn count(&self, result: usize) {
         if let Some(c) = self.results.get(result) {
             c.inc();
@@ -262,7 +286,10 @@ impl RouteCache {
             None
         };
         let (found, url_known) = match self.store.get(&key) {
-            Some(v) => (v.find(headers, identity.as_deref()).cloned(), true),
+            Some(v) => (
+                v.find(&self.route, headers, identity.as_deref()).cloned(),
+                true,
+            ),
             None => (None, false),
         };
         Lookup {
@@ -376,7 +403,7 @@ pub(crate) fn build_store(
             .map(|r| r.get_ref().clone()),
     };
     let built = resources.reuse_or_build(previous, "cache", &key, |_| {
-        let shared = redis.map(|redis| shared::SharedTier { redis });
+        let shared = redis.map(shared::SharedTier::new);
         Ok::<_, ()>(CacheStore::new(cfg, metrics, shared))
     });
     built.ok().map(|(s, _)| s)

@@ -22,7 +22,7 @@ use super::store::{Object, Variants};
 use crate::layers::rate_limit::redis::RedisStore;
 
 const PREFIX: &str = "gatehouse:cache:";
-const MAGIC: &[u8; 4] = b"GHC1";
+const MAGIC: &[u8; 4] = b"GHC2";
 /// How long past its last use as stale a URL is kept in Redis, at least.
 const SLACK: Duration = Duration::from_secs(60);
 /// A URL is kept at most this long.
@@ -33,40 +33,49 @@ const PURGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The shared tier of one `[cache]`.
 pub(crate) struct SharedTier {
     pub(crate) redis: Arc<RedisStore>,
+    /// URLs invalidated in the last seconds: not read back from Redis while their delete may
+    /// still be on its way.
+    removed: moka::sync::Cache<Arc<str>, ()>,
 }
 
-/// What the shared tier held for a URL.
-pub(crate) struct Fetched {
-    pub(crate) route: Arc<str>,
-    pub(crate) objects: Vec<Arc<Object>>,
-}
+/// Variants per URL read from Redis, at most (as memory keeps).
+const MAX_VARIANTS: u32 = 8;
 
 impl SharedTier {
+    pub(crate) fn new(redis: Arc<RedisStore>) -> Self {
+        SharedTier {
+            redis,
+            removed: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(2))
+                .build(),
+        }
+    }
+
+    pub(crate) fn recently_removed(&self, key: &str) -> bool {
+        self.removed.contains_key(key)
+    }
+
     fn redis_key(key: &str) -> String {
         format!("{PREFIX}{key}")
     }
 
     /// The variants another gateway stored for `key` (`None` when there are none, or Redis is
-    /// down, slow or holds something this version cannot read).
-    pub(crate) async fn get(&self, key: &str) -> Option<Fetched> {
+    /// down, slow or holds something this version cannot read or larger than `max_body`).
+    pub(crate) async fn get(&self, key: &str, max_body: usize) -> Option<Vec<Arc<Object>>> {
         let rkey = Self::redis_key(key);
-        let (route, data): (Option<String>, Option<Vec<u8>>) = self
+        let data: Option<Vec<u8>> = self
             .redis
             .call("response cache tier", |mut conn| async move {
-                redis::cmd("HMGET")
+                redis::cmd("HGET")
                     .arg(&rkey)
-                    .arg("route")
                     .arg("data")
                     .query_async(&mut conn)
                     .await
             })
             .await
             .ok()?;
-        let objects = decode(&data?, SystemTime::now(), Instant::now())?;
-        Some(Fetched {
-            route: route?.into(),
-            objects,
-        })
+        decode(&data?, SystemTime::now(), Instant::now(), max_body)
     }
 
     /// Writes a URL's variants, in the background.
@@ -84,7 +93,11 @@ impl SharedTier {
             .saturating_add(SLACK)
             .min(MAX_KEEP);
         let data = encode(&v.list, SystemTime::now(), now);
-        let (rkey, route, redis) = (Self::redis_key(key), v.route.clone(), self.redis.clone());
+        let route = v
+            .list
+            .first()
+            .map_or_else(|| Arc::from(""), |o| o.route.clone());
+        let (rkey, redis) = (Self::redis_key(key), self.redis.clone());
         let ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
         tokio::spawn(async move {
             let _ = redis
@@ -109,19 +122,20 @@ impl SharedTier {
         });
     }
 
-    /// Drops a URL, in the background.
-    pub(crate) fn remove(&self, key: &str) {
-        let (rkey, redis) = (Self::redis_key(key), self.redis.clone());
-        tokio::spawn(async move {
-            let _ = redis
-                .call("response cache tier", |mut conn| async move {
-                    redis::cmd("DEL")
-                        .arg(&rkey)
-                        .query_async::<()>(&mut conn)
-                        .await
-                })
-                .await;
-        });
+    /// Drops a URL (within `[redis] timeout`; marked removed here first, so that no miss on
+    /// this gateway reads it back meanwhile).
+    pub(crate) async fn remove(&self, key: &str) {
+        self.removed.insert(Arc::from(key), ());
+        let rkey = Self::redis_key(key);
+        let _ = self
+            .redis
+            .call("response cache tier", |mut conn| async move {
+                redis::cmd("DEL")
+                    .arg(&rkey)
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await;
     }
 
     /// Drops the URL `key` (`exact`), or every URL whose key starts with it; when `route` is
@@ -226,6 +240,7 @@ pub(crate) fn encode(list: &[Arc<Object>], wall: SystemTime, now: Instant) -> Ve
         ] {
             out.extend_from_slice(&v.to_be_bytes());
         }
+        put_bytes(&mut out, o.route.as_bytes());
         match &o.identity {
             Some(id) => {
                 out.push(1);
@@ -252,20 +267,29 @@ pub(crate) fn encode(list: &[Arc<Object>], wall: SystemTime, now: Instant) -> Ve
 }
 
 /// Reads what `encode` wrote. Redis is outside the gateway: anything malformed is `None`.
-pub(crate) fn decode(data: &[u8], wall: SystemTime, now: Instant) -> Option<Vec<Arc<Object>>> {
+pub(crate) fn decode(
+    data: &[u8],
+    wall: SystemTime,
+    now: Instant,
+    max_body: usize,
+) -> Option<Vec<Arc<Object>>> {
     let mut r = Reader(data);
     if r.take(4)? != MAGIC {
         return None;
     }
     let n = r.u32()?;
+    if n > MAX_VARIANTS {
+        return None;
+    }
     let mut out = Vec::new();
-    for _ in 0..n.min(64) {
+    for _ in 0..n {
         let status = StatusCode::from_u16(r.u16()?).ok()?;
         let arrived_ms = r.u64()?;
         let lifetime = Duration::from_millis(r.u64()?);
         let initial_age = Duration::from_millis(r.u64()?);
         let swr = Duration::from_millis(r.u64()?);
         let sie = Duration::from_millis(r.u64()?);
+        let route: Arc<str> = Arc::from(std::str::from_utf8(r.bytes()?).ok()?);
         let identity = match r.u8()? {
             0 => None,
             1 => Some(Box::from(std::str::from_utf8(r.bytes()?).ok()?)),
@@ -285,7 +309,11 @@ pub(crate) fn decode(data: &[u8], wall: SystemTime, now: Instant) -> Option<Vec<
             let name = HeaderName::from_bytes(r.bytes()?).ok()?;
             headers.append(name, HeaderValue::from_bytes(r.bytes()?).ok()?);
         }
-        let body = Bytes::copy_from_slice(r.bytes()?);
+        let body = r.bytes()?;
+        if body.len() > max_body {
+            return None;
+        }
+        let body = Bytes::copy_from_slice(body);
         // Its resident time so far, on this gateway's clock.
         let arrived = SystemTime::UNIX_EPOCH + Duration::from_millis(arrived_ms);
         let resident = wall.duration_since(arrived).unwrap_or(Duration::ZERO);
@@ -297,6 +325,7 @@ pub(crate) fn decode(data: &[u8], wall: SystemTime, now: Instant) -> Option<Vec<
             body,
             selected: selected.into_boxed_slice(),
             identity,
+            route,
             timing: Timing {
                 lifetime,
                 initial_age,
@@ -342,9 +371,9 @@ impl<'a> Reader<'a> {
 /// the same bytes.
 pub(crate) fn fuzz_decode(data: &[u8]) {
     let (wall, now) = (SystemTime::now(), Instant::now());
-    if let Some(objects) = decode(data, wall, now) {
+    if let Some(objects) = decode(data, wall, now, usize::MAX) {
         let again = encode(&objects, wall, now);
-        assert!(decode(&again, wall, now).is_some_and(|o| o.len() == objects.len()));
+        assert!(decode(&again, wall, now, usize::MAX).is_some_and(|o| o.len() == objects.len()));
     }
 }
 
@@ -374,6 +403,7 @@ mod tests {
             )]
             .into_boxed_slice(),
             identity: Some("p\0consumer\0ann".into()),
+            route: "web/all".into(),
             timing: Timing {
                 lifetime: Duration::from_secs(60),
                 initial_age: Duration::from_secs(3),
@@ -384,7 +414,11 @@ mod tests {
         });
         let data = encode(std::slice::from_ref(&o), wall, now);
         // Read 5 s later elsewhere: 5 s older.
-        let back = decode(&data, wall + Duration::from_secs(5), now).unwrap();
+        let back = decode(&data, wall + Duration::from_secs(5), now, 1024).unwrap();
+        assert!(
+            decode(&data, wall, now, 3).is_none(),
+            "a body over the limit"
+        );
         let b = &back[0];
         assert_eq!(
             (b.status, &b.body, &b.identity),
@@ -397,11 +431,14 @@ mod tests {
         let age = b.age(now).as_secs();
         assert!((8..=9).contains(&age), "initial 3 s + 5 s resident: {age}");
         for cut in [0, 3, 10, data.len() - 1] {
-            assert!(decode(&data[..cut], wall, now).is_none(), "cut at {cut}");
+            assert!(
+                decode(&data[..cut], wall, now, 1024).is_none(),
+                "cut at {cut}"
+            );
         }
         let mut extra = data.clone();
         extra.push(0);
-        assert!(decode(&extra, wall, now).is_none(), "trailing bytes");
+        assert!(decode(&extra, wall, now, 1024).is_none(), "trailing bytes");
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 }

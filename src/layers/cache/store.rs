@@ -36,6 +36,9 @@ pub(crate) struct Object {
     pub(crate) selected: Selected,
     /// Who it is for, on a per-identity route.
     pub(crate) identity: Option<Box<str>>,
+    /// The route that stored it (`frontend/route`): only that route answers with it (two
+    /// routes may serve one URL, told apart by headers), and purges by route find it.
+    pub(crate) route: Arc<str>,
     pub(crate) cc: ResponseDirectives,
     pub(crate) timing: Timing,
     /// When its response arrived (its resident time counts from here).
@@ -84,9 +87,18 @@ impl Object {
             && self.staleness(now) <= self.stale_while_revalidate
     }
 
-    /// Whether this variant answers a request with these headers from `identity`.
-    pub(crate) fn answers(&self, headers: &HeaderMap, identity: Option<&str>) -> bool {
-        self.identity.as_deref() == identity && selected_by(&self.selected, headers)
+    /// Whether this variant answers a request of `route` with these headers from `identity`.
+    pub(crate) fn answers(&self, route: &str, headers: &HeaderMap, identity: Option<&str>) -> bool {
+        *self.route == *route
+            && self.identity.as_deref() == identity
+            && selected_by(&self.selected, headers)
+    }
+
+    /// Whether `other` stands for the same variant (and replaces it when stored).
+    fn same_variant(&self, other: &Object) -> bool {
+        self.route == other.route
+            && self.identity == other.identity
+            && self.selected == other.selected
     }
 
     pub(crate) fn etag(&self) -> Option<&HeaderValue> {
@@ -107,23 +119,57 @@ impl Object {
     }
 }
 
-/// The stored variants of one URL.
+/// The stored variants of one URL, newest first.
 pub(crate) struct Variants {
-    /// The route that stored them (`frontend/route`), for purges by route.
-    pub(crate) route: Arc<str>,
     pub(crate) list: Box<[Arc<Object>]>,
 }
 
 impl Variants {
     /// The variant that answers a request, if any.
-    pub(crate) fn find(&self, headers: &HeaderMap, identity: Option<&str>) -> Option<&Arc<Object>> {
-        self.list.iter().find(|o| o.answers(headers, identity))
+    pub(crate) fn find(
+        &self,
+        route: &str,
+        headers: &HeaderMap,
+        identity: Option<&str>,
+    ) -> Option<&Arc<Object>> {
+        self.list
+            .iter()
+            .find(|o| o.answers(route, headers, identity))
+    }
+
+    /// Whether any variant was stored by `route`.
+    pub(crate) fn of_route(&self, route: &str) -> bool {
+        self.list.iter().any(|o| *o.route == *route)
+    }
+
+    /// These variants with `new` ones in front (replacing the variants they stand for), at most
+    /// `MAX_VARIANTS`.
+    fn with(&self, new: &[Arc<Object>]) -> Variants {
+        merged(new, Some(self))
     }
 
     fn weight(&self, key: &str) -> u32 {
         let w: usize = key.len() + self.list.iter().map(|o| o.weight()).sum::<usize>();
         u32::try_from(w).unwrap_or(u32::MAX)
     }
+}
+
+fn merged(new: &[Arc<Object>], old: Option<&Variants>) -> Variants {
+    let mut list: Vec<Arc<Object>> = Vec::with_capacity(new.len() + 1);
+    for o in new {
+        if !list.iter().any(|l| l.same_variant(o)) {
+            list.push(o.clone());
+        }
+    }
+    if let Some(old) = old {
+        for o in old.list.iter() {
+            if !list.iter().any(|l| l.same_variant(o)) {
+                list.push(o.clone());
+            }
+        }
+    }
+    list.truncate(MAX_VARIANTS);
+    Variants { list: list.into() }
 }
 
 /// What the request that fills an object ended in, for those waiting on it.
@@ -198,10 +244,36 @@ pub(crate) struct CacheStore {
     pub(crate) store_set_cookie: bool,
     pub(crate) lock_timeout: Duration,
     pub(crate) max_waiters: usize,
-    bytes: prometheus::IntGauge,
-    count: prometheus::IntGauge,
+    /// This store's part of the process-wide gauges (given back when it is dropped).
+    held: Arc<Held>,
     /// The Redis tier, with `tiers = ["memory", "redis"]`.
     pub(crate) shared: Option<SharedTier>,
+}
+
+/// What one store adds to `gatehouse_cache_bytes` and `gatehouse_cache_objects`: a store
+/// replaced by a reload takes its share out of them when it goes.
+struct Held {
+    bytes: prometheus::IntGauge,
+    count: prometheus::IntGauge,
+    own_bytes: std::sync::atomic::AtomicI64,
+    own_count: std::sync::atomic::AtomicI64,
+}
+
+impl Held {
+    fn add(&self, bytes: i64, count: i64) {
+        self.bytes.add(bytes);
+        self.count.add(count);
+        self.own_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.own_count.fetch_add(count, Ordering::Relaxed);
+    }
+}
+
+impl Drop for CacheStore {
+    fn drop(&mut self) {
+        let h = &self.held;
+        h.bytes.sub(h.own_bytes.swap(0, Ordering::Relaxed));
+        h.count.sub(h.own_count.swap(0, Ordering::Relaxed));
+    }
 }
 
 impl CacheStore {
@@ -211,13 +283,18 @@ impl CacheStore {
             metrics.cache_objects.clone(),
             metrics.cache_evictions.clone(),
         );
-        let (b, n) = (bytes.clone(), count.clone());
+        let held = Arc::new(Held {
+            bytes,
+            count,
+            own_bytes: 0.into(),
+            own_count: 0.into(),
+        });
+        let h = held.clone();
         let objects = moka::sync::Cache::builder()
             .max_capacity(c.max_size.0)
             .weigher(|k: &Arc<str>, v: &Arc<Variants>| v.weight(k))
             .eviction_listener(move |k: Arc<Arc<str>>, v: Arc<Variants>, cause| {
-                b.sub(i64::from(v.weight(&k)));
-                n.dec();
+                h.add(-i64::from(v.weight(&k)), -1);
                 if cause == RemovalCause::Size {
                     evictions.inc();
                 }
@@ -231,8 +308,7 @@ impl CacheStore {
             store_set_cookie: c.store_set_cookie,
             lock_timeout: c.lock_timeout.get(),
             max_waiters: c.max_waiters,
-            bytes,
-            count,
+            held,
             shared,
         }
     }
@@ -241,52 +317,61 @@ impl CacheStore {
         self.objects.get(key)
     }
 
-    /// Stores `obj` under `key`, replacing the variant it stands for.
-    pub(crate) fn put(&self, key: &Arc<str>, route: &Arc<str>, obj: Arc<Object>) {
-        let mut list: Vec<Arc<Object>> = Vec::with_capacity(2);
-        list.push(obj.clone());
-        if let Some(old) = self.objects.get(&**key) {
-            list.extend(
-                old.list
-                    .iter()
-                    .filter(|o| o.identity != obj.identity || o.selected != obj.selected)
-                    .take(MAX_VARIANTS - 1)
-                    .cloned(),
-            );
-        }
-        let v = Arc::new(Variants {
-            route: route.clone(),
-            list: list.into(),
+    /// Stores `obj` under `key`, replacing the variant it stands for (one atomic step per
+    /// URL: a concurrent store of another variant, or an invalidation, is not undone).
+    pub(crate) fn put(&self, key: &Arc<str>, obj: Arc<Object>) {
+        let mut stored = None;
+        self.objects.entry(key.clone()).and_compute_with(|old| {
+            let v = Arc::new(match &old {
+                Some(e) => e.value().with(std::slice::from_ref(&obj)),
+                None => merged(std::slice::from_ref(&obj), None),
+            });
+            stored = Some(v.clone());
+            moka::ops::compute::Op::Put(v)
         });
-        if let Some(s) = &self.shared {
-            s.put(key, &v);
+        if let Some(v) = stored {
+            self.held.add(i64::from(v.weight(key)), 1);
+            if let Some(s) = &self.shared {
+                s.put(key, &v);
+            }
         }
-        self.hold(key, v);
     }
 
-    fn hold(&self, key: &Arc<str>, v: Arc<Variants>) {
-        self.bytes.add(i64::from(v.weight(key)));
-        self.count.inc();
-        self.objects.insert(key.clone(), v);
-    }
-
-    /// What the shared tier holds for `key`, now also held in memory (`None` without a shared
-    /// tier, or when it holds nothing usable or does not answer in time).
+    /// What the shared tier holds for `key`, merged into what memory holds (`None` without a
+    /// shared tier, or when it holds nothing usable or does not answer in time).
     pub(crate) async fn fetch_shared(&self, key: &Arc<str>) -> Option<Arc<Variants>> {
-        let fetched = self.shared.as_ref()?.get(key).await?;
-        let v = Arc::new(Variants {
-            route: fetched.route,
-            list: fetched.objects.into(),
+        let shared = self.shared.as_ref()?;
+        if shared.recently_removed(key) {
+            return None;
+        }
+        let fetched = shared.get(key, self.max_object_size).await?;
+        let mut stored = None;
+        self.objects.entry(key.clone()).and_compute_with(|old| {
+            // Memory's own variants first: they are at least as new as Redis's.
+            let v = Arc::new(match &old {
+                Some(e) => merged(
+                    &e.value().list,
+                    Some(&Variants {
+                        list: fetched.into(),
+                    }),
+                ),
+                None => merged(&fetched, None),
+            });
+            stored = Some(v.clone());
+            moka::ops::compute::Op::Put(v)
         });
-        self.hold(key, v.clone());
+        let v = stored?;
+        self.held.add(i64::from(v.weight(key)), 1);
         Some(v)
     }
 
-    /// Drops every variant of `key` (in the shared tier too).
-    pub(crate) fn remove(&self, key: &str) {
+    /// Drops every variant of `key`, in the shared tier too (awaited there, within
+    /// `[redis] timeout`, so that no miss brings the old copy back from Redis).
+    pub(crate) async fn remove(&self, key: &str) {
         self.objects.invalidate(key);
         if let Some(s) = &self.shared {
-            s.remove(key);
+            s.remove(key).await;
+            self.objects.invalidate(key);
         }
     }
 
@@ -344,8 +429,17 @@ impl Flight {
     /// Waits for the fill's outcome: `None` when too many wait already or it took longer than
     /// `lock_timeout` (the waiter then asks the service itself).
     pub(crate) async fn wait(&self, store: &CacheStore) -> Option<Outcome> {
-        if self.waiters.fetch_add(1, Ordering::Relaxed) >= store.max_waiters {
-            self.waiters.fetch_sub(1, Ordering::Relaxed);
+        // Counted while it waits, and no longer once it stops, however it stops (a client
+        // that goes away drops this future mid-wait).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let before = self.waiters.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiters);
+        if before >= store.max_waiters {
             return None;
         }
         let mut rx = self.tx.subscribe();
@@ -354,7 +448,6 @@ impl Flight {
             rx.wait_for(|o| !matches!(o, Outcome::Pending)),
         )
         .await;
-        self.waiters.fetch_sub(1, Ordering::Relaxed);
         match waited {
             Ok(Ok(o)) => Some(o.clone()),
             _ => None,
