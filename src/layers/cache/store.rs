@@ -454,3 +454,59 @@ impl Flight {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(route: &str, identity: Option<&str>, body: &'static str) -> Arc<Object> {
+        Arc::new(Object {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(body.as_bytes()),
+            selected: Box::new([]),
+            identity: identity.map(Box::from),
+            route: route.into(),
+            cc: ResponseDirectives::default(),
+            timing: Timing {
+                lifetime: Duration::from_secs(60),
+                initial_age: Duration::ZERO,
+            },
+            stored_at: Instant::now(),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+        })
+    }
+
+    #[test]
+    fn variants_replace_their_own_and_the_gauges_follow_replacements_and_drops() {
+        let metrics = Metrics::new();
+        let store = CacheStore::new(&CacheConfig::default(), &metrics, None);
+        let key: Arc<str> = "http://x/a".into();
+        store.put(&key, object("web/a", None, "one"));
+        store.put(&key, object("web/a", None, "two"));
+        store.put(&key, object("web/b", None, "other route"));
+        store.put(&key, object("web/a", Some("ann"), "ann's"));
+        store.settle();
+        let v = store.get(&key).unwrap();
+        assert_eq!(v.list.len(), 3, "one variant per route and identity");
+        let none = HeaderMap::new();
+        assert_eq!(v.find("web/a", &none, None).unwrap().body, "two");
+        assert_eq!(v.find("web/b", &none, None).unwrap().body, "other route");
+        assert_eq!(v.find("web/a", &none, Some("ann")).unwrap().body, "ann's");
+        assert!(v.find("web/c", &none, None).is_none());
+        assert_eq!(
+            u64::try_from(metrics.cache_bytes.get()).unwrap(),
+            store.bytes(),
+            "replacements are taken out of the gauge"
+        );
+        assert_eq!(metrics.cache_objects.get(), 1);
+        drop(store);
+        assert_eq!(
+            metrics.cache_bytes.get(),
+            0,
+            "a dropped store takes its share out"
+        );
+        assert_eq!(metrics.cache_objects.get(), 0);
+    }
+}
