@@ -61,7 +61,7 @@ pub(super) fn answer(
     obj: &Object,
     req: &Request<ReqBody>,
     now: Instant,
-    status: &str,
+    status: impl Into<Bytes>,
 ) -> Response<RespBody> {
     let h = req.headers();
     let conditional =
@@ -84,7 +84,7 @@ pub(super) fn answer_to(
     c: &Conditions,
     head: bool,
     now: Instant,
-    status: &str,
+    status: impl Into<Bytes>,
 ) -> Response<RespBody> {
     if conditions_match(c, obj) {
         let mut resp = not_modified(&obj.headers);
@@ -97,7 +97,12 @@ pub(super) fn answer_to(
     respond(obj, head, now, status)
 }
 
-pub(super) fn respond(obj: &Object, head: bool, now: Instant, status: &str) -> Response<RespBody> {
+pub(super) fn respond(
+    obj: &Object,
+    head: bool,
+    now: Instant,
+    status: impl Into<Bytes>,
+) -> Response<RespBody> {
     let body = if head { Bytes::new() } else { obj.body.clone() };
     let mut resp = Response::new(RespBody::Full(Full::new(body)));
     *resp.status_mut() = obj.status;
@@ -128,22 +133,27 @@ pub(super) fn not_modified(headers: &HeaderMap) -> Response<RespBody> {
     resp
 }
 
-pub(super) fn with_status(mut resp: Response<RespBody>, status: &str) -> Response<RespBody> {
+pub(super) fn with_status(
+    mut resp: Response<RespBody>,
+    status: impl Into<Bytes>,
+) -> Response<RespBody> {
     resp.headers_mut()
         .append(CACHE_STATUS.clone(), status_value(status));
     resp
 }
 
 /// `Cache-Status` values are made of fixed text and numbers only.
-pub(super) fn status_value(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("gatehouse"))
+/// Taken as `Bytes` (a formatted `String`, or static text) so that the value is not copied again.
+pub(super) fn status_value(s: impl Into<Bytes>) -> HeaderValue {
+    HeaderValue::from_maybe_shared(s.into())
+        .unwrap_or_else(|_| HeaderValue::from_static("gatehouse"))
 }
 
 /// A failure of the stack below, carrying the cache's `Cache-Status` to the error response
 /// (the problem is the same; the original error stays its source, for the log).
 pub(super) fn failed_with_status(
     e: crate::error::BoxError,
-    status: &str,
+    status: impl Into<Bytes>,
 ) -> crate::error::BoxError {
     let p = crate::error::classify(&*e)
         .header(CACHE_STATUS.clone(), status_value(status))

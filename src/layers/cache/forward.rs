@@ -73,13 +73,13 @@ pub(super) async fn forward<S: Inner>(
                     p.status.as_u16(),
                     obj.ttl_secs(now)
                 );
-                return Ok(answer_to(obj, &client_conditions, false, now, &status));
+                return Ok(answer_to(obj, &client_conditions, false, now, status));
             }
             if let Some(g) = guard {
                 g.finish(Outcome::Failed);
             }
             let status = format!("gatehouse; fwd={fwd}; fwd-status={}", p.status.as_u16());
-            return Err(failed_with_status(e, &status));
+            return Err(failed_with_status(e, status.clone()));
         }
         Ok(resp) => resp,
     };
@@ -99,7 +99,7 @@ pub(super) async fn forward<S: Inner>(
                 status.as_u16(),
                 obj.ttl_secs(now)
             );
-            return Ok(answer_to(obj, &client_conditions, false, now, &status));
+            return Ok(answer_to(obj, &client_conditions, false, now, status));
         }
         // A fallback's answer is never stored; a 5xx from the service is, like any other
         // answer, when it says it may be (explicit freshness).
@@ -109,7 +109,7 @@ pub(super) async fn forward<S: Inner>(
             }
             return Ok(with_status(
                 resp,
-                &format!("gatehouse; fwd={fwd}; fwd-status={}", status.as_u16()),
+                format!("gatehouse; fwd={fwd}; fwd-status={}", status.as_u16()),
             ));
         }
     }
@@ -121,7 +121,7 @@ pub(super) async fn forward<S: Inner>(
             }
             return Ok(with_status(
                 resp,
-                &format!("gatehouse; fwd={fwd}; fwd-status=304"),
+                format!("gatehouse; fwd={fwd}; fwd-status=304"),
             ));
         };
         // §4.3.4: the stored response, with the 304's headers over its own.
@@ -179,7 +179,7 @@ pub(super) async fn forward<S: Inner>(
             &client_conditions,
             false,
             now,
-            &status,
+            status,
         ));
     }
     let cc = ResponseDirectives::parse(resp.headers());
@@ -207,7 +207,7 @@ pub(super) async fn forward<S: Inner>(
             };
             return Ok(with_status(
                 resp,
-                &format!(
+                format!(
                     "gatehouse; fwd={fwd}; fwd-status={}; detail={detail}",
                     status.as_u16()
                 ),
@@ -244,7 +244,12 @@ pub(super) async fn forward<S: Inner>(
     };
     let ttl = object.ttl_secs(now);
     let matches = conditions_match(&client_conditions, &object);
-    let filling = Filling::new(rc.store.clone(), lookup.key.clone(), object, guard);
+    let filling = Filling::new(
+        rc.store.clone(),
+        Arc::from(lookup.key.as_str()),
+        object,
+        guard,
+    );
     let cache_status = format!(
         "gatehouse; fwd={fwd}; fwd-status={}; stored; ttl={ttl}",
         status.as_u16()
@@ -259,13 +264,13 @@ pub(super) async fn forward<S: Inner>(
         tokio::spawn(drain(FillBody::background(body, filling)));
         let mut resp = not_modified(&parts.headers);
         resp.headers_mut()
-            .append(CACHE_STATUS.clone(), status_value(&cache_status));
+            .append(CACHE_STATUS.clone(), status_value(cache_status));
         return Ok(resp);
     }
     let fill = FillBody::new(body, filling);
     let mut resp = Response::from_parts(parts, RespBody::Stream(BoxBody::new(fill)));
     resp.headers_mut()
-        .append(CACHE_STATUS.clone(), status_value(&cache_status));
+        .append(CACHE_STATUS.clone(), status_value(cache_status));
     Ok(resp)
 }
 

@@ -105,7 +105,7 @@ pub(crate) use crate::backend::RouteStack as Inner;
 
 /// What a request looked up.
 struct Lookup {
-    key: Arc<str>,
+    key: String,
     identity: Option<Box<str>>,
     /// The variant that answers it, if one is stored.
     found: Option<Arc<Object>>,
@@ -153,7 +153,7 @@ async fn serve<S: Inner>(
         } else if !rd.no_cache && usable(obj, &rd, now) {
             rc.count(HIT);
             let status = format!("gatehouse; hit; ttl={}", obj.ttl_secs(now));
-            return Ok(answer(obj, &req, now, &status));
+            return Ok(answer(obj, &req, now, status));
         } else if !rd.no_cache
             && rd.max_age.is_none()
             && rd.min_fresh.is_none()
@@ -166,7 +166,7 @@ async fn serve<S: Inner>(
                 "gatehouse; hit; ttl={}; detail=stale-while-revalidate",
                 obj.ttl_secs(now)
             );
-            return Ok(answer(obj, &req, now, &status));
+            return Ok(answer(obj, &req, now, status));
         }
     }
     if rd.only_if_cached {
@@ -202,8 +202,8 @@ async fn serve<S: Inner>(
             .clone()
             .oneshot(req)
             .await
-            .map_err(|e| failed_with_status(e, &status))?;
-        return Ok(with_status(resp, &status));
+            .map_err(|e| failed_with_status(e, status.clone()))?;
+        return Ok(with_status(resp, status));
     }
     match rc.store.join(&rc.flight_key(&lookup)) {
         Join::Lead(guard) => {
@@ -219,7 +219,7 @@ async fn serve<S: Inner>(
                 rc.count(COALESCED);
                 let now = Instant::now();
                 let status = format!("gatehouse; fwd={fwd}; collapsed; ttl={}", obj.ttl_secs(now));
-                Ok(answer(&obj, &req, now, &status))
+                Ok(answer(&obj, &req, now, status))
             }
             Some(Outcome::Failed)
                 if lookup
@@ -238,7 +238,7 @@ async fn serve<S: Inner>(
                     "gatehouse; fwd=stale; collapsed; ttl={}; detail=stale-if-error",
                     obj.ttl_secs(now)
                 );
-                Ok(answer(&obj, &req, now, &status))
+                Ok(answer(&obj, &req, now, status))
             }
             _ => {
                 rc.count(MISS);
@@ -279,7 +279,7 @@ impl RouteCache {
     }
 
     fn lookup(&self, exchange: &Exchange, headers: &HeaderMap) -> Lookup {
-        let key: Arc<str> = self.key(exchange).into();
+        let key = self.key(exchange);
         let identity = if self.per_identity {
             exchange.identity().and_then(identity_key)
         } else {

@@ -319,7 +319,8 @@ impl CacheStore {
 
     /// Stores `obj` under `key`, replacing the variant it stands for (one atomic step per
     /// URL: a concurrent store of another variant, or an invalidation, is not undone).
-    pub(crate) fn put(&self, key: &Arc<str>, obj: Arc<Object>) {
+    pub(crate) fn put(&self, key: &str, obj: Arc<Object>) {
+        let key: Arc<str> = Arc::from(key);
         let mut stored = None;
         self.objects.entry(key.clone()).and_compute_with(|old| {
             let v = Arc::new(match &old {
@@ -330,23 +331,23 @@ impl CacheStore {
             moka::ops::compute::Op::Put(v)
         });
         if let Some(v) = stored {
-            self.held.add(i64::from(v.weight(key)), 1);
+            self.held.add(i64::from(v.weight(&key)), 1);
             if let Some(s) = &self.shared {
-                s.put(key, &v);
+                s.put(&key, &v);
             }
         }
     }
 
     /// What the shared tier holds for `key`, merged into what memory holds (`None` without a
     /// shared tier, or when it holds nothing usable or does not answer in time).
-    pub(crate) async fn fetch_shared(&self, key: &Arc<str>) -> Option<Arc<Variants>> {
+    pub(crate) async fn fetch_shared(&self, key: &str) -> Option<Arc<Variants>> {
         let shared = self.shared.as_ref()?;
         if shared.recently_removed(key) {
             return None;
         }
         let fetched = shared.get(key, self.max_object_size).await?;
         let mut stored = None;
-        self.objects.entry(key.clone()).and_compute_with(|old| {
+        self.objects.entry(Arc::from(key)).and_compute_with(|old| {
             // Memory's own variants first: they are at least as new as Redis's.
             let v = Arc::new(match &old {
                 Some(e) => merged(
