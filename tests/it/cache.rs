@@ -681,48 +681,95 @@ async fn objects_survive_reloads_until_the_cache_settings_change() {
     assert_eq!(get(&gw.url("/r")).await.text(), "v2");
 }
 
+/// Every cache key's mistake names its file, line and key.
 #[test]
 fn cache_config_mistakes_are_located() {
     let gw = "[services.svc]\nendpoints = [\"http://127.0.0.1:9\"]\n";
-    let e = compile_errors(
-        gw,
-        "web.toml",
-        "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"a\"\npath = \"/a\"\ncache = { ttl = \"30s\", vary = [\"bad header\"] }\nproxy = { service = \"svc\" }\n",
-    );
-    assert!(
-        e.contains("web.toml:7") && e.contains("`bad header` is not a header name"),
-        "{e}"
-    );
-    let e = compile_errors(
-        gw,
-        "web.toml",
-        "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"a\"\npath = \"/a\"\ncache = { scope = \"private\" }\nproxy = { service = \"svc\" }\n",
-    );
-    assert!(
-        e.contains("web.toml:7") && e.contains("needs `auth`"),
-        "{e}"
-    );
-    let e = compile_errors(
-        gw,
-        "web.toml",
-        "[frontend]\nname = \"web\"\n\n[[route]]\nname = \"a\"\npath = \"/a\"\ncache = { tll = \"30s\" }\nproxy = { service = \"svc\" }\n",
-    );
-    assert!(e.contains("web.toml:7") && e.contains("tll"), "{e}");
-    let e = compile_errors(
-        &format!("{gw}\n[cache]\ntiers = [\"memory\", \"redis\"]\n"),
-        "web.toml",
-        "[frontend]\nname = \"web\"\n",
-    );
-    assert!(
-        e.contains("gateway.toml:5") && e.contains("needs a [redis] table"),
-        "{e}"
-    );
-    let e = compile_errors(
-        &format!("{gw}\n[cache]\ntiers = [\"redis\"]\n"),
-        "web.toml",
-        "[frontend]\nname = \"web\"\n",
-    );
-    assert!(e.contains("tiers must hold \"memory\""), "{e}");
+    let route = |cache: &str| {
+        format!("[frontend]\nname = \"web\"\n\n[[route]]\nname = \"a\"\npath = \"/a\"\ncache = {cache}\nproxy = {{ service = \"svc\" }}\n")
+    };
+    let no_routes = "[frontend]\nname = \"web\"\n";
+    // (gateway.toml, web.toml, where, what the message says)
+    let cases: Vec<(String, String, &str, &str)> = vec![
+        (
+            gw.into(),
+            route(r#"{ ttl = "30s", vary = ["bad header"] }"#),
+            "web.toml:7",
+            "`bad header` is not a header name",
+        ),
+        (
+            gw.into(),
+            route(r#"{ key_query = ["page", ""] }"#),
+            "web.toml:7",
+            "a `key_query` name is empty",
+        ),
+        (
+            gw.into(),
+            route(r#"{ scope = "private" }"#),
+            "web.toml:7",
+            "needs `auth`",
+        ),
+        (gw.into(), route(r#"{ tll = "30s" }"#), "web.toml:7", "tll"),
+        (
+            gw.into(),
+            route(r#""yes""#),
+            "web.toml:7",
+            "`true`, `false` or a table",
+        ),
+        (gw.into(), route(r#"{ ttl = "0s" }"#), "web.toml:7", "0s"),
+        (
+            "[frontend]\nname = \"web\"\ncache = { stale_if_error = \"soon\" }\n".into(),
+            String::new(),
+            "web.toml:3",
+            "soon",
+        ),
+        (
+            format!("{gw}\n[cache]\ntiers = [\"memory\", \"redis\"]\n"),
+            no_routes.into(),
+            "gateway.toml:5",
+            "needs a [redis] table",
+        ),
+        (
+            format!("{gw}\n[cache]\ntiers = [\"redis\"]\n"),
+            no_routes.into(),
+            "gateway.toml:5",
+            "tiers must hold \"memory\"",
+        ),
+        (
+            format!("{gw}\n[cache]\ntiers = [\"disk\"]\n"),
+            no_routes.into(),
+            "gateway.toml:5",
+            "disk",
+        ),
+        (
+            format!("{gw}\n[cache]\nmax_size = \"0KiB\"\n"),
+            no_routes.into(),
+            "gateway.toml:5",
+            "greater than zero",
+        ),
+        (
+            format!("{gw}\n[cache]\nlock_timeout = \"0s\"\n"),
+            no_routes.into(),
+            "gateway.toml:5",
+            "0s",
+        ),
+        (
+            format!("{gw}\n[cache]\nmax_size = \"1MiB\"\nmax_object_size = \"2MiB\"\n"),
+            no_routes.into(),
+            "gateway.toml:4",
+            "max_object_size is larger than max_size",
+        ),
+    ];
+    for (gateway, routes, at, says) in cases {
+        // A frontend-level mistake is given as the gateway text's route file.
+        let (gateway, routes) = if routes.is_empty() {
+            (gw.to_owned(), gateway)
+        } else {
+            (gateway, routes)
+        };
+        let e = compile_errors(&gateway, "web.toml", &routes);
+        assert!(e.contains(at) && e.contains(says), "want {at} {says}:\n{e}");
+    }
 }
 
 /// Two gateways of a fleet share the Redis tier: what one stored, the other serves without
