@@ -5,3 +5,4 @@ pub(crate) mod cache;
 pub(crate) mod cors;
 pub(crate) mod fallback;
 pub(crate) mod rate_limit;
+pub(crate) mod redis;

@@ -138,11 +138,7 @@ impl Limiter {
             return Checked::Outcome(self.local.check(&key.local()));
         };
         let started = std::time::Instant::now();
-        match shared
-            .store
-            .check(&self.name, key, &shared.script_args)
-            .await
-        {
+        match redis::check(&shared.store, &self.name, key, &shared.script_args).await {
             Ok(out) => {
                 shared.latency.observe(started.elapsed().as_secs_f64());
                 Checked::Outcome(out)
