@@ -1174,3 +1174,50 @@ proxy = { service = "svc" }
     assert_eq!(r.status, 404);
     assert!(r.header("cache-status").contains("hit"));
 }
+
+/// stale-while-revalidate refreshes one URL with one background request at a time, however
+/// many stale hits arrive meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_background_refresh_per_url_at_a_time() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    let up = Upstream::start(move |_req| {
+        let i = count.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if i > 1 {
+                // Refreshes take a while: stale hits keep arriving during it.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            with(
+                text(200, format!("v{i}")),
+                &[
+                    ("cache-control", "max-age=0, stale-while-revalidate=60"),
+                    ("etag", "\"e\""),
+                ],
+            )
+        }
+    })
+    .await;
+    let gw = gateway(&up, "", "true").await;
+    assert_eq!(get(&gw.url("/r")).await.text(), "v1");
+    let url = gw.url("/r");
+    let hits: Vec<_> = (0..10)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    for h in hits {
+        let r = h.await.unwrap();
+        assert_eq!(r.text(), "v1", "stale, at once");
+        assert!(r.header("cache-status").contains("stale-while-revalidate"));
+    }
+    eventually(10, "the refresh reaches the service", || {
+        let n = up.requests();
+        async move { n >= 2 }
+    })
+    .await;
+    // Past the refresh's end: still the one.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(up.requests(), 2, "one refresh for ten stale hits");
+}
