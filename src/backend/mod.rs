@@ -5,6 +5,7 @@
 
 pub(crate) mod aggregate;
 pub(crate) mod forward;
+pub(crate) mod grpc;
 pub(crate) mod proxy;
 pub(crate) mod respond;
 pub(crate) mod target;

@@ -9,6 +9,7 @@ use super::aggregate::AggregateConfig;
 use super::auth::{AuthRef, CorsConfig, RequireConfig};
 use super::cache::RouteCache;
 use super::defaults::*;
+use super::grpc::GrpcConfig;
 use super::rate_limit::RateLimitRef;
 use super::service::RetryConfig;
 use super::units::{Duration, Size};
@@ -100,6 +101,7 @@ pub(crate) enum BackendConfig {
     Proxy(Spanned<ProxyConfig>),
     Respond(Spanned<RespondConfig>),
     Aggregate(Spanned<AggregateConfig>),
+    Grpc(Spanned<GrpcConfig>),
 }
 
 impl BackendConfig {
@@ -109,6 +111,7 @@ impl BackendConfig {
             BackendConfig::Proxy(_) => "proxy",
             BackendConfig::Respond(_) => "respond",
             BackendConfig::Aggregate(_) => "aggregate",
+            BackendConfig::Grpc(_) => "grpc",
         }
     }
 }
@@ -147,11 +150,13 @@ pub(crate) struct RawRoute {
     respond: Option<Spanned<RespondConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     aggregate: Option<Spanned<AggregateConfig>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc: Option<Spanned<GrpcConfig>>,
 }
 
 /// A route without exactly one backend.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("route `{route}` must have exactly one backend: `proxy`, `respond` or `aggregate` (it has {}{})", .found.len(), if .found.is_empty() { String::new() } else { format!(": {}", .found.join(", ")) })]
+#[error("route `{route}` must have exactly one backend: `proxy`, `respond`, `aggregate` or `grpc` (it has {}{})", .found.len(), if .found.is_empty() { String::new() } else { format!(": {}", .found.join(", ")) })]
 pub(crate) struct BackendChoiceError {
     route: String,
     found: Vec<&'static str>,
@@ -170,6 +175,9 @@ impl TryFrom<RawRoute> for RouteConfig {
         }
         if let Some(p) = r.aggregate {
             found.push(BackendConfig::Aggregate(p));
+        }
+        if let Some(p) = r.grpc {
+            found.push(BackendConfig::Grpc(p));
         }
         let name = r.name.get_ref();
         if found.len() != 1 {
@@ -200,11 +208,12 @@ impl TryFrom<RawRoute> for RouteConfig {
 
 impl From<RouteConfig> for RawRoute {
     fn from(r: RouteConfig) -> RawRoute {
-        let (mut proxy, mut respond, mut aggregate) = (None, None, None);
+        let (mut proxy, mut respond, mut aggregate, mut grpc) = (None, None, None, None);
         match r.backend {
             BackendConfig::Proxy(p) => proxy = Some(p),
             BackendConfig::Respond(p) => respond = Some(p),
             BackendConfig::Aggregate(p) => aggregate = Some(p),
+            BackendConfig::Grpc(p) => grpc = Some(p),
         }
         RawRoute {
             name: r.name,
@@ -223,6 +232,7 @@ impl From<RouteConfig> for RawRoute {
             proxy,
             respond,
             aggregate,
+            grpc,
         }
     }
 }

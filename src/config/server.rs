@@ -36,6 +36,8 @@ pub struct GatewayConfig {
     pub(crate) rate_limits: super::rate_limit::RateLimits,
     /// The response cache of routes with `cache` (defaults when absent).
     pub(crate) cache: Option<Spanned<super::cache::CacheConfig>>,
+    /// The `.proto` files of `grpc` routes.
+    pub(crate) protos: Option<Spanned<super::grpc::ProtosConfig>>,
 }
 
 /// One address or a list of them (`listen = "…"` or `listen = ["…", "…"]`).

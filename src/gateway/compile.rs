@@ -50,6 +50,7 @@ pub(crate) fn compile(
         metrics,
         &mut errors,
     );
+    let protos = crate::backend::grpc::compile_protos(&loaded, &mut errors);
     let tls = compile_tls(&loaded, &mut errors);
     let trusted: Arc<[ipnet::IpNet]> = loaded.gateway.server.trusted_proxies.clone().into();
 
@@ -65,6 +66,7 @@ pub(crate) fn compile(
         limiters: &limiters,
         trusted: trusted.clone(),
         cache,
+        protos,
     };
     let mut built = Vec::new();
     // For each route: its file and where its name is, to locate router errors.

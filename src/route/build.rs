@@ -50,6 +50,8 @@ pub(crate) struct BuildContext<'a> {
     pub(crate) trusted: Arc<[ipnet::IpNet]>,
     /// The `[cache]` store (built when `[cache]` parsed).
     pub(crate) cache: Option<Arc<CacheStore>>,
+    /// The compiled `[protos]`.
+    pub(crate) protos: Option<prost_reflect::DescriptorPool>,
 }
 
 /// Settings a frontend passes down to its routes (after applying `[server]` defaults).
@@ -177,6 +179,21 @@ pub(crate) fn build(
             };
             crate::backend::aggregate::build(&facts, a, &mut fail).map(|b| chain(b, layers))
         }
+        BackendConfig::Grpc(g) => {
+            let retry = route_retry(rc, &mut fail);
+            service(cx, &g.get_ref().service, &mut fail).and_then(|upstream| {
+                let facts = crate::backend::grpc::GrpcFacts {
+                    route: rname,
+                    pool: cx.protos.as_ref(),
+                    retry: retry.or_else(|| upstream.retry.clone()),
+                    upstream,
+                    idempotent: rc.idempotent,
+                    deadline: settings.timeout,
+                    prefix_len: fe.prefix.len(),
+                };
+                crate::backend::grpc::build(&facts, g, &mut fail).map(|b| chain(b, layers))
+            })
+        }
         BackendConfig::Respond(r) => match respond(r.get_ref()) {
             Ok(b) => Some(chain(b, layers)),
             Err(msg) => {
@@ -198,6 +215,8 @@ pub(crate) fn build(
     let reads_params = match &rc.backend {
         BackendConfig::Proxy(p) => p.get_ref().path.is_some(),
         BackendConfig::Aggregate(_) => true,
+        // Path parameters fill fields by name when no google.api.http rule matches.
+        BackendConfig::Grpc(_) => true,
         BackendConfig::Respond(_) => false,
     };
     let (line, _) = file.locate(rc.name.span().start);
@@ -264,16 +283,7 @@ fn proxy(
     fail: &mut impl FnMut(Range<usize>, String),
 ) -> Option<RouteService> {
     let rname = rc.name.get_ref();
-    let route_retry = rc
-        .retry
-        .as_ref()
-        .and_then(|r| match RetryPolicy::parse(r.get_ref()) {
-            Ok(p) => Some(p),
-            Err(msg) => {
-                fail(r.span(), format!("route `{rname}` retry: {msg}"));
-                None
-            }
-        });
+    let route_retry = route_retry(rc, fail);
     let target = match &pc.path {
         None => Some(UpstreamPath::StripPrefix(fe.prefix.len())),
         Some(t) => match UpstreamPath::template(t.get_ref(), params) {
@@ -284,21 +294,7 @@ fn proxy(
             }
         },
     };
-    let sname = pc.service.get_ref();
-    if !cx.defined.iter().any(|d| d == sname) {
-        let known = if cx.defined.is_empty() {
-            "none".to_owned()
-        } else {
-            cx.defined.join(", ")
-        };
-        fail(
-            pc.service.span(),
-            format!("unknown service `{sname}` (defined services: {known})"),
-        );
-        return None;
-    }
-    // A defined service that did not compile has its own errors.
-    let up = cx.resources.get::<Upstream>(sname)?;
+    let up = service(cx, &pc.service, fail)?;
     let mut upgrades = Vec::new();
     for u in &pc.upgrades {
         let name = u.get_ref().to_ascii_lowercase();
@@ -330,6 +326,46 @@ fn proxy(
         deadline: Some(settings.timeout),
     };
     Some(chain(Proxy::new(up.clone(), opts), layers))
+}
+
+/// A route's own retry policy, if it has one that parses.
+fn route_retry(
+    rc: &RouteConfig,
+    fail: &mut impl FnMut(Range<usize>, String),
+) -> Option<RetryPolicy> {
+    let rname = rc.name.get_ref();
+    rc.retry
+        .as_ref()
+        .and_then(|r| match RetryPolicy::parse(r.get_ref()) {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                fail(r.span(), format!("route `{rname}` retry: {msg}"));
+                None
+            }
+        })
+}
+
+/// The service a backend names: an error when it is not defined; `None` without one when it
+/// is defined but did not compile (it has its own errors).
+fn service(
+    cx: &BuildContext<'_>,
+    name: &toml::Spanned<String>,
+    fail: &mut impl FnMut(Range<usize>, String),
+) -> Option<Arc<Upstream>> {
+    let sname = name.get_ref();
+    if !cx.defined.iter().any(|d| d == sname) {
+        let known = if cx.defined.is_empty() {
+            "none".to_owned()
+        } else {
+            cx.defined.join(", ")
+        };
+        fail(
+            name.span(),
+            format!("unknown service `{sname}` (defined services: {known})"),
+        );
+        return None;
+    }
+    cx.resources.get::<Upstream>(sname)
 }
 
 /// A `respond` or `fallback` table that cannot become a response.

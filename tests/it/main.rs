@@ -10,6 +10,7 @@ mod dns;
 mod errors;
 mod etcd;
 mod fuzz_corpus;
+mod grpc;
 mod hardening;
 mod parking;
 mod pool;

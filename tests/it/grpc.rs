@@ -1,0 +1,887 @@
+//! gRPC translation against a real gRPC server (tonic, in the test; its messages written by
+//! hand with prost, while the gateway reads tests/fixtures/protos/shop/inventory.proto):
+//! REST → unary calls by every mapping (google.api.http bindings, a body field, `body: "*"`,
+//! `response_body`, `additional_bindings`, parameters by name), the proto3 JSON mapping of
+//! well-known types, server streaming as NDJSON and SSE read as it arrives, the status → HTTP
+//! table, rich error details, bad requests, the deadline as `grpc-timeout`, gRPC-Web (binary
+//! and text), native passthrough of a bidi stream, and config errors located in the .proto.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
+use prost_reflect::prost_types;
+use tokio::sync::Semaphore;
+use tokio_stream::Stream;
+use tonic::{Code, Status};
+
+use crate::support::*;
+
+// ---- the service's messages, by hand (tags as in inventory.proto) ----
+
+#[derive(Clone, PartialEq, Message)]
+struct Item {
+    #[prost(string, tag = "1")]
+    sku: String,
+    #[prost(string, tag = "2")]
+    display_name: String,
+    #[prost(int64, tag = "3")]
+    stock: i64,
+    #[prost(int32, tag = "4")]
+    color: i32,
+    #[prost(message, optional, tag = "5")]
+    updated: Option<prost_types::Timestamp>,
+    #[prost(message, optional, tag = "6")]
+    ttl: Option<prost_types::Duration>,
+    #[prost(message, optional, tag = "7")]
+    limit: Option<i32>,
+    #[prost(message, optional, tag = "8")]
+    attrs: Option<prost_types::Struct>,
+    #[prost(message, optional, tag = "9")]
+    extra: Option<prost_types::Any>,
+    #[prost(string, repeated, tag = "10")]
+    tags: Vec<String>,
+    #[prost(bool, tag = "11")]
+    active: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct Note {
+    #[prost(string, tag = "1")]
+    text: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct GetItemRequest {
+    #[prost(string, tag = "1")]
+    sku: String,
+    #[prost(bool, tag = "2")]
+    verbose: bool,
+    #[prost(string, repeated, tag = "3")]
+    tags: Vec<String>,
+    #[prost(int32, tag = "4")]
+    delay_ms: i32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct CreateItemRequest {
+    #[prost(string, tag = "1")]
+    shelf: String,
+    #[prost(message, optional, tag = "2")]
+    item: Option<Item>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ListItemsRequest {
+    #[prost(int32, tag = "1")]
+    count: i32,
+    #[prost(string, tag = "2")]
+    prefix: String,
+    #[prost(int32, tag = "3")]
+    fail_after: i32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+// ---- the service ----
+
+/// What the service saw, for the assertions.
+#[derive(Default)]
+struct Seen {
+    grpc_timeouts: Vec<String>,
+    calls: usize,
+}
+
+struct Service {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+    /// Each streamed item after the first waits for a permit: a test reads the first one while
+    /// the rest is still to come.
+    gate: Arc<Semaphore>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type GrpcResp = Response<tonic::body::Body>;
+type ItemStream = Pin<Box<dyn Stream<Item = Result<Item, Status>> + Send>>;
+type NoteStream = Pin<Box<dyn Stream<Item = Result<Note, Status>> + Send>>;
+
+fn item_for(r: &GetItemRequest, tenant: &str) -> Item {
+    let mut attrs = prost_types::Struct::default();
+    attrs.fields.insert(
+        "tenant".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(tenant.into())),
+        },
+    );
+    Item {
+        sku: r.sku.clone(),
+        display_name: format!("Item {}", r.sku),
+        stock: 9_007_199_254_740_993,
+        color: 2,
+        updated: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        }),
+        ttl: Some(prost_types::Duration {
+            seconds: 90,
+            nanos: 0,
+        }),
+        limit: Some(5),
+        attrs: Some(attrs),
+        extra: None,
+        tags: r.tags.clone(),
+        active: r.verbose,
+    }
+}
+
+async fn dispatch(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Seen>>,
+    gate: Arc<Semaphore>,
+) -> GrpcResp {
+    use tonic::server::Grpc;
+    use tonic_prost::ProstCodec;
+    {
+        let mut s = seen.lock().unwrap();
+        s.calls += 1;
+        if let Some(t) = req.headers().get("grpc-timeout") {
+            s.grpc_timeouts.push(t.to_str().unwrap().to_owned());
+        }
+    }
+    let tenant = req
+        .headers()
+        .get("x-tenant")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/shop.inventory.v1.Inventory/GetItem" => {
+            let svc = tower::service_fn(move |r: tonic::Request<GetItemRequest>| {
+                let tenant = tenant.clone();
+                async move {
+                    let r = r.into_inner();
+                    if r.delay_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(r.delay_ms as u64)).await;
+                    }
+                    let mut resp = tonic::Response::new(item_for(&r, &tenant));
+                    resp.metadata_mut()
+                        .insert("x-served-by", "inventory".parse().unwrap());
+                    resp.metadata_mut()
+                        .insert("x-secret", "internal".parse().unwrap());
+                    Ok::<_, Status>(resp)
+                }
+            });
+            Grpc::new(ProstCodec::default()).unary(svc, req).await
+        }
+        "/shop.inventory.v1.Inventory/CreateItem" => {
+            let svc = tower::service_fn(|r: tonic::Request<CreateItemRequest>| async move {
+                let r = r.into_inner();
+                let mut item = r.item.unwrap_or_default();
+                item.sku = format!("{}/{}", r.shelf, item.sku);
+                Ok::<_, Status>(tonic::Response::new(item))
+            });
+            Grpc::new(ProstCodec::default()).unary(svc, req).await
+        }
+        "/shop.inventory.v1.Inventory/PutItem" => {
+            let svc = tower::service_fn(|r: tonic::Request<Item>| async move {
+                Ok::<_, Status>(tonic::Response::new(r.into_inner()))
+            });
+            Grpc::new(ProstCodec::default()).unary(svc, req).await
+        }
+        "/shop.inventory.v1.Inventory/GetItemName" => {
+            let svc = tower::service_fn(|r: tonic::Request<GetItemRequest>| async move {
+                let sku = r.into_inner().sku;
+                Ok::<_, Status>(tonic::Response::new(Item {
+                    display_name: format!("Name of {sku}"),
+                    sku,
+                    ..Item::default()
+                }))
+            });
+            Grpc::new(ProstCodec::default()).unary(svc, req).await
+        }
+        "/shop.inventory.v1.Inventory/Fail" => {
+            let svc = tower::service_fn(|r: tonic::Request<GetItemRequest>| async move {
+                let code: i32 = r.into_inner().sku.parse().unwrap();
+                let detail = prost_types::Any {
+                    type_url: "type.googleapis.com/shop.inventory.v1.Note".into(),
+                    value: Note {
+                        text: "see the shelf".into(),
+                    }
+                    .encode_to_vec(),
+                };
+                let status = RpcStatus {
+                    code,
+                    message: format!("failed with {code}"),
+                    details: vec![detail],
+                };
+                Err::<tonic::Response<Item>, _>(Status::with_details(
+                    Code::from(code),
+                    format!("failed with {code}: ünïcode"),
+                    Bytes::from(status.encode_to_vec()),
+                ))
+            });
+            Grpc::new(ProstCodec::default()).unary(svc, req).await
+        }
+        "/shop.inventory.v1.Inventory/ListItems" => {
+            let svc = tower::service_fn(move |r: tonic::Request<ListItemsRequest>| {
+                let gate = gate.clone();
+                async move {
+                    let r = r.into_inner();
+                    let s: ItemStream = Box::pin(async_stream(r, gate));
+                    Ok::<_, Status>(tonic::Response::new(s))
+                }
+            });
+            Grpc::new(ProstCodec::default())
+                .server_streaming(svc, req)
+                .await
+        }
+        "/shop.inventory.v1.Inventory/Chat" => {
+            let svc = tower::service_fn(|r: tonic::Request<tonic::Streaming<Note>>| async move {
+                let mut inbound = r.into_inner();
+                let out = futures_util::stream::poll_fn(move |cx| {
+                    Pin::new(&mut inbound).poll_next(cx).map(|n| {
+                        n.map(|n| {
+                            n.map(|n| Note {
+                                text: n.text.to_uppercase(),
+                            })
+                        })
+                    })
+                });
+                let s: NoteStream = Box::pin(out);
+                Ok::<_, Status>(tonic::Response::new(s))
+            });
+            Grpc::new(ProstCodec::default()).streaming(svc, req).await
+        }
+        _ => Status::unimplemented("no such method").into_http(),
+    }
+}
+
+/// `count` items; each after the first waits for a permit of `gate`; an UNAVAILABLE status
+/// after `fail_after` items when it is set.
+fn async_stream(
+    r: ListItemsRequest,
+    gate: Arc<Semaphore>,
+) -> impl Stream<Item = Result<Item, Status>> + Send {
+    futures_util::stream::unfold(0, move |i| {
+        let gate = gate.clone();
+        let prefix = r.prefix.clone();
+        let (count, fail_after) = (r.count, r.fail_after);
+        async move {
+            if fail_after > 0 && i == fail_after {
+                return Some((Err(Status::unavailable("the shelf fell over")), count + 1));
+            }
+            if i >= count {
+                return None;
+            }
+            if i > 0 {
+                gate.acquire().await.unwrap().forget();
+            }
+            let item = Item {
+                sku: format!("{prefix}{i}"),
+                stock: i64::from(i),
+                ..Item::default()
+            };
+            Some((Ok(item), i + 1))
+        }
+    })
+}
+
+async fn service() -> Service {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let gate = Arc::new(Semaphore::new(0));
+    let (s, g) = (seen.clone(), gate.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (s, g) = (s.clone(), g.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let (s, g) = (s.clone(), g.clone());
+                    async move { Ok::<_, Infallible>(dispatch(req, s, g).await) }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Service {
+        addr,
+        seen,
+        gate,
+        task,
+    }
+}
+
+fn protos_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/protos")
+}
+
+fn gateway_config(svc: &Service) -> String {
+    let dir = protos_dir();
+    gateway_toml(
+        "",
+        &format!(
+            "[protos]\nfiles = [\"{}\"]\ninclude = [\"{}\"]\n\n[services.inventory]\nendpoints = [\"http://{}\"]\nprotocol = \"http2\"\n",
+            dir.join("shop/inventory.proto").display(),
+            dir.display(),
+            svc.addr
+        ),
+    )
+}
+
+const ROUTES: &str = r#"
+[frontend]
+name = "shop"
+
+[[route]]
+name = "inventory"
+path = "/v1/{*rest}"
+grpc = { service = "inventory", method = "shop.inventory.v1.Inventory/*", request_headers = ["x-tenant"], response_headers = ["x-served-by"] }
+
+[[route]]
+name = "by-name"
+path = "/items/{sku}"
+methods = ["GET"]
+grpc = { service = "inventory", method = "shop.inventory.v1.Inventory/GetItem" }
+
+[[route]]
+name = "fail"
+path = "/fail/{sku}"
+grpc = { service = "inventory", method = "shop.inventory.v1.Inventory/Fail" }
+
+[[route]]
+name = "slow"
+path = "/slow/{sku}"
+timeout = "300ms"
+grpc = { service = "inventory", method = "shop.inventory.v1.Inventory/GetItem" }
+
+[[route]]
+name = "lenient"
+path = "/lenient/{sku}"
+methods = ["PUT"]
+grpc = { service = "inventory", method = "shop.inventory.v1.Inventory/PutItem", unknown_fields = "ignore", max_message_size = "1KiB" }
+
+[[route]]
+name = "passthrough"
+path = "/shop.inventory.v1.Inventory/{*method}"
+grpc = { service = "inventory" }
+"#;
+
+async fn setup() -> (Service, TestGateway) {
+    let svc = service().await;
+    let gw = TestGateway::start(&gateway_config(&svc), &[("shop.toml", ROUTES)]).await;
+    (svc, gw)
+}
+
+async fn call(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await
+}
+
+#[tokio::test]
+async fn rest_calls_follow_the_http_rules_and_the_json_mapping() {
+    let (_svc, gw) = setup().await;
+    // GET with a path variable, query parameters (a bool, a repeated field) and allow-listed
+    // metadata both ways.
+    let r = call(
+        "GET",
+        &gw.url("/v1/items/ab%20c?verbose=true&tags=x&tags=y"),
+        &[("x-tenant", "acme")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), "application/json");
+    assert_eq!(r.header("x-served-by"), "inventory");
+    assert_eq!(
+        r.header("x-secret"),
+        "",
+        "metadata not allow-listed stays behind"
+    );
+    let v = r.json();
+    assert_eq!(v["sku"], "ab c");
+    assert_eq!(v["displayName"], "Item ab c");
+    assert_eq!(v["stock"], "9007199254740993", "int64 as a string");
+    assert_eq!(v["color"], "BLUE", "enums by name");
+    assert_eq!(v["updated"], "2023-11-14T22:13:20Z");
+    assert_eq!(v["ttl"], "90s");
+    assert_eq!(v["limit"], 5, "a wrapper as its value");
+    assert_eq!(v["attrs"], serde_json::json!({"tenant": "acme"}));
+    assert_eq!(v["tags"], serde_json::json!(["x", "y"]));
+    assert_eq!(v["active"], true);
+
+    // additional_bindings, with a verb.
+    let r = call("GET", &gw.url("/v1/skus/q9:lookup"), &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sku"], "q9");
+
+    // body: "item", a path variable beside it; Timestamp, enum, int64 and Any (by the type
+    // registry) read from JSON.
+    let body = r#"{"sku":"k1","displayName":"Kettle","stock":"12","color":"RED",
+        "updated":"2024-01-02T03:04:05.5Z","ttl":"1.5s","limit":7,
+        "extra":{"@type":"type.googleapis.com/shop.inventory.v1.Note","text":"fragile"}}"#;
+    let r = call("POST", &gw.url("/v1/shelves/s1/items"), &[], body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["sku"], "s1/k1");
+    assert_eq!(v["displayName"], "Kettle");
+    assert_eq!(v["stock"], "12");
+    assert_eq!(v["color"], "RED");
+    assert_eq!(v["updated"], "2024-01-02T03:04:05.500Z");
+    assert_eq!(v["ttl"], "1.500s");
+    assert_eq!(v["limit"], 7);
+    assert_eq!(
+        v["extra"],
+        serde_json::json!({"@type": "type.googleapis.com/shop.inventory.v1.Note", "text": "fragile"})
+    );
+
+    // body: "*" with the path variable filling its field.
+    let r = call(
+        "PUT",
+        &gw.url("/v1/items/p1"),
+        &[],
+        r#"{"display_name":"Pan"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sku"], "p1");
+    assert_eq!(
+        r.json()["displayName"],
+        "Pan",
+        "proto field names are read too"
+    );
+
+    // response_body: one field of the answer.
+    let r = call("GET", &gw.url("/v1/items/z/name"), &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!("Name of z"));
+
+    // A route whose path no rule matches: parameters and query by field name.
+    let r = call("GET", &gw.url("/items/n1?verbose=true"), &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sku"], "n1");
+    assert_eq!(r.json()["active"], true);
+
+    // No binding of the service matches.
+    let r = call("GET", &gw.url("/v1/nothing/here"), &[], "").await;
+    assert_problem(&r, 404, "route_not_found");
+}
+
+#[tokio::test]
+async fn bad_requests_are_400_naming_the_field() {
+    let (svc, gw) = setup().await;
+    let post = |body: &'static str| {
+        let url = gw.url("/v1/shelves/s/items");
+        async move { call("POST", &url, &[], body).await }
+    };
+    let r = post("{not json").await;
+    assert_problem(&r, 400, "invalid_json");
+
+    let r = post(r#"{"stock":"many"}"#).await;
+    assert_problem(&r, 400, "invalid_field");
+    assert_eq!(r.json()["field"], "item.stock", "{}", r.text());
+
+    let r = post(r#"{"sku":"a","bogus":1}"#).await;
+    assert_problem(&r, 400, "unknown_field");
+    assert!(
+        r.json()["detail"].as_str().unwrap().contains("bogus"),
+        "{}",
+        r.text()
+    );
+
+    let r = post(r#"{"color":"PURPLE"}"#).await;
+    assert_problem(&r, 400, "invalid_field");
+    assert_eq!(r.json()["field"], "item.color", "{}", r.text());
+
+    let r = call("GET", &gw.url("/v1/items/a?nope=1"), &[], "").await;
+    assert_problem(&r, 400, "unknown_field");
+    assert_eq!(r.json()["field"], "nope");
+
+    let r = call("GET", &gw.url("/v1/items/a?verbose=maybe"), &[], "").await;
+    assert_problem(&r, 400, "invalid_field");
+    assert_eq!(r.json()["field"], "verbose");
+
+    // The lenient route ignores unknown fields but limits the message's size.
+    let r = call(
+        "PUT",
+        &gw.url("/lenient/l1"),
+        &[],
+        r#"{"bogus":1,"displayName":"ok"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["displayName"], "ok");
+    let big = format!(r#"{{"displayName":"{}"}}"#, "x".repeat(2000));
+    let r = call("PUT", &gw.url("/lenient/l1"), &[], &big).await;
+    assert_problem(&r, 400, "message_too_large");
+
+    // None of the refused requests reached the service (only the lenient one did).
+    assert_eq!(svc.seen.lock().unwrap().calls, 1);
+}
+
+#[tokio::test]
+async fn grpc_statuses_map_to_http_with_their_details() {
+    let (_svc, gw) = setup().await;
+    let table = [
+        (1, 499),
+        (2, 500),
+        (3, 400),
+        (4, 504),
+        (5, 404),
+        (6, 409),
+        (7, 403),
+        (8, 429),
+        (9, 400),
+        (10, 409),
+        (11, 400),
+        (12, 501),
+        (13, 500),
+        (14, 503),
+        (15, 500),
+        (16, 401),
+    ];
+    for (code, http) in table {
+        let r = call("GET", &gw.url(&format!("/fail/{code}")), &[], "").await;
+        assert_eq!(r.status.as_u16(), http, "gRPC code {code}: {}", r.text());
+        assert_eq!(r.header("content-type"), "application/problem+json");
+        assert_eq!(r.json()["grpc_status"], code);
+    }
+    let r = call("GET", &gw.url("/fail/5"), &[], "").await;
+    assert_problem(&r, 404, "grpc_not_found");
+    let v = r.json();
+    assert_eq!(v["grpc_code"], "NOT_FOUND");
+    assert_eq!(v["detail"], "failed with 5: ünïcode");
+    assert_eq!(
+        v["details"][0],
+        serde_json::json!({"@type": "type.googleapis.com/shop.inventory.v1.Note", "text": "see the shelf"})
+    );
+}
+
+/// Reads one chunk of a streamed body.
+async fn next_chunk(body: &mut Incoming) -> Option<Bytes> {
+    loop {
+        match body.frame().await? {
+            Ok(f) => {
+                if let Ok(d) = f.into_data() {
+                    if !d.is_empty() {
+                        return Some(d);
+                    }
+                }
+            }
+            Err(e) => panic!("body failed: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn server_streams_arrive_as_ndjson_and_sse_message_by_message() {
+    let (svc, gw) = setup().await;
+    let resp = open(&gw.url("/v1/items?count=3&prefix=s")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let mut body = resp.into_body();
+    // The first item arrives while the service still holds back the others.
+    let first = next_chunk(&mut body).await.unwrap();
+    assert_eq!(&first[..], b"{\"sku\":\"s0\"}\n");
+    svc.gate.add_permits(2);
+    let mut rest = Vec::new();
+    while let Some(c) = next_chunk(&mut body).await {
+        rest.extend_from_slice(&c);
+    }
+    assert_eq!(
+        String::from_utf8(rest).unwrap(),
+        "{\"sku\":\"s1\",\"stock\":\"1\"}\n{\"sku\":\"s2\",\"stock\":\"2\"}\n"
+    );
+
+    // SSE by Accept; a stream that fails ends with an error event.
+    svc.gate.add_permits(5);
+    let req = Request::get(gw.url("/v1/items?count=3&prefix=e&failAfter=2"))
+        .header("accept", "text/event-stream")
+        .body(Full::default())
+        .unwrap();
+    let r = send(req).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), "text/event-stream");
+    let text = r.text();
+    assert!(
+        text.starts_with("data: {\"sku\":\"e0\"}\n\ndata: {\"sku\":\"e1\",\"stock\":\"1\"}\n\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("event: error\ndata: {\"error\":{\"code\":14,\"message\":\"the shelf fell over\",\"status\":\"UNAVAILABLE\"}}\n\n"), "{text}");
+}
+
+#[tokio::test]
+async fn the_route_deadline_is_sent_as_grpc_timeout_and_enforced() {
+    let (svc, gw) = setup().await;
+    let r = call("GET", &gw.url("/slow/s?delayMs=5000"), &[], "").await;
+    assert_problem(&r, 504, "upstream_timeout");
+    let t = svc.seen.lock().unwrap().grpc_timeouts.clone();
+    assert_eq!(t.len(), 1, "{t:?}");
+    let ms: u64 = t[0].strip_suffix('m').unwrap().parse().unwrap();
+    assert!(ms > 0 && ms <= 300, "{t:?}");
+}
+
+fn frame(msg: &[u8]) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_u8(0);
+    b.put_u32(msg.len() as u32);
+    b.put_slice(msg);
+    b.freeze()
+}
+
+/// The frames of a gRPC-Web body: messages, then the trailer block.
+fn web_frames(mut b: Bytes) -> (Vec<Bytes>, String) {
+    let mut msgs = Vec::new();
+    let mut trailers = String::new();
+    while b.len() >= 5 {
+        let flag = b.get_u8();
+        let len = b.get_u32() as usize;
+        let data = b.split_to(len);
+        if flag & 0x80 != 0 {
+            trailers = String::from_utf8(data.to_vec()).unwrap();
+        } else {
+            msgs.push(data);
+        }
+    }
+    assert!(b.is_empty());
+    (msgs, trailers)
+}
+
+#[tokio::test]
+async fn grpc_web_binary_and_text_reach_the_grpc_service() {
+    let (_svc, gw) = setup().await;
+    let msg = GetItemRequest {
+        sku: "w1".into(),
+        ..GetItemRequest::default()
+    }
+    .encode_to_vec();
+    let req = Request::post(gw.url("/shop.inventory.v1.Inventory/GetItem"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(Full::new(frame(&msg)))
+        .unwrap();
+    let r = send(req).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), "application/grpc-web+proto");
+    let (msgs, trailers) = web_frames(r.body.clone());
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(Item::decode(msgs[0].clone()).unwrap().sku, "w1");
+    assert!(trailers.contains("grpc-status:0\r\n"), "{trailers:?}");
+
+    // Text: base64 both ways; a failing call's status in the trailer frame.
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let fail = GetItemRequest {
+        sku: "7".into(),
+        ..GetItemRequest::default()
+    }
+    .encode_to_vec();
+    let req = Request::post(gw.url("/shop.inventory.v1.Inventory/Fail"))
+        .header("content-type", "application/grpc-web-text")
+        .body(Full::new(Bytes::from(b64.encode(frame(&fail)))))
+        .unwrap();
+    let r = send(req).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), "application/grpc-web-text+proto");
+    let raw = b64.decode(r.body.as_ref()).map(Bytes::from);
+    // A trailers-only answer has its status in the headers.
+    if r.header("grpc-status").is_empty() {
+        let (_, trailers) = web_frames(raw.unwrap());
+        assert!(trailers.contains("grpc-status:7\r\n"), "{trailers:?}");
+    } else {
+        assert_eq!(r.header("grpc-status"), "7");
+    }
+
+    let req = Request::post(gw.url("/shop.inventory.v1.Inventory/GetItem"))
+        .header("content-type", "application/grpc-web-text")
+        .body(Full::new(Bytes::from(b64.encode(frame(&msg)))))
+        .unwrap();
+    let r = send(req).await;
+    let (msgs, trailers) = web_frames(Bytes::from(b64.decode(r.body.as_ref()).unwrap()));
+    assert_eq!(Item::decode(msgs[0].clone()).unwrap().sku, "w1");
+    assert!(trailers.contains("grpc-status:0"), "{trailers:?}");
+
+    // A plain HTTP request on a passthrough route is refused.
+    let r = call(
+        "POST",
+        &gw.url("/shop.inventory.v1.Inventory/GetItem"),
+        &[],
+        "{}",
+    )
+    .await;
+    assert_problem(&r, 415, "not_grpc");
+}
+
+#[tokio::test]
+async fn native_grpc_bidi_streams_pass_through_with_trailers() {
+    let (_svc, gw) = setup().await;
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, StreamBody<_>>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let req = Request::post(format!(
+        "http://{}/shop.inventory.v1.Inventory/Chat",
+        gw.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(body)
+    .unwrap();
+    let note = |t: &str| frame(&Note { text: t.into() }.encode_to_vec());
+    tx.send(Ok(Frame::data(note("one")))).await.unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let read_note = async |body: &mut Incoming| {
+        let mut buf = BytesMut::new();
+        loop {
+            if buf.len() >= 5 {
+                let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                if buf.len() >= 5 + len {
+                    return Note::decode(&buf[5..5 + len]).unwrap().text;
+                }
+            }
+            let f = body.frame().await.unwrap().unwrap();
+            buf.extend_from_slice(&f.into_data().unwrap());
+        }
+    };
+    // Each answer arrives before the next note is sent: streaming both ways.
+    assert_eq!(read_note(&mut body).await, "ONE");
+    tx.send(Ok(Frame::data(note("two")))).await.unwrap();
+    assert_eq!(read_note(&mut body).await, "TWO");
+    drop(tx);
+    let mut trailers = None;
+    while let Some(f) = body.frame().await {
+        if let Ok(t) = f.unwrap().into_trailers() {
+            trailers = Some(t);
+        }
+    }
+    assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+}
+
+#[test]
+fn proto_and_route_mistakes_are_located() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.proto");
+    std::fs::write(
+        &bad,
+        "syntax = \"proto3\";\npackage bad;\n\nmessage A {\n  strin x = 1;\n}\n",
+    )
+    .unwrap();
+    let gw = gateway_toml(
+        "",
+        &format!(
+            "[protos]\nfiles = [\"{}\"]\n\n[services.s]\nendpoints = [\"http://127.0.0.1:1\"]\n",
+            bad.display()
+        ),
+    );
+    let e = compile_errors(&gw, "r.toml", "[frontend]\nname = \"f\"\n");
+    assert!(e.starts_with(&format!("{}:5:", bad.display())), "{e}");
+
+    let missing = tmp.path().join("imp.proto");
+    std::fs::write(
+        &missing,
+        "syntax = \"proto3\";\npackage imp;\nimport \"nowhere/gone.proto\";\n",
+    )
+    .unwrap();
+    let gw = gateway_toml(
+        "",
+        &format!(
+            "[protos]\nfiles = [\"{}\"]\n\n[services.s]\nendpoints = [\"http://127.0.0.1:1\"]\n",
+            missing.display()
+        ),
+    );
+    let e = compile_errors(&gw, "r.toml", "[frontend]\nname = \"f\"\n");
+    assert!(e.starts_with(&format!("{}:3:", missing.display())), "{e}");
+    assert!(e.contains("nowhere/gone.proto"), "{e}");
+
+    let svc = "[services.inventory]\nendpoints = [\"http://127.0.0.1:1\"]\nprotocol = \"http2\"\n";
+    let dir = protos_dir();
+    let good = gateway_toml(
+        "",
+        &format!(
+            "[protos]\nfiles = [\"{}\"]\ninclude = [\"{}\"]\n\n{svc}",
+            dir.join("shop/inventory.proto").display(),
+            dir.display()
+        ),
+    );
+    let route = |grpc: &str| {
+        format!(
+            "[frontend]\nname = \"f\"\n\n[[route]]\nname = \"r\"\npath = \"/x\"\ngrpc = {grpc}\n"
+        )
+    };
+    let e = compile_errors(
+        &good,
+        "r.toml",
+        &route(r#"{ service = "inventory", method = "shop.inventory.v1.Inventory/Nope" }"#),
+    );
+    assert!(
+        e.contains("r.toml:7:") && e.contains("has no method `Nope`"),
+        "{e}"
+    );
+    let e = compile_errors(
+        &good,
+        "r.toml",
+        &route(r#"{ service = "inventory", method = "shop.Nope/Get" }"#),
+    );
+    assert!(e.contains("unknown gRPC service `shop.Nope`"), "{e}");
+    let e = compile_errors(
+        &good,
+        "r.toml",
+        &route(r#"{ service = "inventory", method = "shop.inventory.v1.Inventory/Chat" }"#),
+    );
+    assert!(e.contains("client stream"), "{e}");
+    let e = compile_errors(
+        &good,
+        "r.toml",
+        &route(r#"{ service = "inventory", method = "x", unknown_fields = "maybe" }"#),
+    );
+    assert!(e.contains("r.toml:7:"), "{e}");
+    let no_protos = gateway_toml("", svc);
+    let e = compile_errors(
+        &no_protos,
+        "r.toml",
+        &route(r#"{ service = "inventory", method = "a.B/C" }"#),
+    );
+    assert!(
+        e.contains("needs the service's .proto files in [protos]"),
+        "{e}"
+    );
+}
