@@ -315,6 +315,9 @@ pub(crate) struct HealthCheckConfig {
     /// Statuses that count as healthy; default: 200–399.
     #[serde(default)]
     pub(crate) expected_statuses: Vec<u16>,
+    /// Check with gRPC's `grpc.health.v1.Health/Check` for this service name (`""`: the
+    /// server as a whole) instead of a GET of `path`.
+    pub(crate) grpc: Option<String>,
 }
 
 /// `[services.NAME.outlier_detection]`: passive ejection of failing endpoints.

@@ -27,6 +27,31 @@ pub(crate) struct Probe {
     unhealthy_threshold: u32,
     /// Statuses that count as healthy; empty: 200–399.
     expected_statuses: Box<[u16]>,
+    /// `grpc.health.v1.Health/Check`: the framed request for the configured service name.
+    grpc: Option<Bytes>,
+}
+
+/// `grpc.health.v1.HealthCheckRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse`: `status` 1 is SERVING.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+/// A gRPC message framed for the wire (uncompressed).
+fn grpc_frame(msg: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(5 + msg.len());
+    out.push(0);
+    out.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(msg);
+    Bytes::from(out)
 }
 
 /// A `health_check` table that cannot make a probe.
@@ -77,6 +102,12 @@ impl Probe {
                 healthy_threshold: h.healthy_threshold,
                 unhealthy_threshold: h.unhealthy_threshold,
                 expected_statuses: h.expected_statuses.clone().into(),
+                grpc: h.grpc.as_ref().map(|service| {
+                    let req = HealthCheckRequest {
+                        service: service.clone(),
+                    };
+                    grpc_frame(&prost::Message::encode_to_vec(&req))
+                }),
             }),
             _ => Err(errors),
         }
@@ -129,6 +160,9 @@ async fn check(service: &str, ep: &Endpoint, client: &HttpClient, cfg: &Probe) {
 }
 
 async fn probe(ep: &Endpoint, client: &HttpClient, cfg: &Probe) -> bool {
+    if let Some(body) = &cfg.grpc {
+        return grpc_probe(ep, client, cfg, body.clone()).await;
+    }
     let uri = Uri::builder()
         .scheme(ep.scheme.clone())
         .authority(ep.authority.clone())
@@ -153,6 +187,47 @@ async fn probe(ep: &Endpoint, client: &HttpClient, cfg: &Probe) -> bool {
         Ok(Some(status)) => cfg.expected_statuses.contains(&status),
         _ => false,
     }
+}
+
+/// `grpc.health.v1.Health/Check`: healthy when the call ends with status OK and says SERVING.
+async fn grpc_probe(ep: &Endpoint, client: &HttpClient, cfg: &Probe, body: Bytes) -> bool {
+    let uri = Uri::builder()
+        .scheme(ep.scheme.clone())
+        .authority(ep.authority.clone())
+        .path_and_query("/grpc.health.v1.Health/Check")
+        .build();
+    let Ok(uri) = uri else { return false };
+    let Ok(req) = Request::post(uri)
+        .header(http::header::USER_AGENT, "gatehouse-health-check")
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(req_full(body))
+    else {
+        return false;
+    };
+    let attempt = async {
+        let resp = client.request(req).await.ok()?;
+        if resp.status() != http::StatusCode::OK {
+            return Some(false);
+        }
+        let in_head = resp.headers().get("grpc-status").cloned();
+        let collected = resp.into_body().collect().await.ok()?;
+        let status = collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status").cloned())
+            .or(in_head);
+        if status.as_ref().map(|s| s.as_bytes()) != Some(b"0") {
+            return Some(false);
+        }
+        let bytes = collected.to_bytes();
+        let msg = bytes.get(5..)?;
+        let answer: HealthCheckResponse = prost::Message::decode(msg).ok()?;
+        Some(answer.status == 1)
+    };
+    matches!(
+        tokio::time::timeout(cfg.timeout, attempt).await,
+        Ok(Some(true))
+    )
 }
 
 #[cfg(test)]

@@ -885,3 +885,53 @@ fn proto_and_route_mistakes_are_located() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn health_checks_can_ask_grpc_health() {
+    use tonic_health::ServingStatus;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.inventory.v1.Inventory", ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(health.clone());
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    let cfg = gateway_toml(
+        "",
+        &format!(
+            "[services.inventory]\nendpoints = [\"http://{addr}\"]\nprotocol = \"http2\"\n[services.inventory.health_check]\ngrpc = \"shop.inventory.v1.Inventory\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n"
+        ),
+    );
+    let gw = TestGateway::start(&cfg, &[("shop.toml", "[frontend]\nname = \"shop\"\n")]).await;
+    let healthy = || async {
+        get(&gw.admin_url("/admin/services")).await.json()["services"][0]["endpoints"][0]["healthy"]
+            .clone()
+    };
+    // NOT_SERVING marks the endpoint unhealthy, SERVING healthy again.
+    reporter
+        .set_service_status("shop.inventory.v1.Inventory", ServingStatus::NotServing)
+        .await;
+    eventually(10, "endpoint marked unhealthy", || async {
+        healthy().await == false
+    })
+    .await;
+    reporter
+        .set_service_status("shop.inventory.v1.Inventory", ServingStatus::Serving)
+        .await;
+    eventually(10, "endpoint healthy again", || async {
+        healthy().await == true
+    })
+    .await;
+    server.abort();
+}
