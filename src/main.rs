@@ -189,6 +189,8 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)], token: Option<&
     for path in [
         "/web/users/1",
         "/web/products",
+        "/web/stock/tea-01      (REST → gRPC: the stock service's GetStock, from protos/shop/stock.proto)",
+        "/web/stock/cup-02/watch?updates=3   (a gRPC server stream as NDJSON, one line per message)",
         "/web/events            (server-sent events, streamed as produced)",
         "/web/echo/anything?x=1 (what the backend receives: X-Forwarded-*, traceparent ...)",
         "/mobile/v1/me/orders",

@@ -244,6 +244,22 @@ fn demo_serves_the_shipped_config_with_sample_services() {
         assert_eq!(dash["name"], "Ada Lovelace");
         assert_eq!(dash["orders"][1]["sku"], "cup-02");
         assert_eq!(dash["catalog"].as_array().map(Vec::len), Some(2));
+        // REST → gRPC as the demo prints it: a unary call, a missing SKU, a server stream.
+        let stock = get(&format!("{base}/web/stock/tea-01")).await;
+        assert_eq!(stock.status, 200, "{}", stock.text());
+        let v = stock.json();
+        assert_eq!((v["sku"].as_str(), v["available"].as_i64()), (Some("tea-01"), Some(120)));
+        assert!(v["checkedAt"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
+        assert_problem(&get(&format!("{base}/web/stock/nope")).await, 404, "grpc_not_found");
+        let watch = get(&format!("{base}/web/stock/cup-02/watch?updates=2")).await;
+        assert_eq!(watch.header("content-type"), "application/x-ndjson");
+        let lines: Vec<serde_json::Value> = watch
+            .text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{}", watch.text());
+        assert_eq!(lines[1]["available"], 7);
         // The response cache the demo prints: a stored miss, then a hit with Age.
         let first = get(&format!("{base}/web/products?utm=x")).await;
         assert!(first.header("cache-status").contains("stored"), "{:?}", first.headers);

@@ -17,6 +17,8 @@ use serde_json::json;
 
 use crate::config::GatewayConfig;
 
+mod grpc;
+
 /// A token for the demo's `[auth.jwt.demo]` (HS256 with its secret), valid for a day, with
 /// the `profile` scope; `None` when the config has no such provider.
 pub fn demo_token(cfg: &GatewayConfig) -> Option<String> {
@@ -56,6 +58,14 @@ pub async fn start_samples(cfg: &GatewayConfig) -> std::io::Result<Vec<(String, 
             else {
                 continue;
             };
+            if name == "stock" {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("sample service {name} on {addr}: {e}"))
+                })?;
+                grpc::serve(listener);
+                started.push((name.clone(), addr));
+                continue;
+            }
             let app = match name.as_str() {
                 "users" => users(),
                 "orders" => orders(),
