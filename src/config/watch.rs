@@ -1,5 +1,5 @@
-//! Watches gateway.toml's folder and the routes folder and reports, debounced, that a `.toml`
-//! file changed. The reload loop owns the watcher; dropping it stops the watch.
+//! Watches gateway.toml's folder, the routes folder and the `[protos]` folders and reports,
+//! debounced, that a `.toml` file, a `.proto` file or a descriptor set changed. The reload loop owns the watcher; dropping it stops the watch.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,10 +27,11 @@ pub(crate) fn watch(dirs: &[PathBuf], debounce: Duration) -> notify::Result<Conf
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev {
             let relevant = !ev.kind.is_access()
-                && ev
-                    .paths
-                    .iter()
-                    .any(|p| p.extension().is_some_and(|e| e == "toml"));
+                && ev.paths.iter().any(|p| {
+                    p.extension().is_some_and(|e| {
+                        e == "toml" || e == "proto" || e == "binpb" || e == "pb" || e == "desc"
+                    })
+                });
             if relevant {
                 let _ = raw_tx.send(());
             }

@@ -207,6 +207,8 @@ pub struct Live {
     /// `[server] max_connections` (fixed at start) and the connections open now.
     pub(crate) max_connections: usize,
     pub(crate) connections: std::sync::atomic::AtomicUsize,
+    /// The folders of `[protos]` at start, watched beside the config's.
+    proto_dirs: Vec<PathBuf>,
 }
 
 impl Live {
@@ -217,6 +219,7 @@ impl Live {
         metrics: Arc<Metrics>,
     ) -> Result<Live, ConfigErrors> {
         let startup = StartupSettings::of(&loaded);
+        let proto_dirs = crate::backend::grpc::proto_dirs(&loaded);
         let server = &loaded.gateway.server;
         let request_limit = (server.max_concurrent_requests > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(server.max_concurrent_requests)));
@@ -237,6 +240,7 @@ impl Live {
                 restart_required: Vec::new(),
             }),
             reload_lock: tokio::sync::Mutex::new(()),
+            proto_dirs,
             ready: AtomicBool::new(false),
             request_limit,
             max_connections,
@@ -274,7 +278,13 @@ impl Live {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        Some(vec![root, self.startup.routes_dir.clone()])
+        let mut dirs = vec![root, self.startup.routes_dir.clone()];
+        for d in &self.proto_dirs {
+            if !dirs.contains(d) {
+                dirs.push(d.clone());
+            }
+        }
+        Some(dirs)
     }
 
     /// Loads and compiles the config files again and swaps the result in. On any error the

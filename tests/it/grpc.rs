@@ -935,3 +935,108 @@ async fn health_checks_can_ask_grpc_health() {
     .await;
     server.abort();
 }
+
+#[tokio::test]
+async fn only_methods_marked_idempotent_are_retried() {
+    let svc = service().await;
+    let dead = closed_port().await;
+    let dir = protos_dir();
+    let cfg = gateway_toml(
+        "",
+        &format!(
+            "[protos]\nfiles = [\"{}\"]\ninclude = [\"{}\"]\n\n[services.inventory]\nendpoints = [\"http://{dead}\", \"http://{}\"]\nprotocol = \"http2\"\n[services.inventory.retry]\nattempts = 2\nbackoff = \"1ms\"\nmax_backoff = \"1ms\"\nmin_retries_per_second = 100\n",
+            dir.join("shop/inventory.proto").display(),
+            dir.display(),
+            svc.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, &[("shop.toml", ROUTES)]).await;
+    // GetItem is NO_SIDE_EFFECTS: a connect failure is retried on the other endpoint.
+    for i in 0..6 {
+        let r = call("GET", &gw.url(&format!("/v1/items/i{i}")), &[], "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // CreateItem is not marked: half of the calls meet the dead endpoint and are not retried.
+    let mut failed = 0;
+    for _ in 0..6 {
+        let r = call("POST", &gw.url("/v1/shelves/s/items"), &[], "{}").await;
+        if r.status != 200 {
+            assert_problem(&r, 502, "upstream_connect_failed");
+            failed += 1;
+        }
+    }
+    assert!(failed > 0, "a POST was retried");
+}
+
+#[tokio::test]
+async fn protos_reload_with_the_config_and_a_broken_one_keeps_the_old() {
+    let svc = service().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let proto = tmp.path().join("shop/inventory.proto");
+    std::fs::create_dir_all(proto.parent().unwrap()).unwrap();
+    let text = std::fs::read_to_string(protos_dir().join("shop/inventory.proto")).unwrap();
+    std::fs::write(&proto, &text).unwrap();
+    let cfg = gateway_toml(
+        "",
+        &format!(
+            "[protos]\nfiles = [\"{}\"]\ninclude = [\"{}\"]\n\n[services.inventory]\nendpoints = [\"http://{}\"]\nprotocol = \"http2\"\n",
+            proto.display(),
+            tmp.path().display(),
+            svc.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, &[("shop.toml", ROUTES)]).await;
+    assert_eq!(get(&gw.url("/v1/items/a/name")).await.status, 200);
+    // An edit of the .proto is picked up by the file watch.
+    std::fs::write(&proto, text.replace("{sku}/name", "{sku}/title")).unwrap();
+    eventually(10, "the new rule serves", || async {
+        get(&gw.url("/v1/items/a/title")).await.status == 200
+    })
+    .await;
+    assert_eq!(get(&gw.url("/v1/items/a/name")).await.status, 404);
+    // A broken .proto is refused; the running config keeps serving.
+    std::fs::write(&proto, "syntax = \"proto3\";\nmessage {").unwrap();
+    let r = admin_reload(&gw).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("inventory.proto:2:"), "{}", r.text());
+    assert_eq!(get(&gw.url("/v1/items/a/title")).await.status, 200);
+}
+
+#[tokio::test]
+async fn descriptor_sets_work_like_proto_files() {
+    let svc = service().await;
+    let tmp = tempfile::tempdir().unwrap();
+    // A descriptor set as `protoc --include_imports --descriptor_set_out` writes it.
+    // googleapis' files as the gateway has them built in.
+    let google = tmp.path().join("google/api");
+    std::fs::create_dir_all(&google).unwrap();
+    let builtin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/backend/grpc/google");
+    for f in ["http.proto", "annotations.proto"] {
+        std::fs::copy(builtin.join(f), google.join(f)).unwrap();
+    }
+    let mut compiler = protox::Compiler::new([protos_dir(), tmp.path().to_path_buf()]).unwrap();
+    compiler.include_imports(true);
+    compiler.open_file("shop/inventory.proto").unwrap();
+    let set = tmp.path().join("all.binpb");
+    std::fs::write(&set, compiler.encode_file_descriptor_set()).unwrap();
+    let cfg = gateway_toml(
+        "",
+        &format!(
+            "[protos]\ndescriptor_sets = [\"{}\"]\n\n[services.inventory]\nendpoints = [\"http://{}\"]\nprotocol = \"http2\"\n",
+            set.display(),
+            svc.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, &[("shop.toml", ROUTES)]).await;
+    let r = get(&gw.url("/v1/skus/d1:lookup")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sku"], "d1");
+    assert_eq!(r.json()["color"], "BLUE");
+    // A file that is not a descriptor set is a located config error.
+    std::fs::write(&set, b"\xff\xff not protobuf").unwrap();
+    let e = compile_errors(&cfg, "shop.toml", ROUTES);
+    assert!(
+        e.contains("descriptor set") && e.contains("gateway.toml:"),
+        "{e}"
+    );
+}

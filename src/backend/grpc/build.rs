@@ -199,10 +199,10 @@ pub(crate) fn build(
         }
         // `idempotency_level`: NO_SIDE_EFFECTS (1) or IDEMPOTENT (2) may be retried.
         let marked = m
-            .method_descriptor_proto()
-            .options
-            .as_ref()
-            .is_some_and(|o| o.idempotency_level.unwrap_or(0) > 0);
+            .options()
+            .get_field_by_name("idempotency_level")
+            .and_then(|v| v.as_enum_number())
+            .is_some_and(|level| level > 0);
         let Ok(path) = Uri::from_str(&format!("/{}/{}", sd.full_name(), m.name())) else {
             fail(
                 method.span(),

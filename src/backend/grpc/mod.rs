@@ -44,7 +44,7 @@ use crate::context::Exchange;
 use crate::error::{BoxError, GatewayError, Problem};
 
 pub(crate) use build::{build, GrpcFacts};
-pub(crate) use protos::compile as compile_protos;
+pub(crate) use protos::{compile as compile_protos, proto_dirs};
 
 static GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
 static TRAILERS: HeaderValue = HeaderValue::from_static("trailers");

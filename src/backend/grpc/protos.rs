@@ -45,6 +45,33 @@ impl FileResolver for BuiltIn {
     }
 }
 
+/// The folders `[protos]` reads at start (its include folders, and the folders of its files
+/// and descriptor sets), for the file watch. Changes of the list itself apply after a restart;
+/// an edit of a file in these folders reloads.
+pub(crate) fn proto_dirs(loaded: &LoadedConfig) -> Vec<PathBuf> {
+    let Some(cfg) = loaded.gateway.protos.as_ref() else {
+        return Vec::new();
+    };
+    let p = cfg.get_ref();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let files = p.files.iter().chain(&p.descriptor_sets).filter_map(|f| {
+        loaded
+            .resolve(Path::new(f.get_ref()))
+            .parent()
+            .map(Path::to_path_buf)
+    });
+    let includes = p
+        .include
+        .iter()
+        .map(|i| loaded.resolve(Path::new(i.get_ref())));
+    for d in includes.chain(files) {
+        if d.is_dir() && !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    dirs
+}
+
 /// Compiles `[protos]`; `None` (with the errors recorded) when it does not compile, or when
 /// there is no `[protos]`.
 pub(crate) fn compile(loaded: &LoadedConfig, errors: &mut ConfigErrors) -> Option<DescriptorPool> {
@@ -91,9 +118,16 @@ pub(crate) fn compile(loaded: &LoadedConfig, errors: &mut ConfigErrors) -> Optio
     let mut sets = Vec::new();
     for s in &protos.descriptor_sets {
         let path = loaded.resolve(Path::new(s.get_ref()));
+        // Decoded twice: for the names of its files, and by protox keeping each file's bytes
+        // (options such as google.api.http are extensions a typed decode would drop).
         let decoded = std::fs::read(&path)
             .map_err(|e| e.to_string())
-            .and_then(|b| FileDescriptorSet::decode(b.as_slice()).map_err(|e| e.to_string()));
+            .and_then(|b| {
+                let names = FileDescriptorSet::decode(b.as_slice()).map_err(|e| e.to_string())?;
+                let set =
+                    DescriptorSetFileResolver::decode(b.as_slice()).map_err(|e| e.to_string())?;
+                Ok((names, set))
+            });
         match decoded {
             Ok(set) => sets.push((path, set)),
             Err(e) => errors.push(gfile.error_at(
@@ -113,10 +147,10 @@ pub(crate) fn compile(loaded: &LoadedConfig, errors: &mut ConfigErrors) -> Optio
         chain.add(IncludeFileResolver::new(inc.clone()));
     }
     let mut set_files = Vec::new();
-    for (_, set) in sets {
+    for (_, (names, set)) in sets {
         // Every file of a set is compiled (a set made with --include_imports lists its imports).
-        set_files.extend(set.file.iter().map(|f| f.name().to_owned()));
-        chain.add(DescriptorSetFileResolver::new(set));
+        set_files.extend(names.file.iter().map(|f| f.name().to_owned()));
+        chain.add(set);
     }
     chain.add(BuiltIn);
     chain.add(GoogleFileResolver::new());

@@ -70,6 +70,11 @@ fn buffered_len(headers: &HeaderMap, body: &ReqBody, max: u64) -> Option<u64> {
     if body.is_end_stream() {
         return Some(0);
     }
+    // A body the gateway made (a gRPC message, an aggregate call's body) knows its length.
+    if let Either::Right(full) = body {
+        let len = full.size_hint().exact()?;
+        return (len <= max).then_some(len);
+    }
     let len = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
