@@ -7,7 +7,8 @@ use std::path::Path;
 
 /// Runs the fuzz target `target` on one input, as `cargo fuzz` would; `false` for an unknown
 /// target. The targets: `config`, `env_expand`, `request_head`, `route_path`,
-/// `auth_credentials`, `rate_limit_key`, `aggregate_template`, `cache_rules`.
+/// `auth_credentials`, `rate_limit_key`, `aggregate_template`, `cache_rules`,
+/// `grpc_transcode`.
 pub fn run(target: &str, data: &[u8]) -> bool {
     match target {
         "config" => {
@@ -32,6 +33,7 @@ pub fn run(target: &str, data: &[u8]) -> bool {
         "rate_limit_key" => crate::layers::rate_limit::key::fuzz_key(data),
         "aggregate_template" => crate::backend::aggregate::fuzz_render(data),
         "cache_rules" => crate::layers::cache::key::fuzz_key(data),
+        "grpc_transcode" => crate::backend::grpc::fuzz_transcode(data),
         _ => return false,
     }
     true

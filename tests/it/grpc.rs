@@ -365,7 +365,7 @@ name = "shop"
 [[route]]
 name = "inventory"
 path = "/v1/{*rest}"
-grpc = { service = "inventory", method = "shop.inventory.v1.Inventory/*", request_headers = ["x-tenant"], response_headers = ["x-served-by"] }
+grpc = { service = "inventory", method = "shop.inventory.v1.Inventory/*", request_headers = ["x-tenant", "x-trace-bin"], response_headers = ["x-served-by"] }
 
 [[route]]
 name = "by-name"
@@ -528,6 +528,16 @@ async fn bad_requests_are_400_naming_the_field() {
     let r = call("GET", &gw.url("/v1/items/a?nope=1"), &[], "").await;
     assert_problem(&r, 400, "unknown_field");
     assert_eq!(r.json()["field"], "nope");
+
+    let r = call(
+        "GET",
+        &gw.url("/v1/items/a"),
+        &[("x-trace-bin", "not base64!")],
+        "",
+    )
+    .await;
+    assert_problem(&r, 400, "invalid_header");
+    assert_eq!(r.json()["header"], "x-trace-bin");
 
     let r = call("GET", &gw.url("/v1/items/a?verbose=maybe"), &[], "").await;
     assert_problem(&r, 400, "invalid_field");

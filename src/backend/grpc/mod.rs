@@ -13,6 +13,7 @@
 
 mod build;
 mod frame;
+mod fuzz;
 mod protos;
 mod rule;
 mod status;
@@ -44,6 +45,7 @@ use crate::context::Exchange;
 use crate::error::{BoxError, GatewayError, Problem};
 
 pub(crate) use build::{build, GrpcFacts};
+pub(crate) use fuzz::fuzz_transcode;
 pub(crate) use protos::{compile as compile_protos, proto_dirs};
 
 static GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
@@ -250,7 +252,19 @@ impl Transcode {
         *up.uri_mut() = target.path.clone();
         let h = up.headers_mut();
         for name in self.request_headers.iter() {
+            let binary = name.as_str().ends_with("-bin");
             for v in parts.headers.get_all(name) {
+                // Binary metadata travels in base64; anything else would reach the service as
+                // bytes it did not expect.
+                if binary && !is_base64(v.as_bytes()) {
+                    return Err(Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_header",
+                        "A binary (-bin) header is not base64",
+                    )
+                    .member("header", name.as_str())
+                    .into());
+                }
                 h.append(name.clone(), v.clone());
             }
         }
@@ -339,6 +353,18 @@ impl Transcode {
             }
         }
     }
+}
+
+/// Whether `v` is base64 (standard alphabet, padding optional), as gRPC's `-bin` metadata is.
+fn is_base64(v: &[u8]) -> bool {
+    use base64::Engine;
+    let unpadded = v
+        .strip_suffix(b"==")
+        .or_else(|| v.strip_suffix(b"="))
+        .unwrap_or(v);
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(unpadded)
+        .is_ok()
 }
 
 /// The content types of gRPC-Web: binary or text (`-text`), with an optional `+proto`.
