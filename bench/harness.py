@@ -75,6 +75,11 @@ SCENARIOS = {
     # after the warm-up. Goal: gatehouse's CPU per hit <= 0.8x nginx's.
     "cache_hit": dict(title="Cache hit: GET ~200 B served from the cache (gatehouse memory, nginx proxy_cache), 64 connections",
                       path="/cache/json", conns=64, only=["gatehouse", "nginx"]),
+    # gatehouse only: REST → gRPC (issue 16), a unary call of bench.v1.Users/GetUser (the same
+    # user as /json, as protobuf, from bench_upstream's h2c port) answered as JSON. Compare with
+    # the plain scenario's gatehouse row: the cost of transcoding over a plain proxied call.
+    "grpc_unary": dict(title="REST → gRPC unary (GET /grpc/users/42 → bench.v1.Users/GetUser, JSON answer), 64 connections",
+                       path="/grpc/users/42", conns=64, only=["gatehouse"]),
     "rl_redis": dict(title="Rate limit, Redis store (one script call per request, all admitted), 64 connections",
                      path="/rl/redis", conns=64, only=["gatehouse"], needs_redis=True),
 }
@@ -345,6 +350,25 @@ proxy = { service = "up", path = "/json" }
 """
 
 
+GRPC_CONFIG = f"""
+[services.grpcup]
+endpoints = ["http://127.0.0.1:{UP_PORT + 1}"]
+protocol = "http2"
+
+[protos]
+files = ["{ROOT / 'bench/protos/bench.proto'}"]
+"""
+
+GRPC_ROUTES = """
+[frontend]
+name = "grpc"
+
+[[route]]
+name = "users"
+path = "/grpc/{*rest}"
+grpc = { service = "grpcup", method = "bench.v1.Users/*" }
+"""
+
 AGG_ROUTES = """
 [frontend]
 name = "agg"
@@ -456,11 +480,13 @@ proxy = { service = "up" }
     (WORK / "routes" / "jwt.toml").write_text(JWT_ROUTES)
     (WORK / "routes" / "rl.toml").write_text(RL_ROUTES)
     (WORK / "routes" / "agg.toml").write_text(AGG_ROUTES)
+    (WORK / "routes" / "grpc.toml").write_text(GRPC_ROUTES)
     (WORK / "routes" / "cache.toml").write_text(CACHE_ROUTES)
     (WORK / "gateway-nojwt.toml").write_text((WORK / "gateway.toml").read_text())
     with open(WORK / "gateway.toml", "a") as f:
         f.write(JWT_CONFIG)
         f.write(RL_CONFIG)
+        f.write(GRPC_CONFIG)
     (WORK / "nginx.conf").write_text(f"""
 worker_processes 1;  # the proxy is pinned to one core: workers = cores
 worker_rlimit_nofile 20000;
