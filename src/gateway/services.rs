@@ -335,7 +335,7 @@ fn check_balancing(
     };
     s.hash_key = key;
     if let Some(hc) = &cfg.health_check {
-        match health::Probe::from_config(hc.get_ref()) {
+        match health::Probe::from_config(hc.get_ref(), cfg.protocol) {
             Ok(p) => s.health = Some(p),
             Err(list) => {
                 for e in list {

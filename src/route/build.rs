@@ -190,6 +190,7 @@ pub(crate) fn build(
                     idempotent: rc.idempotent,
                     deadline: settings.timeout,
                     prefix_len: fe.prefix.len(),
+                    params: &params,
                 };
                 crate::backend::grpc::build(&facts, g, &mut fail).map(|b| chain(b, layers))
             })

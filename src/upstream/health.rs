@@ -65,11 +65,16 @@ pub(crate) enum HealthConfigError {
     Timeout(String, String),
     #[error("expected status {0} is not an HTTP status")]
     Status(u16),
+    #[error("`grpc` checks need the service's protocol = \"http2\" (gRPC runs over HTTP/2)")]
+    GrpcNeedsHttp2,
 }
 
 impl Probe {
     /// Checks a `health_check` table; every mistake in it is reported.
-    pub(crate) fn from_config(h: &HealthCheckConfig) -> Result<Self, Vec<HealthConfigError>> {
+    pub(crate) fn from_config(
+        h: &HealthCheckConfig,
+        protocol: crate::config::UpstreamProtocol,
+    ) -> Result<Self, Vec<HealthConfigError>> {
         let mut errors = Vec::new();
         let path = match h.path.parse::<http::uri::PathAndQuery>() {
             Ok(p) if h.path.starts_with('/') => Some(p),
@@ -86,6 +91,9 @@ impl Probe {
                 h.timeout.to_string(),
                 h.interval.to_string(),
             ));
+        }
+        if h.grpc.is_some() && protocol != crate::config::UpstreamProtocol::Http2 {
+            errors.push(HealthConfigError::GrpcNeedsHttp2);
         }
         if let Some(s) = h
             .expected_statuses
@@ -237,13 +245,21 @@ mod tests {
     #[test]
     fn a_probe_is_checked_when_built() {
         let mut h: HealthCheckConfig = toml::from_str("").unwrap();
-        let p = Probe::from_config(&h).unwrap();
+        use crate::config::UpstreamProtocol::{Http1, Http2};
+        let p = Probe::from_config(&h, Http1).unwrap();
         assert!(p.path.as_str().starts_with('/'));
+        h.grpc = Some("shop.Inventory".into());
+        assert!(Probe::from_config(&h, Http2).unwrap().grpc.is_some());
+        assert_eq!(
+            Probe::from_config(&h, Http1).unwrap_err(),
+            vec![HealthConfigError::GrpcNeedsHttp2]
+        );
+        h.grpc = None;
         h.path = "health".into();
         h.healthy_threshold = 0;
         h.expected_statuses = vec![200, 700];
         assert_eq!(
-            Probe::from_config(&h).unwrap_err(),
+            Probe::from_config(&h, Http1).unwrap_err(),
             vec![
                 HealthConfigError::Path("health".into()),
                 HealthConfigError::Threshold,

@@ -35,6 +35,8 @@ pub(crate) struct GrpcFacts<'a> {
     pub(crate) idempotent: bool,
     pub(crate) deadline: Duration,
     pub(crate) prefix_len: usize,
+    /// The route path's parameters (they fill fields by name when no rule matches).
+    pub(crate) params: &'a [String],
 }
 
 pub(crate) fn build(
@@ -44,6 +46,16 @@ pub(crate) fn build(
 ) -> Option<Grpc> {
     let g = cfg.get_ref();
     let route = f.route;
+    if f.upstream.is_http1() {
+        fail(
+            g.service.span(),
+            format!(
+                "route `{route}`: service `{}` must have protocol = \"http2\" (gRPC runs over HTTP/2)",
+                g.service.get_ref()
+            ),
+        );
+        return None;
+    }
     let proxy = |target: UpstreamPath, idempotent: bool, forward_query: bool| {
         Proxy::new(
             f.upstream.clone(),
@@ -222,6 +234,28 @@ pub(crate) fn build(
             bindings: checked.into_boxed_slice(),
             proxy: proxy(UpstreamPath::AsRequested, f.idempotent || marked, false),
         });
+    }
+    // With one named method, the route's parameters fill fields by name: each must name one.
+    if mname != "*" {
+        if let Some(t) = targets.first() {
+            for p in f.params {
+                if t.input.get_field_by_name(p).is_none()
+                    && t.input.get_field_by_json_name(p).is_none()
+                {
+                    let names: Vec<String> =
+                        t.input.fields().map(|x| x.name().to_owned()).collect();
+                    fail(
+                        method.span(),
+                        format!(
+                            "route `{route}`: path parameter `{p}` names no field of {} (its fields: {}); name the parameter after a field",
+                            t.input.full_name(),
+                            names.join(", ")
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
     }
     if targets.is_empty() && ok {
         fail(

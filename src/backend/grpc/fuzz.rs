@@ -49,7 +49,7 @@ impl FileResolver for Source {
     }
 }
 
-fn message() -> Option<&'static MessageDescriptor> {
+pub(super) fn message() -> Option<&'static MessageDescriptor> {
     static M: OnceLock<Option<(DescriptorPool, MessageDescriptor)>> = OnceLock::new();
     M.get_or_init(|| {
         let mut chain = ChainFileResolver::new();

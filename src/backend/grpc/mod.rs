@@ -158,12 +158,18 @@ impl Transcode {
         path: &'a str,
         x: &'a Exchange,
     ) -> Result<Selected<'a>, BoxError> {
+        // Verbs of the bindings whose template matches with another verb: 405's `Allow`.
+        let mut allow: Vec<&Method> = Vec::new();
         for t in self.targets.iter() {
             for b in t.bindings.iter() {
+                let matched = b.0.template.matches(path);
                 if b.0.method != *method {
+                    if matched.is_some() && !allow.contains(&&b.0.method) {
+                        allow.push(&b.0.method);
+                    }
                     continue;
                 }
-                match b.0.template.matches(path) {
+                match matched {
                     None => continue,
                     Some(Err(())) => {
                         return Err(Problem::new(
@@ -183,7 +189,28 @@ impl Transcode {
                 }
             }
         }
-        if self.by_name {
+        // A method with rules is reached by field name only with one of its rules' verbs (a
+        // GET must never call a method whose rule says DELETE).
+        let by_name = self.by_name
+            && self.targets.first().is_some_and(|t| {
+                let verbs: Vec<&Method> = t.bindings.iter().map(|b| &b.0.method).collect();
+                let ok = verbs.is_empty() || verbs.contains(&method);
+                if !ok {
+                    for v in verbs {
+                        if !allow.contains(&v) {
+                            allow.push(v);
+                        }
+                    }
+                }
+                ok
+            });
+        if !by_name && !allow.is_empty() {
+            let list: Vec<&str> = allow.iter().map(|m| m.as_str()).collect();
+            let allow =
+                HeaderValue::from_str(&list.join(", ")).unwrap_or(HeaderValue::from_static("GET"));
+            return Err(GatewayError::MethodNotAllowed { allow }.into());
+        }
+        if by_name {
             let mut vars = Vec::new();
             for (name, raw) in x.params() {
                 let Ok(v) = percent_encoding::percent_decode_str(raw).decode_utf8() else {
@@ -330,12 +357,17 @@ impl Transcode {
             return Err(status.problem(&self.pool).into());
         }
         self.copy_metadata(&trailers, &mut headers);
+        // A unary answer is exactly one message, whole.
         let mut dec = frame::Decoder::new(self.max_message);
         dec.push(&collected.to_bytes());
         let message = match dec.next().map_err(bad_response)? {
             Some(frame::Frame::Message(m)) => m,
-            _ => Bytes::new(),
+            _ => return Err(bad_response("a unary answer without its message")),
         };
+        if dec.next().map_err(bad_response)?.is_some() {
+            return Err(bad_response("a unary answer of more than one message"));
+        }
+        dec.finish().map_err(bad_response)?;
         let msg = transcode::decode(&target.output, message).map_err(bad_response)?;
         let json = transcode::response_json(&msg, response_body).map_err(bad_response)?;
         headers.insert(header::CONTENT_TYPE, JSON.clone());

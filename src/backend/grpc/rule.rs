@@ -153,11 +153,14 @@ impl Template {
         }
         let mut out = Vec::with_capacity(self.vars.len());
         for v in self.vars.iter() {
-            let raw = parts[at[v.start]..at[v.end]].join("/");
-            let Ok(value) = percent_encoding::percent_decode_str(&raw).decode_utf8() else {
+            let raw = parts.get(at[v.start]..at[v.end])?.join("/");
+            // A variable over several segments keeps `%2F` encoded (google.api.http): a `/`
+            // inside a segment must not look like a segment boundary to the service.
+            let multi = v.end - v.start > 1 || self.segs.get(v.start) == Some(&Seg::Rest);
+            let Some(value) = decode(&raw, multi) else {
                 return Some(Err(()));
             };
-            out.push((&*v.field, value.into_owned()));
+            out.push((&*v.field, value));
         }
         Some(Ok(out))
     }
@@ -166,6 +169,32 @@ impl Template {
     pub(crate) fn fields(&self) -> impl Iterator<Item = &[Box<str>]> {
         self.vars.iter().map(|v| &*v.field)
     }
+}
+
+/// Percent-decodes `raw` (UTF-8 only); with `keep_slash`, `%2F` stays as it is.
+fn decode(raw: &str, keep_slash: bool) -> Option<String> {
+    let whole = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .ok()
+            .map(|c| c.into_owned())
+    };
+    if !keep_slash {
+        return whole(raw);
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(i) = rest
+        .as_bytes()
+        .windows(3)
+        .position(|w| w[0] == b'%' && w[1] == b'2' && (w[2] == b'F' || w[2] == b'f'))
+    {
+        out.push_str(&whole(&rest[..i])?);
+        out.push_str(&rest[i..i + 3]);
+        rest = &rest[i + 3..];
+    }
+    out.push_str(&whole(rest)?);
+    Some(out)
 }
 
 fn segment(s: &str) -> Option<Seg> {
@@ -314,6 +343,19 @@ mod tests {
         );
         assert_eq!(vars("/v1/items/{sku}:restock", "/v1/items/7"), None);
         assert_eq!(vars("/v1/items", "/v1/items"), Some(vec![]));
+        // One segment decodes `%2F`; a variable over several keeps it.
+        assert_eq!(
+            vars("/v1/items/{sku}", "/v1/items/a%2Fb"),
+            Some(vec![("sku".into(), "a/b".into())])
+        );
+        assert_eq!(
+            vars("/v1/{name=shelves/*}", "/v1/shelves/a%2fb%20c"),
+            Some(vec![("name".into(), "shelves/a%2fb c".into())])
+        );
+        assert_eq!(
+            vars("/v1/{rest=**}", "/v1/x%2Fy/z"),
+            Some(vec![("rest".into(), "x%2Fy/z".into())])
+        );
         assert_eq!(vars("/", "/"), Some(vec![]));
     }
 

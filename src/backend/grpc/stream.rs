@@ -109,6 +109,16 @@ impl JsonStream {
         }
     }
 
+    /// Ends the stream with a status of the gateway's own.
+    fn fail(&mut self, out: &mut BytesMut, code: u32, message: &str) {
+        self.status = Some(GrpcStatus {
+            code,
+            message: message.to_owned(),
+            details: None,
+        });
+        self.end(out, None);
+    }
+
     pub(crate) fn with_status(mut self, status: Option<GrpcStatus>) -> Self {
         self.status = status;
         self
@@ -129,11 +139,19 @@ impl Body for JsonStream {
                 return Poll::Ready(None);
             }
             let mut out = BytesMut::new();
+            // A stream that breaks still ends with an error object after what was whole: the
+            // client can tell it from a stream that ended well.
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(f)) => match f.into_data() {
                     Ok(data) => {
                         this.decoder.push(&data);
-                        this.drain(&mut out)?;
+                        if this.drain(&mut out).is_err() {
+                            this.fail(
+                                &mut out,
+                                13,
+                                "the service sent a message that cannot be read",
+                            );
+                        }
                     }
                     Err(f) => {
                         if let Ok(t) = f.into_trailers() {
@@ -141,10 +159,13 @@ impl Body for JsonStream {
                         }
                     }
                 },
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Err(_)) => this.fail(&mut out, 14, "the service's stream broke off"),
                 None => {
-                    this.decoder.finish()?;
-                    this.end(&mut out, None);
+                    if this.decoder.finish().is_err() {
+                        this.fail(&mut out, 14, "the service's stream broke off");
+                    } else {
+                        this.end(&mut out, None);
+                    }
                 }
             }
             if !out.is_empty() {
@@ -239,7 +260,15 @@ impl Body for WebBody {
                         }
                     }
                 },
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Err(_)) => {
+                    // The service's stream broke: the client still gets a status.
+                    this.done = true;
+                    let framed = frame::encode_trailers(
+                        b"grpc-status:14\r\ngrpc-message:the%20service%27s%20stream%20broke%20off\r\n",
+                    );
+                    let out = this.out(&framed, true);
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
                 None => {
                     this.done = true;
                     let out = this.out(&[], true);
@@ -286,6 +315,60 @@ pub(crate) fn decode_text(body: &[u8]) -> Result<Vec<u8>, base64::DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use prost_reflect::DynamicMessage;
+
+    /// A response body of these frames (a `None` is the stream breaking).
+    fn upstream(frames: Vec<Option<Frame<Bytes>>>) -> RespBody {
+        let items = frames.into_iter().map(|f| f.ok_or_else(|| BoxError::from("reset")));
+        RespBody::Stream(http_body_util::combinators::BoxBody::new(
+            http_body_util::StreamBody::new(futures_util::stream::iter(items)),
+        ))
+    }
+
+    fn item(a: &str) -> Bytes {
+        let desc = crate::backend::grpc::fuzz::message().unwrap().clone();
+        let mut m = DynamicMessage::new(desc.clone());
+        m.set_field_by_name("a", prost_reflect::Value::String(a.into()));
+        frame::encode(&m.encode_to_vec())
+    }
+
+    async fn text(body: JsonStream) -> String {
+        let bytes = body.collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    fn json_stream(inner: RespBody, format: Format) -> JsonStream {
+        let desc = crate::backend::grpc::fuzz::message().unwrap().clone();
+        let pool = desc.parent_pool().clone();
+        JsonStream::new(inner, 1024, desc, None, pool, format)
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_breaks_ends_with_an_error_after_what_was_whole() {
+        let mut whole = BytesMut::from(&item("one")[..]);
+        let two = item("two");
+        whole.extend_from_slice(&two[..3]);
+        let body = upstream(vec![Some(Frame::data(whole.freeze())), None]);
+        assert_eq!(
+            text(json_stream(body, Format::Ndjson)).await,
+            "{\"a\":\"one\"}\n{\"error\":{\"code\":14,\"message\":\"the service's stream broke off\",\"status\":\"UNAVAILABLE\"}}\n"
+        );
+        // Ended without trailers, in the middle of a frame.
+        let body = upstream(vec![Some(Frame::data(two.slice(..4)))]);
+        assert!(text(json_stream(body, Format::Sse))
+            .await
+            .starts_with("event: error\ndata: {\"error\":{\"code\":14"));
+        // A message that does not decode.
+        let body = upstream(vec![Some(Frame::data(frame::encode(&[0xff, 0xff])))]);
+        assert!(text(json_stream(body, Format::Ndjson)).await.contains("\"code\":13"));
+        // Ended well: no error object.
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let body = upstream(vec![Some(Frame::data(item("x"))), Some(Frame::trailers(t))]);
+        assert_eq!(text(json_stream(body, Format::Ndjson)).await, "{\"a\":\"x\"}\n");
+    }
 
     #[test]
     fn text_bodies_of_several_padded_chunks_decode() {

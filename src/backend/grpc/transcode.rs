@@ -6,6 +6,8 @@
 //! one-field JSON object is parsed into the message that holds the field, so every field kind,
 //! `Timestamp` and wrappers included, takes the same text a JSON body would.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use prost_reflect::{
     DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage,
@@ -77,11 +79,16 @@ pub(crate) fn request_message(
     let bound: Vec<String> = input.vars.iter().map(|(p, _)| p.join(".")).collect();
     if *input.body_to != BodyTo::Message {
         if let Some(q) = input.query {
+            // By name, in the order first seen (a repeated field takes all of a name's values).
             let mut params: Vec<(String, Vec<String>)> = Vec::new();
+            let mut index: HashMap<String, usize> = HashMap::new();
             for (k, v) in form_urlencoded::parse(q.as_bytes()) {
-                match params.iter_mut().find(|(n, _)| *n == k) {
-                    Some((_, vs)) => vs.push(v.into_owned()),
-                    None => params.push((k.into_owned(), vec![v.into_owned()])),
+                match index.get(k.as_ref()) {
+                    Some(&i) => params[i].1.push(v.into_owned()),
+                    None => {
+                        index.insert(k.clone().into_owned(), params.len());
+                        params.push((k.into_owned(), vec![v.into_owned()]));
+                    }
                 }
             }
             for (name, values) in params {
@@ -104,15 +111,12 @@ pub(crate) fn request_message(
     Ok(msg)
 }
 
-fn deserialize<'de, D: serde::Deserializer<'de>>(
+fn deserialize<'de, D: serde::Deserializer<'de, Error = serde_json::Error>>(
     desc: &MessageDescriptor,
     de: D,
     opts: &DeserializeOptions,
     prefix: &str,
-) -> Result<DynamicMessage, BadMessage>
-where
-    D::Error: std::fmt::Display,
-{
+) -> Result<DynamicMessage, BadMessage> {
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(de, &mut track);
     DynamicMessage::deserialize_with_options(desc.clone(), de, opts).map_err(|e| {
@@ -123,6 +127,12 @@ where
             (false, p) => Some(format!("{prefix}.{p}")),
         };
         let text = e.to_string();
+        if matches!(
+            e.classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        ) {
+            return BadMessage::new("invalid_json", None, text);
+        }
         let code = if text.starts_with("unknown field") || text.contains("unrecognized field") {
             "unknown_field"
         } else {
@@ -138,8 +148,19 @@ fn find(desc: &MessageDescriptor, name: &str) -> Option<FieldDescriptor> {
         .or_else(|| desc.get_field_by_json_name(name))
 }
 
+/// The deepest field path a parameter may name: a recursive message type would otherwise let a
+/// client nest messages as deep as its query is long (and encoding recurses per level).
+const MAX_DEPTH: usize = 32;
+
 /// Sets the field at `path` from text values (several for a repeated field).
 fn set(msg: &mut DynamicMessage, path: &[&str], values: &[String]) -> Result<(), BadMessage> {
+    if path.len() > MAX_DEPTH {
+        return Err(BadMessage::new(
+            "invalid_field",
+            None,
+            format!("a field path of more than {MAX_DEPTH} names"),
+        ));
+    }
     let name = path.join(".");
     let unknown = || BadMessage::new("unknown_field", Some(name.clone()), "no such field");
     let Some((last, parents)) = path.split_last() else {
@@ -214,12 +235,27 @@ pub(crate) fn response_json(
     match response_body {
         None => msg.serialize_with_options(&mut ser, &opts)?,
         Some(f) => {
-            // The field's JSON as the message writes it (with its default when unset).
-            let opts = opts.skip_default_fields(false);
+            // The field alone, in a message of its own: written as the whole message would
+            // write it; a field with its default value (left out there) as its JSON default.
+            let mut one = DynamicMessage::new(msg.descriptor());
+            one.set_field(f, msg.get_field(f).into_owned());
             let mut whole = Vec::new();
-            msg.serialize_with_options(&mut serde_json::Serializer::new(&mut whole), &opts)?;
+            one.serialize_with_options(&mut serde_json::Serializer::new(&mut whole), &opts)?;
             let mut v: Map<String, Value> = serde_json::from_slice(&whole)?;
-            let field = v.remove(f.json_name()).unwrap_or(Value::Null);
+            let field = match v.remove(f.json_name()) {
+                Some(v) => v,
+                None if f.is_list() => Value::Array(Vec::new()),
+                None if f.is_map() || matches!(f.kind(), Kind::Message(_)) => {
+                    Value::Object(Map::new())
+                }
+                None => {
+                    let mut whole = Vec::new();
+                    let all = opts.skip_default_fields(false);
+                    one.serialize_with_options(&mut serde_json::Serializer::new(&mut whole), &all)?;
+                    let mut v: Map<String, Value> = serde_json::from_slice(&whole)?;
+                    v.remove(f.json_name()).unwrap_or(Value::Null)
+                }
+            };
             serde::Serialize::serialize(&field, &mut ser)?;
         }
     }
@@ -232,4 +268,64 @@ pub(crate) fn decode(
     bytes: Bytes,
 ) -> Result<DynamicMessage, prost::DecodeError> {
     DynamicMessage::decode(desc.clone(), bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc() -> MessageDescriptor {
+        crate::backend::grpc::fuzz::message().unwrap().clone()
+    }
+
+    fn json(msg: &DynamicMessage, field: Option<&str>) -> String {
+        let f = field.map(|f| msg.descriptor().get_field_by_name(f).unwrap());
+        String::from_utf8(response_json(msg, f.as_ref()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn response_body_writes_the_field_as_the_message_would() {
+        let d = desc();
+        let body = BodyTo::Message;
+        let input = Input {
+            vars: vec![],
+            query: None,
+            body: Some(br#"{"inner":{"s":"q"},"c":"0"}"#),
+            body_to: &body,
+            deny_unknown: true,
+        };
+        let m = request_message(&d, &input).unwrap();
+        assert_eq!(json(&m, Some("inner")), r#"{"s":"q"}"#, "nested defaults left out");
+        assert_eq!(json(&m, Some("b")), "0", "an unset scalar is its default");
+        assert_eq!(json(&m, Some("tags")), "[]");
+        assert_eq!(json(&m, Some("y")), "{}");
+        assert_eq!(json(&m, None), r#"{"inner":{"s":"q"}}"#);
+    }
+
+    #[test]
+    fn path_query_and_body_fill_the_message_in_order() {
+        let d = desc();
+        let body = BodyTo::Field("inner".into());
+        let input = Input {
+            vars: vec![(vec!["inner", "s"], "from-path".into())],
+            query: Some("inner.s=from-query&b=7&e=true&tags=x&tags=y&t=2024-01-01T00:00:00Z"),
+            body: Some(br#"{"s":"from-body","n":["5"]}"#),
+            body_to: &body,
+            deny_unknown: true,
+        };
+        let m = request_message(&d, &input).unwrap();
+        assert_eq!(
+            json(&m, None),
+            r#"{"b":7,"e":true,"inner":{"s":"from-path","n":["5"]},"tags":["x","y"],"t":"2024-01-01T00:00:00Z"}"#
+        );
+        let bad = Input {
+            query: Some("b=seven"),
+            vars: vec![],
+            body: None,
+            body_to: &BodyTo::None,
+            deny_unknown: true,
+        };
+        let e = request_message(&d, &bad).unwrap_err();
+        assert_eq!((e.code, e.field.as_deref()), ("invalid_field", Some("b")));
+    }
 }

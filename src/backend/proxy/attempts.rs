@@ -60,6 +60,27 @@ pub(crate) struct Plan<'a> {
     /// When the route's deadline passes: an attempt dropped after it was cut by the deadline;
     /// one dropped before it was abandoned by the client.
     pub(crate) deadline_at: Option<Instant>,
+    /// The service may answer gRPC (an HTTP/2 service): a trailers-only answer's
+    /// `grpc-status` counts as the HTTP status it stands for (below).
+    pub(crate) grpc: bool,
+}
+
+/// The status an answer counts as for the breaker, outlier detection and retries: its own,
+/// or, for a gRPC trailers-only answer (HTTP 200 with `grpc-status` in the head, which is how
+/// services refuse calls before answering), the HTTP status of that gRPC status's standard
+/// mapping where it is a server error: UNAVAILABLE 503, DEADLINE_EXCEEDED 504, UNKNOWN,
+/// INTERNAL and DATA_LOSS 500.
+fn counted_status<B>(r: &Response<B>, grpc: bool) -> u16 {
+    let status = r.status().as_u16();
+    if !grpc || status != 200 {
+        return status;
+    }
+    match r.headers().get("grpc-status").map(|v| v.as_bytes()) {
+        Some(b"14") => 503,
+        Some(b"4") => 504,
+        Some(b"2" | b"13" | b"15") => 500,
+        _ => status,
+    }
 }
 
 /// The response that ends the loop, with the endpoint that gave it and the attempts made.
@@ -132,7 +153,7 @@ where
         };
         // The request is built in the argument's own block: its parts are then not kept in
         // this future's state while the attempt runs.
-        let outcome = attempt(up, transport, &ep, {
+        let outcome = attempt(up, transport, &ep, plan.grpc, {
             let Some(this_body) = body.next() else {
                 // A streamed body is sent once, and such a request is never retried.
                 return Err(GatewayError::BadRequest("request body"));
@@ -151,10 +172,10 @@ where
         let permit = cancelled.disarm();
         drop(cancelled);
         let failure = match &outcome {
-            Attempt::Response(r) if r.status().is_server_error() => {
-                Some(Failure::Status(r.status().as_u16()))
+            Attempt::Response(r) => {
+                let status = counted_status(r, plan.grpc);
+                (status >= 500).then_some(Failure::Status(status))
             }
-            Attempt::Response(_) => None,
             Attempt::Failed(_, f) => *f,
         };
         if let (Some(b), Some(g)) = (&up.breaker, permit) {
@@ -202,6 +223,7 @@ fn attempt<'a, T: Transport>(
     up: &'a Upstream,
     transport: &'a T,
     ep: &'a Endpoint,
+    grpc: bool,
     req: Request<ReqBody>,
 ) -> impl Future<Output = Attempt<T::Body>> + Send + 'a {
     let in_flight = ep.start();
@@ -220,7 +242,7 @@ fn attempt<'a, T: Transport>(
             }
             Ok(Ok(r)) => {
                 up.metrics().response(r.status());
-                up.report(ep, !r.status().is_server_error());
+                up.report(ep, counted_status(&r, grpc) < 500);
                 Attempt::Response(r)
             }
             Ok(Err(e)) => {
@@ -371,6 +393,7 @@ mod tests {
                 up,
                 policy: up.retry.as_ref(),
                 deadline_at,
+                grpc: false,
             };
             let (mut parts, mut body) = (request(Method::GET), body);
             let a = run(plan, transport, &mut parts, &mut body, build).await?;

@@ -161,6 +161,7 @@ impl Proxy {
             up,
             policy,
             deadline_at: self.opts.deadline.map(|d| started + d),
+            grpc: !up.is_http1(),
         };
         let answer = attempts::run(
             plan,
@@ -260,29 +261,45 @@ fn grpc_timeout(h: &mut HeaderMap, left: Duration) {
     if !grpc {
         return;
     }
-    let ms = left.as_millis().max(1) as u64;
+    let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
     let client_ms = h
         .get("grpc-timeout")
         .and_then(|v| parse_grpc_timeout(v.as_bytes()));
     let ms = client_ms.map_or(ms, |c| c.min(ms));
     h.insert(
         "grpc-timeout",
-        HeaderValue::from_str(&format!("{ms}m")).unwrap_or(HeaderValue::from_static("1m")),
+        HeaderValue::from_str(&format_grpc_timeout(ms)).unwrap_or(HeaderValue::from_static("1m")),
     );
 }
 
+/// A `grpc-timeout` value (at most 8 digits and a unit) in milliseconds, rounded up.
 fn parse_grpc_timeout(v: &[u8]) -> Option<u64> {
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 || !num.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
     let n: u64 = std::str::from_utf8(num).ok()?.parse().ok()?;
     Some(match unit {
-        b"H" => n * 3_600_000,
-        b"M" => n * 60_000,
-        b"S" => n * 1000,
+        b"H" => n.checked_mul(3_600_000)?,
+        b"M" => n.checked_mul(60_000)?,
+        b"S" => n.checked_mul(1000)?,
         b"m" => n,
-        b"u" => n / 1000,
-        b"n" => n / 1_000_000,
+        b"u" => n.div_ceil(1000),
+        b"n" => n.div_ceil(1_000_000),
         _ => return None,
     })
+}
+
+/// Milliseconds as a `grpc-timeout` value: at most 8 digits, so a coarser unit for long ones.
+fn format_grpc_timeout(ms: u64) -> String {
+    const MAX: u64 = 99_999_999;
+    if ms <= MAX {
+        format!("{ms}m")
+    } else if ms.div_ceil(1000) <= MAX {
+        format!("{}S", ms.div_ceil(1000))
+    } else {
+        format!("{}M", ms.div_ceil(60_000).min(MAX))
+    }
 }
 
 /// Copies bytes both ways between the client and the upstream once both sides switched.
@@ -302,6 +319,24 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 mod tests {
     use super::*;
     use crate::config::ServiceConfig;
+
+    #[test]
+    fn grpc_timeouts_are_read_and_written_within_the_spec() {
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(2000));
+        assert_eq!(parse_grpc_timeout(b"500u"), Some(1), "rounded up, never 0");
+        assert_eq!(parse_grpc_timeout(b"1n"), Some(1));
+        assert_eq!(
+            parse_grpc_timeout(b"99999999H"),
+            Some(99_999_999 * 3_600_000)
+        );
+        assert_eq!(parse_grpc_timeout(b"999999999H"), None, "over 8 digits");
+        assert_eq!(parse_grpc_timeout(b"-1S"), None);
+        assert_eq!(parse_grpc_timeout(b"S"), None);
+        assert_eq!(parse_grpc_timeout(b""), None);
+        assert_eq!(format_grpc_timeout(300), "300m");
+        assert_eq!(format_grpc_timeout(100_000_000), "100000S");
+        assert_eq!(format_grpc_timeout(u64::MAX), "99999999M");
+    }
     use crate::observe::metrics::Metrics;
     use crate::upstream::{Parts, Source, TlsSettings};
 

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use base64::Engine;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::Request;
+use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -74,6 +74,11 @@ methods = ["PUT"]
 grpc = { service = "inventory", method = "shop.inventory.v1.Inventory/PutItem", unknown_fields = "ignore", max_message_size = "1KiB" }
 
 [[route]]
+name = "put-by-name"
+path = "/put/{sku}"
+grpc = { service = "inventory", method = "shop.inventory.v1.Inventory/PutItem" }
+
+[[route]]
 name = "passthrough"
 path = "/shop.inventory.v1.Inventory/{*method}"
 grpc = { service = "inventory" }
@@ -95,16 +100,36 @@ async fn call(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> 
 
 #[tokio::test]
 async fn rest_calls_follow_the_http_rules_and_the_json_mapping() {
-    let (_svc, gw) = setup().await;
+    let (svc, gw) = setup().await;
     // GET with a path variable, query parameters (a bool, a repeated field) and allow-listed
     // metadata both ways.
     let r = call(
         "GET",
         &gw.url("/v1/items/ab%20c?verbose=true&tags=x&tags=y"),
-        &[("x-tenant", "acme")],
+        &[
+            ("x-tenant", "acme"),
+            ("x-trace-bin", "AAEC"),
+            ("x-not-listed", "stays"),
+        ],
         "",
     )
     .await;
+    {
+        let seen = svc.seen.lock().unwrap();
+        assert_eq!(seen.headers["x-tenant"], "acme");
+        assert_eq!(
+            seen.headers["x-trace-bin"], "AAEC",
+            "valid binary metadata is sent"
+        );
+        assert!(
+            seen.headers.get("x-not-listed").is_none(),
+            "only allow-listed headers"
+        );
+        assert!(
+            seen.headers.get("x-request-id").is_some(),
+            "forwarding headers always"
+        );
+    }
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("content-type"), "application/json");
     assert_eq!(r.header("x-served-by"), "inventory");
@@ -180,6 +205,23 @@ async fn rest_calls_follow_the_http_rules_and_the_json_mapping() {
     // No binding of the service matches.
     let r = call("GET", &gw.url("/v1/nothing/here"), &[], "").await;
     assert_problem(&r, 404, "route_not_found");
+    // A path some binding matches with another verb: 405 with the verbs that would do.
+    let r = call("DELETE", &gw.url("/v1/items/abc"), &[], "").await;
+    assert_problem(&r, 405, "method_not_allowed");
+    assert_eq!(r.header("allow"), "GET, PUT");
+    // A named method with rules is never reached by field name with a verb none of them has.
+    let r = call("GET", &gw.url("/put/x1"), &[], "").await;
+    assert_problem(&r, 405, "method_not_allowed");
+    assert_eq!(r.header("allow"), "PUT");
+    let r = call(
+        "PUT",
+        &gw.url("/put/x1"),
+        &[],
+        r#"{"displayName":"By name"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sku"], "x1");
 }
 
 #[tokio::test]
@@ -191,6 +233,13 @@ async fn bad_requests_are_400_naming_the_field() {
     };
     let r = post("{not json").await;
     assert_problem(&r, 400, "invalid_json");
+    // The same on a `body: "*"` binding.
+    let r = call("PUT", &gw.url("/v1/items/p1"), &[], "{oops").await;
+    assert_problem(&r, 400, "invalid_json");
+    // A field path deeper than any message should need.
+    let deep = vec!["attrs"; 40].join(".");
+    let r = call("GET", &gw.url(&format!("/v1/items/a?{deep}=1")), &[], "").await;
+    assert_problem(&r, 400, "invalid_field");
 
     let r = post(r#"{"stock":"many"}"#).await;
     assert_problem(&r, 400, "invalid_field");
@@ -730,6 +779,130 @@ async fn descriptor_sets_work_like_proto_files() {
     let e = compile_errors(&cfg, "shop.toml", ROUTES);
     assert!(
         e.contains("descriptor set") && e.contains("gateway.toml:"),
+        "{e}"
+    );
+}
+
+/// A "gRPC service" that answers wrongly: `/x.S/Empty` OK with no message, `/x.S/Cut` a frame
+/// cut short, `/x.S/Two` two messages to a unary call.
+async fn broken_service() -> Upstream {
+    Upstream::start(|req: Request<Incoming>| async move {
+        let path = req.uri().path().to_owned();
+        let _ = req.into_body().collect().await;
+        let msg = frame(&Note { text: "x".into() }.encode_to_vec());
+        let data: Vec<Bytes> = match path.as_str() {
+            "/x.S/Empty" => vec![],
+            "/x.S/Cut" => vec![msg.slice(..msg.len() - 1)],
+            _ => vec![msg.clone(), msg],
+        };
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = data
+            .into_iter()
+            .map(|d| Ok(Frame::data(d)))
+            .chain([Ok(Frame::trailers(trailers))])
+            .collect();
+        let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        r
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_unary_answer_must_be_exactly_one_whole_message() {
+    let up = broken_service().await;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("x.proto"),
+        "syntax = \"proto3\";\npackage x;\nmessage N { string text = 1; }\nservice S {\n  rpc Empty(N) returns (N);\n  rpc Cut(N) returns (N);\n  rpc Two(N) returns (N);\n}\n",
+    )
+    .unwrap();
+    let cfg = gateway_toml(
+        "",
+        &format!(
+            "[protos]\nfiles = [\"{}\"]\n\n[services.x]\nendpoints = [\"{}\"]\nprotocol = \"http2\"\n",
+            tmp.path().join("x.proto").display(),
+            up.url()
+        ),
+    );
+    let routes = "[frontend]\nname = \"x\"\n\n[[route]]\nname = \"empty\"\npath = \"/empty\"\ngrpc = { service = \"x\", method = \"x.S/Empty\" }\n\n[[route]]\nname = \"cut\"\npath = \"/cut\"\ngrpc = { service = \"x\", method = \"x.S/Cut\" }\n\n[[route]]\nname = \"two\"\npath = \"/two\"\ngrpc = { service = \"x\", method = \"x.S/Two\" }\n";
+    let gw = TestGateway::start(&cfg, &[("x.toml", routes)]).await;
+    for path in ["/empty", "/cut", "/two"] {
+        let r = call("POST", &gw.url(path), &[], "{}").await;
+        assert_problem(&r, 502, "grpc_bad_response");
+    }
+}
+
+#[tokio::test]
+async fn grpc_errors_count_for_the_circuit_breaker() {
+    let svc = service().await;
+    let dir = protos_dir();
+    let cfg = gateway_toml(
+        "",
+        &format!(
+            "[protos]\nfiles = [\"{}\"]\ninclude = [\"{}\"]\n\n[services.inventory]\nendpoints = [\"http://{}\"]\nprotocol = \"http2\"\n[services.inventory.circuit_breaker]\nconsecutive_failures = 2\nopen_for = \"1h\"\nmax_open_for = \"1h\"\n",
+            dir.join("shop/inventory.proto").display(),
+            dir.display(),
+            svc.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, &[("shop.toml", ROUTES)]).await;
+    // NOT_FOUND is the caller's: it never opens the circuit.
+    for _ in 0..3 {
+        assert_problem(
+            &call("GET", &gw.url("/fail/5"), &[], "").await,
+            404,
+            "grpc_not_found",
+        );
+    }
+    // UNAVAILABLE (a trailers-only answer over HTTP 200) counts as the service failing.
+    for _ in 0..2 {
+        assert_problem(
+            &call("GET", &gw.url("/fail/14"), &[], "").await,
+            503,
+            "grpc_unavailable",
+        );
+    }
+    assert_problem(
+        &call("GET", &gw.url("/fail/5"), &[], "").await,
+        503,
+        "circuit_open",
+    );
+}
+
+#[test]
+fn grpc_routes_need_http2_services_and_parameters_that_name_fields() {
+    let dir = protos_dir();
+    let protos = format!(
+        "[protos]\nfiles = [\"{}\"]\ninclude = [\"{}\"]\n\n",
+        dir.join("shop/inventory.proto").display(),
+        dir.display()
+    );
+    let h1 = gateway_toml(
+        "",
+        &format!("{protos}[services.inventory]\nendpoints = [\"http://127.0.0.1:1\"]\n[services.inventory.health_check]\ngrpc = \"\"\n"),
+    );
+    let route = "[frontend]\nname = \"f\"\n\n[[route]]\nname = \"r\"\npath = \"/x/{sku}\"\ngrpc = { service = \"inventory\", method = \"shop.inventory.v1.Inventory/GetItem\" }\n";
+    let e = compile_errors(&h1, "r.toml", "[frontend]\nname = \"f\"\n");
+    assert!(
+        e.contains("health_check: `grpc` checks need the service's protocol = \"http2\""),
+        "{e}"
+    );
+    let h1 = h1.replace("[services.inventory.health_check]\ngrpc = \"\"\n", "");
+    let e = compile_errors(&h1, "r.toml", route);
+    assert!(
+        e.contains("r.toml:7:") && e.contains("must have protocol = \"http2\""),
+        "{e}"
+    );
+    let h2 = gateway_toml(
+        "",
+        &format!("{protos}[services.inventory]\nendpoints = [\"http://127.0.0.1:1\"]\nprotocol = \"http2\"\n"),
+    );
+    let e = compile_errors(&h2, "r.toml", &route.replace("{sku}", "{id}"));
+    assert!(
+        e.contains("path parameter `id` names no field of shop.inventory.v1.GetItemRequest"),
         "{e}"
     );
 }

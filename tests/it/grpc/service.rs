@@ -98,6 +98,8 @@ pub(super) struct RpcStatus {
 pub(super) struct Seen {
     pub(super) grpc_timeouts: Vec<String>,
     pub(super) calls: usize,
+    /// The headers of the last call.
+    pub(super) headers: http::HeaderMap,
 }
 
 pub(super) struct Service {
@@ -158,6 +160,7 @@ pub(super) async fn dispatch(
     {
         let mut s = seen.lock().unwrap();
         s.calls += 1;
+        s.headers = req.headers().clone();
         if let Some(t) = req.headers().get("grpc-timeout") {
             s.grpc_timeouts.push(t.to_str().unwrap().to_owned());
         }
