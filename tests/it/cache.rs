@@ -804,9 +804,27 @@ async fn the_redis_tier_is_shared_by_a_fleet_and_optional_when_down() {
     let host = format!("shop-{}.test", std::process::id());
     let h = [("host", host.as_str())];
     assert_eq!(req("GET", &a.url("/p"), &h).await.text(), "/p 1");
+    // The write to Redis is in the background: b is asked once it has landed (asked before,
+    // b would miss, fetch and keep its own copy, never reading a's).
+    let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let pattern = format!("gatehouse:cache:*{host}*");
+    let mut landed = false;
+    for _ in 0..100 {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            landed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(landed, "gateway a's object reached Redis");
     let mut from_b = None;
     for _ in 0..50 {
-        // The write to Redis is in the background: b may miss until it lands.
         let r = req("GET", &b.url("/p"), &h).await;
         if r.text() == "/p 1" {
             from_b = Some(r);

@@ -321,7 +321,9 @@ mod tests {
 
     /// A response body of these frames (a `None` is the stream breaking).
     fn upstream(frames: Vec<Option<Frame<Bytes>>>) -> RespBody {
-        let items = frames.into_iter().map(|f| f.ok_or_else(|| BoxError::from("reset")));
+        let items = frames
+            .into_iter()
+            .map(|f| f.ok_or_else(|| BoxError::from("reset")));
         RespBody::Stream(http_body_util::combinators::BoxBody::new(
             http_body_util::StreamBody::new(futures_util::stream::iter(items)),
         ))
@@ -362,12 +364,17 @@ mod tests {
             .starts_with("event: error\ndata: {\"error\":{\"code\":14"));
         // A message that does not decode.
         let body = upstream(vec![Some(Frame::data(frame::encode(&[0xff, 0xff])))]);
-        assert!(text(json_stream(body, Format::Ndjson)).await.contains("\"code\":13"));
+        assert!(text(json_stream(body, Format::Ndjson))
+            .await
+            .contains("\"code\":13"));
         // Ended well: no error object.
         let mut t = HeaderMap::new();
         t.insert("grpc-status", http::HeaderValue::from_static("0"));
         let body = upstream(vec![Some(Frame::data(item("x"))), Some(Frame::trailers(t))]);
-        assert_eq!(text(json_stream(body, Format::Ndjson)).await, "{\"a\":\"x\"}\n");
+        assert_eq!(
+            text(json_stream(body, Format::Ndjson)).await,
+            "{\"a\":\"x\"}\n"
+        );
     }
 
     #[test]

@@ -295,7 +295,11 @@ mod tests {
             deny_unknown: true,
         };
         let m = request_message(&d, &input).unwrap();
-        assert_eq!(json(&m, Some("inner")), r#"{"s":"q"}"#, "nested defaults left out");
+        assert_eq!(
+            json(&m, Some("inner")),
+            r#"{"s":"q"}"#,
+            "nested defaults left out"
+        );
         assert_eq!(json(&m, Some("b")), "0", "an unset scalar is its default");
         assert_eq!(json(&m, Some("tags")), "[]");
         assert_eq!(json(&m, Some("y")), "{}");
