@@ -88,8 +88,20 @@ async fn readyz(State(live): State<Arc<Live>>) -> Response {
         .filter(|u| u.required && u.available_endpoints() == 0)
         .map(|u| &*u.name)
         .collect();
-    if missing.is_empty() {
+    let brokers: Vec<&str> = gw
+        .brokers
+        .values()
+        .filter(|b| b.required && !b.connected())
+        .map(|b| &*b.name)
+        .collect();
+    if missing.is_empty() && brokers.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
+    } else if missing.is_empty() {
+        let msg = format!(
+            "not ready: required broker(s) not connected: {}\n",
+            brokers.join(", ")
+        );
+        (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     } else {
         let msg = format!(
             "not ready: no available endpoint for required service(s): {}\n",

@@ -239,6 +239,14 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)], token: Option<&
         out,
         "  curl -i -X OPTIONS -H 'Origin: http://localhost:3000' -H 'Access-Control-Request-Method: GET' {base}/web/users   (CORS preflight, answered by the gateway)"
     );
+    // The broker route is shown when a NATS server answers where the demo config points.
+    let nats = std::net::SocketAddr::from(([127, 0, 0, 1], 4222));
+    if std::net::TcpStream::connect_timeout(&nats, std::time::Duration::from_millis(200)).is_ok() {
+        let _ = writeln!(
+            out,
+            "  curl -i -X POST -H 'Idempotency-Key: demo-1' -d '{{\"sku\":\"tea-01\"}}' {base}/web/orders/place   (202 once NATS has the message)"
+        );
+    }
     let _ = writeln!(out, "  curl http://{admin}/metrics");
     let _ = writeln!(out, "  curl http://{admin}/admin/config");
     let _ = writeln!(out, "  curl -X POST http://{admin}/admin/reload");

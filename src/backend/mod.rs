@@ -7,6 +7,7 @@ pub(crate) mod aggregate;
 pub(crate) mod forward;
 pub(crate) mod grpc;
 pub(crate) mod proxy;
+pub(crate) mod publish;
 pub(crate) mod respond;
 pub(crate) mod target;
 

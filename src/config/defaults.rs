@@ -44,6 +44,10 @@ pub(super) fn three() -> u32 {
 pub(super) fn five() -> u32 {
     5
 }
+pub(super) fn d_2s() -> Duration {
+    Duration::from_secs(2)
+}
+
 pub(super) fn d_5s() -> Duration {
     Duration::from_secs(5)
 }

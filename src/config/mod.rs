@@ -4,6 +4,7 @@
 
 mod aggregate;
 mod auth;
+mod broker;
 mod cache;
 mod defaults;
 mod grpc;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 pub(crate) use aggregate::*;
 pub(crate) use auth::*;
+pub(crate) use broker::*;
 pub(crate) use cache::*;
 pub(crate) use grpc::*;
 pub(crate) use rate_limit::*;

@@ -7,6 +7,7 @@ use toml::Spanned;
 
 use super::aggregate::AggregateConfig;
 use super::auth::{AuthRef, CorsConfig, RequireConfig};
+use super::broker::PublishConfig;
 use super::cache::RouteCache;
 use super::defaults::*;
 use super::grpc::GrpcConfig;
@@ -102,6 +103,7 @@ pub(crate) enum BackendConfig {
     Respond(Spanned<RespondConfig>),
     Aggregate(Spanned<AggregateConfig>),
     Grpc(Spanned<GrpcConfig>),
+    Publish(Spanned<PublishConfig>),
 }
 
 impl BackendConfig {
@@ -112,6 +114,7 @@ impl BackendConfig {
             BackendConfig::Respond(_) => "respond",
             BackendConfig::Aggregate(_) => "aggregate",
             BackendConfig::Grpc(_) => "grpc",
+            BackendConfig::Publish(_) => "publish",
         }
     }
 }
@@ -152,11 +155,13 @@ pub(crate) struct RawRoute {
     aggregate: Option<Spanned<AggregateConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     grpc: Option<Spanned<GrpcConfig>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publish: Option<Spanned<PublishConfig>>,
 }
 
 /// A route without exactly one backend.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("route `{route}` must have exactly one backend: `proxy`, `respond`, `aggregate` or `grpc` (it has {}{})", .found.len(), if .found.is_empty() { String::new() } else { format!(": {}", .found.join(", ")) })]
+#[error("route `{route}` must have exactly one backend: `proxy`, `respond`, `aggregate`, `grpc` or `publish` (it has {}{})", .found.len(), if .found.is_empty() { String::new() } else { format!(": {}", .found.join(", ")) })]
 pub(crate) struct BackendChoiceError {
     route: String,
     found: Vec<&'static str>,
@@ -178,6 +183,9 @@ impl TryFrom<RawRoute> for RouteConfig {
         }
         if let Some(p) = r.grpc {
             found.push(BackendConfig::Grpc(p));
+        }
+        if let Some(p) = r.publish {
+            found.push(BackendConfig::Publish(p));
         }
         let name = r.name.get_ref();
         if found.len() != 1 {
@@ -208,12 +216,14 @@ impl TryFrom<RawRoute> for RouteConfig {
 
 impl From<RouteConfig> for RawRoute {
     fn from(r: RouteConfig) -> RawRoute {
-        let (mut proxy, mut respond, mut aggregate, mut grpc) = (None, None, None, None);
+        let (mut proxy, mut respond, mut aggregate, mut grpc, mut publish) =
+            (None, None, None, None, None);
         match r.backend {
             BackendConfig::Proxy(p) => proxy = Some(p),
             BackendConfig::Respond(p) => respond = Some(p),
             BackendConfig::Aggregate(p) => aggregate = Some(p),
             BackendConfig::Grpc(p) => grpc = Some(p),
+            BackendConfig::Publish(p) => publish = Some(p),
         }
         RawRoute {
             name: r.name,
@@ -233,6 +243,7 @@ impl From<RouteConfig> for RawRoute {
             respond,
             aggregate,
             grpc,
+            publish,
         }
     }
 }

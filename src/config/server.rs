@@ -38,6 +38,9 @@ pub struct GatewayConfig {
     pub(crate) cache: Option<Spanned<super::cache::CacheConfig>>,
     /// The `.proto` files of `grpc` routes.
     pub(crate) protos: Option<Spanned<super::grpc::ProtosConfig>>,
+    /// Message brokers that `publish` routes send to.
+    #[serde(default)]
+    pub(crate) brokers: BTreeMap<String, Spanned<super::broker::BrokerConfig>>,
 }
 
 /// One address or a list of them (`listen = "…"` or `listen = ["…", "…"]`).

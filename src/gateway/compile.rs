@@ -51,6 +51,13 @@ pub(crate) fn compile(
         &mut errors,
     );
     let protos = crate::backend::grpc::compile_protos(&loaded, &mut errors);
+    let brokers = crate::backend::publish::build_brokers(
+        &loaded,
+        previous.map(|p| &p.resources),
+        &mut resources,
+        metrics,
+        &mut errors,
+    );
     let tls = compile_tls(&loaded, &mut errors);
     let trusted: Arc<[ipnet::IpNet]> = loaded.gateway.server.trusted_proxies.clone().into();
 
@@ -67,6 +74,8 @@ pub(crate) fn compile(
         trusted: trusted.clone(),
         cache,
         protos,
+        brokers: &brokers,
+        defined_brokers: loaded.gateway.brokers.keys().map(String::as_str).collect(),
     };
     let mut built = Vec::new();
     // For each route: its file and where its name is, to locate router errors.
@@ -128,6 +137,7 @@ pub(crate) fn compile(
         router,
         routes,
         services,
+        brokers,
         resources,
         settings,
         tls,

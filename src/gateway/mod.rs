@@ -57,6 +57,8 @@ pub struct Gateway {
     /// Indexed by the router's route index.
     pub(crate) routes: Vec<Route>,
     pub(crate) services: BTreeMap<String, Arc<Upstream>>,
+    /// The `[brokers.*]` connections (for `/readyz`).
+    pub(crate) brokers: BTreeMap<String, Arc<crate::backend::publish::Broker>>,
     /// Everything stateful this snapshot uses (services' upstreams, …), reused by the next
     /// snapshot where its definition is unchanged.
     pub(crate) resources: Resources,

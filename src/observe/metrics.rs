@@ -45,6 +45,8 @@ pub struct Metrics {
     pub(crate) cache_evictions: prometheus::IntCounter,
     pub(crate) cache_bytes: prometheus::IntGauge,
     pub(crate) cache_objects: prometheus::IntGauge,
+    /// Messages published by `publish` routes, by broker and outcome.
+    pub(crate) broker_publishes_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -211,6 +213,14 @@ impl Metrics {
             &["route", "call"],
         )
         .expect("static metric definition is valid");
+        let broker_publishes_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_broker_publishes_total",
+                "Messages of publish routes by broker and outcome (confirmed, duplicate, replied, unavailable, timeout, no_responders)",
+            ),
+            &["broker", "outcome"],
+        )
+        .expect("valid metric");
         let cache_total = IntCounterVec::new(
             Opts::new(
                 "gatehouse_cache_total",
@@ -235,6 +245,7 @@ impl Metrics {
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(cache_total.clone()),
+            Box::new(broker_publishes_total.clone()),
             Box::new(cache_evictions.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(cache_objects.clone()),
@@ -276,6 +287,7 @@ impl Metrics {
             aggregate_calls_total,
             aggregate_call_seconds,
             cache_total,
+            broker_publishes_total,
             cache_evictions,
             cache_bytes,
             cache_objects,

@@ -52,6 +52,11 @@ pub(crate) struct BuildContext<'a> {
     pub(crate) cache: Option<Arc<CacheStore>>,
     /// The compiled `[protos]`.
     pub(crate) protos: Option<prost_reflect::DescriptorPool>,
+    /// The `[brokers.*]` connections.
+    pub(crate) brokers:
+        &'a std::collections::BTreeMap<String, Arc<crate::backend::publish::Broker>>,
+    /// Every broker gateway.toml defines.
+    pub(crate) defined_brokers: Vec<&'a str>,
 }
 
 /// Settings a frontend passes down to its routes (after applying `[server]` defaults).
@@ -195,6 +200,20 @@ pub(crate) fn build(
                 crate::backend::grpc::build(&facts, g, &mut fail).map(|b| chain(b, layers))
             })
         }
+        BackendConfig::Publish(p) => {
+            match crate::backend::publish::build(
+                p.get_ref(),
+                cx.brokers,
+                &cx.defined_brokers,
+                settings.timeout,
+            ) {
+                Ok(b) => b.map(|b| chain(b, layers)),
+                Err((span, e)) => {
+                    fail(span, format!("route `{rname}`: {e}"));
+                    None
+                }
+            }
+        }
         BackendConfig::Respond(r) => match respond(r.get_ref()) {
             Ok(b) => Some(chain(b, layers)),
             Err(msg) => {
@@ -218,7 +237,7 @@ pub(crate) fn build(
         BackendConfig::Aggregate(_) => true,
         // Path parameters fill fields by name when no google.api.http rule matches.
         BackendConfig::Grpc(_) => true,
-        BackendConfig::Respond(_) => false,
+        BackendConfig::Respond(_) | BackendConfig::Publish(_) => false,
     };
     let (line, _) = file.locate(rc.name.span().start);
     Some(Built {

@@ -24,7 +24,7 @@ fn check_reports_every_error_with_file_line_and_column() {
         format!("{d}/routes/c-zero.toml:7:11: duration \"0s\" must be greater than zero"),
         format!("{d}/routes/d-unknown.toml:7:1: unknown field `respnd`"),
         format!("{d}/routes/e-env.toml:8:21: environment variable `GATEHOUSE_TEST_SURELY_UNSET` is not set"),
-        format!("{d}/routes/f-backends.toml:6:1: route `two-backends` must have exactly one backend: `proxy`, `respond`, `aggregate` or `grpc` (it has 2: proxy, respond)"),
+        format!("{d}/routes/f-backends.toml:6:1: route `two-backends` must have exactly one backend: `proxy`, `respond`, `aggregate`, `grpc` or `publish` (it has 2: proxy, respond)"),
         // Semantic errors of every file that parsed.
         format!("{d}/gateway.toml:13:14: endpoint `127.0.0.1:9000` needs a scheme"),
         format!("{d}/gateway.toml:13:32: endpoint `http://127.0.0.1:9001/v1` must not have a path"),

@@ -17,6 +17,7 @@ mod pool;
 mod process;
 mod protocols;
 mod proxy;
+mod publish;
 mod rate_limit;
 mod reload;
 mod resilience;

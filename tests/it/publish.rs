@@ -1,0 +1,338 @@
+//! `publish` routes against a real NATS: the machine's server at 127.0.0.1:4222 (JetStream on;
+//! `.ci/run` starts one when it is missing) and, for the broker going away, a `nats-server`
+//! started by the test. 202 only after the broker confirmed; dedup by `Idempotency-Key`;
+//! request-reply; 503 (and nothing acknowledged that was not stored) when the broker is down.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::Request;
+use http_body_util::Full;
+
+use crate::support::*;
+
+const NATS: &str = "nats://127.0.0.1:4222";
+
+async fn nats() -> async_nats::Client {
+    async_nats::connect(NATS)
+        .await
+        .expect("NATS with JetStream is required at 127.0.0.1:4222 (.ci/run starts it)")
+}
+
+/// A subject prefix of this run (the server outlives test runs).
+fn prefix(test: &str) -> String {
+    format!("ghtest.{}.{test}", std::process::id())
+}
+
+fn config(url: &str, extra: &str) -> String {
+    gateway_toml(
+        "",
+        &format!(
+            "[brokers.events]\nurl = \"{url}\"\nrequired = true\npublish_timeout = \"1s\"\n{extra}"
+        ),
+    )
+}
+
+fn routes(publish: &str) -> String {
+    format!("[frontend]\nname = \"cmd\"\n\n[[route]]\nname = \"place\"\npath = \"/orders\"\nmethods = [\"POST\"]\ntimeout = \"2s\"\npublish = {publish}\n")
+}
+
+async fn post(url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    let mut b = Request::post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await
+}
+
+async fn ready(gw: &TestGateway) {
+    eventually(15, "the broker connected (/readyz)", || async {
+        get(&gw.admin_url("/readyz")).await.status == 200
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn jetstream_publishes_are_202_after_the_ack_and_deduplicated() {
+    let client = nats().await;
+    let js = jetstream::new(client.clone());
+    let p = prefix("js");
+    let name = p.replace('.', "_").to_uppercase();
+    let mut stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{p}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let gw = TestGateway::start(
+        &config(NATS, ""),
+        &[(
+            "cmd.toml",
+            &routes(&format!(
+                "{{ broker = \"events\", subject = \"{p}.place\", jetstream = true }}"
+            )),
+        )],
+    )
+    .await;
+    ready(&gw).await;
+    let r = post(
+        &gw.url("/orders"),
+        &[("idempotency-key", "order-1")],
+        r#"{"sku":"a"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["id"], "order-1");
+    assert_eq!(v["stream"], name.as_str());
+    assert_eq!(v["duplicate"], false);
+    let seq = v["sequence"].as_u64().unwrap();
+    // The client's retry: stored once.
+    let r = post(
+        &gw.url("/orders"),
+        &[("idempotency-key", "order-1")],
+        r#"{"sku":"a"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["duplicate"], true);
+    assert_eq!(r.json()["sequence"].as_u64(), Some(seq));
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    // What was stored: the body and the headers.
+    let m = stream.get_raw_message(seq).await.unwrap();
+    assert_eq!(&m.payload[..], br#"{"sku":"a"}"#);
+    let h = |name: &str| {
+        m.headers
+            .iter()
+            .find(|(k, _)| k.to_string().eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.first().map(|v| v.to_string()))
+    };
+    assert_eq!(h("Nats-Msg-Id").as_deref(), Some("order-1"));
+    assert_eq!(h("Idempotency-Key").as_deref(), Some("order-1"));
+    assert_eq!(h("Content-Type").as_deref(), Some("application/json"));
+    assert!(h("x-request-id").is_some());
+    assert!(h("traceparent").is_some_and(|t| t.starts_with("00-")));
+    // Without a key the request id is the message id.
+    let r = post(&gw.url("/orders"), &[], "{}").await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.json()["id"], r.header("x-request-id"));
+    // A bad key is the client's mistake.
+    let r = post(&gw.url("/orders"), &[("idempotency-key", "a b")], "{}").await;
+    assert_problem(&r, 400, "invalid_idempotency_key");
+    // A subject no stream stores: 503, never 202.
+    let gw2 = TestGateway::start(
+        &config(NATS, ""),
+        &[(
+            "cmd.toml",
+            &routes(
+                "{ broker = \"events\", subject = \"ghtest.nostream.anywhere\", jetstream = true }",
+            ),
+        )],
+    )
+    .await;
+    ready(&gw2).await;
+    assert_problem(
+        &post(&gw2.url("/orders"), &[], "{}").await,
+        503,
+        "broker_unavailable",
+    );
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    assert!(
+        m.contains(r#"gatehouse_broker_publishes_total{broker="events",outcome="duplicate"} 1"#),
+        "{m}"
+    );
+    js.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test]
+async fn core_publish_and_request_reply() {
+    let client = nats().await;
+    let p = prefix("core");
+    let mut sub = client.subscribe(format!("{p}.place")).await.unwrap();
+    // A service answering requests on `{p}.ask`, with a status and a content type.
+    let mut asks = client.subscribe(format!("{p}.ask")).await.unwrap();
+    let responder = client.clone();
+    tokio::spawn(async move {
+        while let Some(m) = asks.next().await {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Gatehouse-Status", "201");
+            h.insert("Content-Type", "application/json");
+            let body = format!("{{\"echo\":{}}}", String::from_utf8_lossy(&m.payload));
+            if let Some(reply) = m.reply {
+                let _ = responder.publish_with_headers(reply, h, body.into()).await;
+            }
+        }
+    });
+    // A subscriber that never answers.
+    let _silent = client.subscribe(format!("{p}.silent")).await.unwrap();
+    client.flush().await.unwrap();
+    let file = format!(
+        "[frontend]\nname = \"cmd\"\n\n[[route]]\nname = \"place\"\npath = \"/orders\"\npublish = {{ broker = \"events\", subject = \"{p}.place\" }}\n\n[[route]]\nname = \"ask\"\npath = \"/ask\"\npublish = {{ broker = \"events\", subject = \"{p}.ask\", reply = \"sync\" }}\n\n[[route]]\nname = \"silent\"\npath = \"/silent\"\ntimeout = \"300ms\"\npublish = {{ broker = \"events\", subject = \"{p}.silent\", reply = \"sync\" }}\n\n[[route]]\nname = \"nobody\"\npath = \"/nobody\"\npublish = {{ broker = \"events\", subject = \"{p}.nobody\", reply = \"sync\" }}\n"
+    );
+    let gw = TestGateway::start(&config(NATS, ""), &[("cmd.toml", &file)]).await;
+    ready(&gw).await;
+    let r = post(&gw.url("/orders"), &[], "{\"n\":1}").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.payload[..], b"{\"n\":1}");
+    assert_eq!(
+        m.headers.unwrap().get("x-request-id").unwrap().as_str(),
+        r.header("x-request-id")
+    );
+    let r = post(&gw.url("/ask"), &[], "7").await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.header("content-type"), "application/json");
+    assert_eq!(r.text(), "{\"echo\":7}");
+    assert_problem(
+        &post(&gw.url("/silent"), &[], "x").await,
+        504,
+        "upstream_timeout",
+    );
+    assert_problem(
+        &post(&gw.url("/nobody"), &[], "x").await,
+        503,
+        "no_responders",
+    );
+}
+
+/// A `nats-server` of the test's own, with JetStream, on a free port.
+struct OwnNats {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnNats {
+    fn start(port: u16, dir: &std::path::Path) -> OwnNats {
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server is required (.ci/run installs it)");
+        OwnNats {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    async fn client(&self) -> async_nats::Client {
+        for _ in 0..100 {
+            if let Ok(c) = async_nats::connect(format!("nats://127.0.0.1:{}", self.port)).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the test's nats-server did not start");
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test]
+async fn a_broker_that_is_down_gets_503_and_nothing_acknowledged_is_lost() {
+    let port = closed_port().await.port();
+    let store = tempfile::tempdir().unwrap();
+    let mut server = OwnNats::start(port, store.path());
+    let js = jetstream::new(server.client().await);
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: "DOWN".into(),
+        subjects: vec!["down.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let gw = TestGateway::start(
+        &config(&url, ""),
+        &[(
+            "cmd.toml",
+            &routes("{ broker = \"events\", subject = \"down.orders\", jetstream = true }"),
+        )],
+    )
+    .await;
+    ready(&gw).await;
+    let mut accepted = 0;
+    for i in 0..3 {
+        let r = post(
+            &gw.url("/orders"),
+            &[("idempotency-key", &format!("k{i}"))],
+            "{}",
+        )
+        .await;
+        assert_eq!(r.status, 202, "{}", r.text());
+        accepted += 1;
+    }
+    server.stop();
+    for i in 3..6 {
+        let r = post(
+            &gw.url("/orders"),
+            &[("idempotency-key", &format!("k{i}"))],
+            "{}",
+        )
+        .await;
+        assert_problem(&r, 503, "broker_unavailable");
+    }
+    eventually(15, "readyz reports the required broker", || async {
+        let r = get(&gw.admin_url("/readyz")).await;
+        r.status == 503 && r.text().contains("events")
+    })
+    .await;
+    // Back again: every 202 was stored, and publishing works again by itself.
+    let server = OwnNats::start(port, &server.dir.clone());
+    let js = jetstream::new(server.client().await);
+    let mut stream = js.get_stream("DOWN").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, accepted);
+    ready(&gw).await;
+    let r = post(&gw.url("/orders"), &[("idempotency-key", "k9")], "{}").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+}
+
+#[test]
+fn publish_mistakes_are_located() {
+    let gw = config(
+        NATS,
+        "\n[brokers.rabbit]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n",
+    );
+    let e = compile_errors(
+        &gw,
+        "cmd.toml",
+        &routes("{ broker = \"nope\", subject = \"a.b\" }"),
+    );
+    assert!(e.contains("only nats:// brokers are"), "{e}");
+    assert!(
+        e.contains("cmd.toml:9:") && e.contains("unknown broker `nope`"),
+        "{e}"
+    );
+    let gw = config(NATS, "");
+    let e = compile_errors(
+        &gw,
+        "cmd.toml",
+        &routes("{ broker = \"events\", subject = \"a.*\" }"),
+    );
+    assert!(e.contains("is not a NATS subject"), "{e}");
+    let e = compile_errors(
+        &gw,
+        "cmd.toml",
+        &routes("{ broker = \"events\", subject = \"a.b\", reply = \"async\" }"),
+    );
+    assert!(e.contains("reply = \"async\" is not built yet"), "{e}");
+}
