@@ -200,6 +200,11 @@ impl Server {
             let _ = s.await;
         }
         let grace = self.live.startup_shutdown_grace();
+        // Broker → HTTP bridges stop fetching and finish their deliveries, like the requests.
+        let snapshot = self.live.snapshot();
+        let bridges = snapshot.consumers.iter().map(|c| c.drain(grace));
+        futures_util::future::join_all(bridges).await;
+        drop(snapshot);
         let _ = self.drain.send(true);
         let drained = tokio::time::timeout(grace, self.drain.closed())
             .await

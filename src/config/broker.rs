@@ -50,3 +50,35 @@ pub(crate) struct PublishConfig {
     /// `none` (default), `sync` or `async`.
     pub(crate) reply: Option<Spanned<ReplyMode>>,
 }
+
+/// One `[[consumer]]`: messages of a JetStream subject delivered to a service over HTTP.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConsumerConfig {
+    /// A `[brokers.NAME]`.
+    pub(crate) broker: Spanned<String>,
+    /// The subject (a JetStream stream must store it).
+    pub(crate) subject: Spanned<String>,
+    /// The `[services.NAME]` the messages go to.
+    pub(crate) service: Spanned<String>,
+    /// The path each message is `POST`ed to.
+    pub(crate) path: Spanned<String>,
+    /// The durable consumer's name (default: `gatehouse-SERVICE-SUBJECT`).
+    pub(crate) name: Option<Spanned<String>>,
+    /// Deliveries of one message before it goes to `dead_letter`.
+    #[serde(default = "five")]
+    pub(crate) max_attempts: u32,
+    /// Where a message goes after its last failed delivery (else it is dropped).
+    pub(crate) dead_letter: Option<Spanned<String>>,
+    /// Deliveries at once.
+    #[serde(default = "sixteen")]
+    pub(crate) max_in_flight: usize,
+    /// The wait before the second delivery; doubled for each further one.
+    #[serde(default = "d_1s")]
+    pub(crate) backoff: Duration,
+    #[serde(default = "d_30s")]
+    pub(crate) max_backoff: Duration,
+    /// One delivery (the service's answer read) at most this long.
+    #[serde(default = "d_30s")]
+    pub(crate) timeout: Duration,
+}

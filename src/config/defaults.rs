@@ -117,3 +117,7 @@ pub(super) fn hundred() -> usize {
 pub(super) fn default_upgrades() -> Vec<Spanned<String>> {
     vec![Spanned::new(0..0, "websocket".to_owned())]
 }
+
+pub(super) fn sixteen() -> usize {
+    16
+}

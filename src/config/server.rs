@@ -41,6 +41,9 @@ pub struct GatewayConfig {
     /// Message brokers that `publish` routes send to.
     #[serde(default)]
     pub(crate) brokers: BTreeMap<String, Spanned<super::broker::BrokerConfig>>,
+    /// Broker → HTTP bridges.
+    #[serde(default)]
+    pub(crate) consumer: Vec<Spanned<super::broker::ConsumerConfig>>,
 }
 
 /// One address or a list of them (`listen = "…"` or `listen = ["…", "…"]`).

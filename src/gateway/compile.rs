@@ -58,6 +58,14 @@ pub(crate) fn compile(
         metrics,
         &mut errors,
     );
+    let consumers = crate::backend::publish::build_consumers(
+        &loaded,
+        previous.map(|p| &p.resources),
+        &mut resources,
+        &brokers,
+        metrics,
+        &mut errors,
+    );
     let tls = compile_tls(&loaded, &mut errors);
     let trusted: Arc<[ipnet::IpNet]> = loaded.gateway.server.trusted_proxies.clone().into();
 
@@ -138,6 +146,7 @@ pub(crate) fn compile(
         routes,
         services,
         brokers,
+        consumers,
         resources,
         settings,
         tls,

@@ -59,6 +59,8 @@ pub struct Gateway {
     pub(crate) services: BTreeMap<String, Arc<Upstream>>,
     /// The `[brokers.*]` connections (for `/readyz`).
     pub(crate) brokers: BTreeMap<String, Arc<crate::backend::publish::Broker>>,
+    /// The `[[consumer]]` bridges running (drained on shutdown).
+    pub(crate) consumers: Vec<Arc<crate::backend::publish::Consumer>>,
     /// Everything stateful this snapshot uses (services' upstreams, …), reused by the next
     /// snapshot where its definition is unchanged.
     pub(crate) resources: Resources,

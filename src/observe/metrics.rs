@@ -47,6 +47,8 @@ pub struct Metrics {
     pub(crate) cache_objects: prometheus::IntGauge,
     /// Messages published by `publish` routes, by broker and outcome.
     pub(crate) broker_publishes_total: IntCounterVec,
+    /// Messages of `[[consumer]]` bridges by consumer and outcome.
+    pub(crate) consumer_deliveries_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -221,6 +223,14 @@ impl Metrics {
             &["broker", "outcome"],
         )
         .expect("valid metric");
+        let consumer_deliveries_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_consumer_deliveries_total",
+                "Messages delivered by [[consumer]] bridges, by consumer and outcome (acked, retried, dead_lettered)",
+            ),
+            &["consumer", "outcome"],
+        )
+        .expect("valid metric");
         let cache_total = IntCounterVec::new(
             Opts::new(
                 "gatehouse_cache_total",
@@ -246,6 +256,7 @@ impl Metrics {
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(cache_total.clone()),
             Box::new(broker_publishes_total.clone()),
+            Box::new(consumer_deliveries_total.clone()),
             Box::new(cache_evictions.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(cache_objects.clone()),
@@ -288,6 +299,7 @@ impl Metrics {
             aggregate_call_seconds,
             cache_total,
             broker_publishes_total,
+            consumer_deliveries_total,
             cache_evictions,
             cache_bytes,
             cache_objects,

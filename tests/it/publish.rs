@@ -336,3 +336,157 @@ fn publish_mistakes_are_located() {
     );
     assert!(e.contains("reply = \"async\" is not built yet"), "{e}");
 }
+
+/// A stream for a consumer test, and a service that answers deliveries: `flaky` fails its first
+/// two deliveries, `poison` every one, `slow` takes 800 ms; each delivery's number is recorded.
+async fn consumer_setup(
+    test: &str,
+) -> (
+    String,
+    jetstream::Context,
+    Upstream,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    let client = nats().await;
+    let js = jetstream::new(client);
+    let p = prefix(test);
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: p.replace('.', "_").to_uppercase(),
+        subjects: vec![format!("{p}.>")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let up = Upstream::start(move |req: http::Request<hyper::body::Incoming>| {
+        let log = log.clone();
+        async move {
+            let n = req.headers()["gatehouse-delivery"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let body = http_body_util::BodyExt::collect(req.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let body = String::from_utf8_lossy(&body).into_owned();
+            log.lock().unwrap().push((body.clone(), n.clone()));
+            match (body.as_str(), n.as_str()) {
+                ("poison", _) | ("flaky", "1" | "2") => text(503, "not now"),
+                ("slow", _) => {
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                    text(200, "done")
+                }
+                _ => text(200, "ok"),
+            }
+        }
+    })
+    .await;
+    (p, js, up, seen)
+}
+
+fn consumer_config(p: &str, up: &Upstream, extra: &str) -> String {
+    format!(
+        "[brokers.events]\nurl = \"{NATS}\"\n\n[services.notify]\nendpoints = [\"{}\"]\n\n[[consumer]]\nbroker = \"events\"\nsubject = \"{p}.placed\"\nservice = \"notify\"\npath = \"/notify\"\nname = \"{}\"\nmax_attempts = 3\ndead_letter = \"{p}.dlq\"\nbackoff = \"50ms\"\nmax_backoff = \"100ms\"\n{extra}",
+        up.url(),
+        p.replace('.', "-")
+    )
+}
+
+#[tokio::test]
+async fn consumers_retry_with_backoff_then_dead_letter() {
+    let (p, js, up, seen) = consumer_setup("cons").await;
+    let client = nats().await;
+    let mut dlq = client.subscribe(format!("{p}.dlq")).await.unwrap();
+    client.flush().await.unwrap();
+    let gw = TestGateway::start(
+        &gateway_toml("", &consumer_config(&p, &up, "")),
+        &[("x.toml", "[frontend]\nname = \"x\"\n")],
+    )
+    .await;
+    for body in ["flaky", "poison", "fine"] {
+        js.publish(format!("{p}.placed"), body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // The poison message, after its third failure, on the dead letter subject.
+    let dead = tokio::time::timeout(Duration::from_secs(20), dlq.next())
+        .await
+        .expect("a dead letter")
+        .unwrap();
+    assert_eq!(&dead.payload[..], b"poison");
+    let h = dead.headers.unwrap();
+    assert_eq!(
+        h.get("Gatehouse-Original-Subject").unwrap().as_str(),
+        format!("{p}.placed")
+    );
+    assert_eq!(h.get("Gatehouse-Last-Status").unwrap().as_str(), "503");
+    eventually(
+        20,
+        "the flaky message acked on its third delivery",
+        || async { seen.lock().unwrap().contains(&("flaky".into(), "3".into())) },
+    )
+    .await;
+    let deliveries = |b: &str| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(x, _)| x == b)
+            .map(|(_, n)| n.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(deliveries("poison"), ["1", "2", "3"]);
+    assert_eq!(deliveries("fine"), ["1"]);
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    let name = p.replace('.', "-");
+    for (outcome, n) in [("acked", 2), ("retried", 4), ("dead_lettered", 1)] {
+        let line = format!(
+            "gatehouse_consumer_deliveries_total{{consumer=\"{name}\",outcome=\"{outcome}\"}} {n}"
+        );
+        assert!(m.contains(&line), "{line}\n{m}");
+    }
+    js.delete_stream(p.replace('.', "_").to_uppercase())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_during_a_delivery_finishes_and_acks_it() {
+    let (p, js, up, seen) = consumer_setup("term").await;
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\n{}",
+        consumer_config(&p, &up, "")
+    );
+    let dir = write_config(&cfg, &[("x.toml", "[frontend]\nname = \"x\"\n")]);
+    let mut gw = GatewayProcess::spawn(&dir.path().join("gateway.toml"));
+    js.publish(format!("{p}.placed"), "slow".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually(20, "the delivery started", || async {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    gw.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || gw.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // The delivery finished before the exit and was acked: nothing pending, nothing to redeliver.
+    let stream = js
+        .get_stream(p.replace('.', "_").to_uppercase())
+        .await
+        .unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer(&p.replace('.', "-")).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0), "{info:?}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    js.delete_stream(p.replace('.', "_").to_uppercase())
+        .await
+        .unwrap();
+}

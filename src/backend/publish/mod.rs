@@ -6,7 +6,9 @@
 //! a NATS request-reply within the route's deadline. A broker that is away, or no confirmation
 //! in time, is 503: a 202 is never given for a message that may be lost.
 
+mod bridges;
 mod broker;
+mod consumer;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,7 +27,9 @@ use crate::config::{PublishConfig, ReplyMode};
 use crate::context::Exchange;
 use crate::error::{BoxError, GatewayError, Problem};
 
+pub(crate) use bridges::build_consumers;
 pub(crate) use broker::{build_brokers, Broker};
+pub(crate) use consumer::Consumer;
 
 #[derive(Clone)]
 pub(crate) struct Publish(Arc<Plan>);
@@ -70,13 +74,7 @@ pub(crate) fn build(
         ));
     }
     let subject = cfg.subject.get_ref();
-    let valid = !subject.is_empty()
-        && subject.split('.').all(|t| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if !valid {
+    if !valid_subject(subject) {
         return Err((
             cfg.subject.span(),
             PublishConfigError::Subject(subject.clone()),
@@ -101,6 +99,16 @@ pub(crate) fn build(
             .is_some_and(|r| *r.get_ref() == ReplyMode::Sync),
         deadline,
     }))))
+}
+
+/// A NATS subject without wildcards: tokens of letters, digits, `-` and `_`, separated by `.`.
+pub(crate) fn valid_subject(subject: &str) -> bool {
+    !subject.is_empty()
+        && subject.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError>> + Send>>;

@@ -1,0 +1,299 @@
+//! `[[consumer]]`: a broker → HTTP bridge. A durable JetStream pull consumer on the stream that
+//! stores `subject`; each message is delivered as `POST path` to a service through its `Proxy`
+//! (discovery, balancing, retries, breaker, bulkhead apply), at most `max_in_flight` at once.
+//! A 2xx acks it; anything else naks it with backoff, and its `max_attempts`-th failure sends
+//! it to `dead_letter` (then acks it). Nothing is acked before its 2xx, so a gateway that dies
+//! mid-delivery loses nothing: JetStream redelivers after `ack_wait`.
+//!
+//! A bridge is a resource: kept across reloads while its config is equal. When it is dropped
+//! (its config changed or it was removed) or the gateway stops, it stops fetching, finishes
+//! the deliveries in flight (acking or nakking each) and ends (`drain`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Uri};
+use http_body_util::BodyExt;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+use super::broker::Broker;
+use crate::backend::proxy::Proxy;
+use crate::body::req_full;
+use crate::context::{Client, Exchange, Params, Parts, RouteInfo};
+
+/// A compiled `[[consumer]]`.
+pub(crate) struct Settings {
+    pub(crate) name: String,
+    pub(crate) subject: String,
+    pub(crate) path: Uri,
+    pub(crate) max_attempts: u32,
+    pub(crate) dead_letter: Option<String>,
+    pub(crate) max_in_flight: usize,
+    pub(crate) backoff: Duration,
+    pub(crate) max_backoff: Duration,
+    pub(crate) timeout: Duration,
+}
+
+/// A running bridge.
+pub(crate) struct Consumer {
+    stop: watch::Sender<bool>,
+    done: watch::Receiver<bool>,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // The task drains and ends by itself (not aborted: deliveries in flight finish).
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Consumer {
+    pub(crate) fn start(
+        settings: Settings,
+        broker: Arc<Broker>,
+        proxy: Proxy,
+        outcomes: prometheus::IntCounterVec,
+    ) -> Option<Consumer> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let (stop, stop_rx) = watch::channel(false);
+        let (done_tx, done) = watch::channel(false);
+        let bridge = Arc::new(Bridge {
+            s: settings,
+            broker,
+            proxy,
+            outcomes,
+        });
+        handle.spawn(async move {
+            bridge.run(stop_rx).await;
+            let _ = done_tx.send(true);
+        });
+        Some(Consumer { stop, done })
+    }
+
+    /// Stops fetching and waits (at most `grace`) for the deliveries in flight.
+    pub(crate) async fn drain(&self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let mut done = self.done.clone();
+        let _ = tokio::time::timeout(grace, done.wait_for(|d| *d)).await;
+    }
+}
+
+struct Bridge {
+    s: Settings,
+    broker: Arc<Broker>,
+    proxy: Proxy,
+    outcomes: prometheus::IntCounterVec,
+}
+
+impl Bridge {
+    fn count(&self, outcome: &str) {
+        self.outcomes
+            .with_label_values(&[self.s.name.as_str(), outcome])
+            .inc();
+    }
+
+    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut inflight = JoinSet::new();
+        let permits = Arc::new(Semaphore::new(self.s.max_in_flight));
+        let mut retry = Duration::from_millis(200);
+        'setup: while !*stop.borrow() {
+            let messages = match self.setup().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.s.name, error = %e, "consumer not ready; trying again");
+                    tokio::select! {
+                        _ = stop.changed() => break 'setup,
+                        () = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            retry = Duration::from_millis(200);
+            tokio::pin!(messages);
+            loop {
+                // A slot first, then a message: never more in flight than allowed.
+                let permit = tokio::select! {
+                    _ = stop.changed() => break 'setup,
+                    p = permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break 'setup,
+                    },
+                };
+                let next = tokio::select! {
+                    _ = stop.changed() => break 'setup,
+                    m = messages.next() => m,
+                };
+                match next {
+                    Some(Ok(msg)) => {
+                        let me = self.clone();
+                        inflight.spawn(async move {
+                            me.deliver(msg).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(consumer = %self.s.name, error = %e, "consumer stream failed; setting up again");
+                        continue 'setup;
+                    }
+                    None => continue 'setup,
+                }
+                // Reap finished deliveries as we go.
+                while inflight.try_join_next().is_some() {}
+            }
+        }
+        while inflight.join_next().await.is_some() {}
+    }
+
+    async fn setup(
+        &self,
+    ) -> Result<async_nats::jetstream::consumer::pull::Stream, async_nats::Error> {
+        use async_nats::jetstream::consumer::{pull, AckPolicy};
+        let js = &self.broker.jetstream;
+        let stream_name = js.stream_by_subject(self.s.subject.clone()).await?;
+        let stream = js.get_stream(stream_name).await?;
+        let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(
+                &self.s.name,
+                pull::Config {
+                    durable_name: Some(self.s.name.clone()),
+                    filter_subject: self.s.subject.clone(),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.s.timeout + Duration::from_secs(5),
+                    max_ack_pending: i64::try_from(self.s.max_in_flight).unwrap_or(1000),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(consumer
+            .stream()
+            .max_messages_per_batch(self.s.max_in_flight)
+            .messages()
+            .await?)
+    }
+
+    async fn deliver(&self, msg: async_nats::jetstream::Message) {
+        let delivered = msg
+            .info()
+            .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
+            .unwrap_or(1);
+        let status = self.send(&msg, delivered).await;
+        let ok = status.is_some_and(|s| (200..300).contains(&s));
+        if ok {
+            if msg.ack().await.is_ok() {
+                self.count("acked");
+            }
+            return;
+        }
+        if delivered >= self.s.max_attempts {
+            // The last attempt: to the dead letter subject (if any), then off the stream.
+            if let Some(dl) = &self.s.dead_letter {
+                let mut h = msg.headers.clone().unwrap_or_default();
+                h.insert("Gatehouse-Original-Subject", msg.subject.as_str());
+                h.insert(
+                    "Gatehouse-Last-Status",
+                    status.map_or("none".to_owned(), |s| s.to_string()).as_str(),
+                );
+                let published = self
+                    .broker
+                    .client
+                    .publish_with_headers(dl.clone(), h, msg.payload.clone())
+                    .await
+                    .is_ok()
+                    && self.broker.client.flush().await.is_ok();
+                if !published {
+                    // Not on the dead letter subject yet: let JetStream deliver it again.
+                    let _ = msg
+                        .ack_with(async_nats::jetstream::AckKind::Nak(Some(
+                            self.s.max_backoff,
+                        )))
+                        .await;
+                    self.count("retried");
+                    return;
+                }
+            }
+            let _ = msg.ack_with(async_nats::jetstream::AckKind::Term).await;
+            self.count("dead_lettered");
+            return;
+        }
+        let exp = self
+            .s
+            .backoff
+            .saturating_mul(1u32 << delivered.saturating_sub(1).min(16));
+        let delay = exp.min(self.s.max_backoff);
+        let _ = msg
+            .ack_with(async_nats::jetstream::AckKind::Nak(Some(delay)))
+            .await;
+        self.count("retried");
+    }
+
+    /// One delivery as an HTTP request; the service's status, `None` when there was none.
+    async fn send(&self, msg: &async_nats::jetstream::Message, delivered: u32) -> Option<u16> {
+        let mut req = Request::new(req_full(Bytes::clone(&msg.payload)));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = self.s.path.clone();
+        let h = req.headers_mut();
+        let get = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|m| m.get(name))
+                .and_then(|v| HeaderValue::from_str(v.as_str()).ok())
+        };
+        let request_id = get("x-request-id")
+            .filter(crate::observe::trace::valid_request_id)
+            .unwrap_or_else(crate::observe::trace::new_request_id);
+        if let Some(ct) = get("Content-Type") {
+            h.insert(header::CONTENT_TYPE, ct);
+        }
+        if let Some(tp) = get("traceparent") {
+            h.insert(HeaderName::from_static("traceparent"), tp);
+        }
+        if let Ok(v) = HeaderValue::from_str(msg.subject.as_str()) {
+            h.insert(HeaderName::from_static("gatehouse-subject"), v);
+        }
+        h.insert(
+            HeaderName::from_static("gatehouse-delivery"),
+            HeaderValue::from(delivered),
+        );
+        req.extensions_mut().insert(self.exchange(request_id));
+        let call = async {
+            let resp = self.proxy.clone().oneshot(req).await.ok()?;
+            let status = resp.status().as_u16();
+            // Read to the end, so that the connection is reused.
+            let _ = resp.into_body().collect().await;
+            Some(status)
+        };
+        tokio::time::timeout(self.s.timeout, call)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The context of a delivery: the bridge is its "client".
+    fn exchange(&self, request_id: HeaderValue) -> Exchange {
+        Exchange::new(Parts {
+            route: Arc::new(RouteInfo {
+                id: format!("consumer/{}", self.s.name).into_boxed_str(),
+                params: Box::default(),
+            }),
+            uri: self.s.path.clone(),
+            normalized: None,
+            params: Params::default(),
+            host: None,
+            request_id,
+            client: Client {
+                peer: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                peer_ip: HeaderValue::from_static("127.0.0.1"),
+                tls: false,
+                trusted: true,
+            },
+            started: std::time::Instant::now(),
+            wants_upstream: false,
+        })
+    }
+}
