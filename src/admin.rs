@@ -96,17 +96,22 @@ async fn readyz(State(live): State<Arc<Live>>) -> Response {
         .collect();
     if missing.is_empty() && brokers.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
-    } else if missing.is_empty() {
-        let msg = format!(
-            "not ready: required broker(s) not connected: {}\n",
-            brokers.join(", ")
-        );
-        (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     } else {
-        let msg = format!(
-            "not ready: no available endpoint for required service(s): {}\n",
-            missing.join(", ")
-        );
+        let mut msg = String::from("not ready:");
+        if !missing.is_empty() {
+            msg.push_str(&format!(
+                " no available endpoint for required service(s): {};",
+                missing.join(", ")
+            ));
+        }
+        if !brokers.is_empty() {
+            msg.push_str(&format!(
+                " required broker(s) not connected: {};",
+                brokers.join(", ")
+            ));
+        }
+        msg.pop();
+        msg.push('\n');
         (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     }
 }

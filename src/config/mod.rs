@@ -33,7 +33,7 @@ pub(crate) use source::SourceFile;
 pub use source::{ConfigError, ConfigErrors};
 #[cfg(test)]
 pub(crate) use units::{Duration, Size};
-pub(crate) use view::ConfigView;
+pub(crate) use view::{mask_userinfo, ConfigView};
 
 /// Everything one load read from disk: gateway.toml and the route files, with their text so that
 /// later checks can point into them.

@@ -95,8 +95,15 @@ fn redact(v: &mut Value) {
 }
 
 /// `scheme://user:password@host…` with the password masked (a URL's credentials come in
-/// through `${VAR}` like any secret).
-fn mask_userinfo(url: &str) -> String {
+/// through `${VAR}` like any secret); each of a comma-separated list of URLs (a NATS cluster).
+pub(crate) fn mask_userinfo(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(mask_one).collect::<Vec<_>>().join(",");
+    }
+    mask_one(url)
+}
+
+fn mask_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -117,6 +124,14 @@ fn mask_userinfo(url: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_url_of_a_list_is_masked() {
+        assert_eq!(
+            mask_userinfo("nats://gw:pw1@a:4222,nats://gw:pw2@b:4222"),
+            "nats://gw:[redacted]@a:4222,nats://gw:[redacted]@b:4222"
+        );
+    }
 
     #[test]
     fn redacts_secret_keys() {

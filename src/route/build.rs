@@ -202,6 +202,7 @@ pub(crate) fn build(
         }
         BackendConfig::Publish(p) => {
             match crate::backend::publish::build(
+                &id,
                 p.get_ref(),
                 cx.brokers,
                 &cx.defined_brokers,

@@ -772,6 +772,23 @@ fn cache_config_mistakes_are_located() {
     }
 }
 
+/// Waits until Redis holds a key matching `pattern` (a gateway writes to the Redis tier in the
+/// background).
+async fn wait_in_redis(conn: &mut redis::aio::MultiplexedConnection, pattern: &str, what: &str) {
+    for _ in 0..100 {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: no key {pattern} in Redis");
+}
+
 /// Two gateways of a fleet share the Redis tier: what one stored, the other serves without
 /// asking the service; purges reach Redis; a gateway whose Redis is unreachable still caches
 /// in memory.
@@ -809,20 +826,7 @@ async fn the_redis_tier_is_shared_by_a_fleet_and_optional_when_down() {
     let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let pattern = format!("gatehouse:cache:*{host}*");
-    let mut landed = false;
-    for _ in 0..100 {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(&pattern)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if !keys.is_empty() {
-            landed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(landed, "gateway a's object reached Redis");
+    wait_in_redis(&mut conn, &pattern, "gateway a's object reached Redis").await;
     let mut from_b = None;
     for _ in 0..50 {
         let r = req("GET", &b.url("/p"), &h).await;
@@ -854,6 +858,7 @@ async fn the_redis_tier_is_shared_by_a_fleet_and_optional_when_down() {
     assert_eq!(r.json()["purged_shared"], 1, "{}", r.text());
     let c = TestGateway::start(&gwt("redis://127.0.0.1:6379"), &[("web.toml", routes)]).await;
     assert_eq!(req("GET", &c.url("/p"), &h).await.text(), "/p 2");
+    wait_in_redis(&mut conn, &pattern, "gateway c's object reached Redis").await;
     // A successful PUT on c invalidates the URL in Redis before it answers: a's next miss
     // (its memory purged above) does not read the old copy back.
     assert_eq!(

@@ -260,18 +260,24 @@ fn demo_serves_the_shipped_config_with_sample_services() {
             .collect();
         assert_eq!(lines.len(), 2, "{}", watch.text());
         assert_eq!(lines[1]["available"], 7);
-        // The broker route the demo prints (NATS at 127.0.0.1:4222, as .ci/run provides).
-        let order = send(
-            http::Request::post(format!("{base}/web/orders/place"))
-                .header("idempotency-key", "demo-test-1")
-                .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                    b"{\"sku\":\"tea-01\"}",
-                )))
-                .unwrap(),
-        )
+        // The broker route the demo prints (NATS at 127.0.0.1:4222, as .ci/run provides; the
+        // connection is made in the background, so the first answers may be 503).
+        let order = || async {
+            send(
+                http::Request::post(format!("{base}/web/orders/place"))
+                    .header("idempotency-key", "demo-test-1")
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                        b"{\"sku\":\"tea-01\"}",
+                    )))
+                    .unwrap(),
+            )
+            .await
+        };
+        eventually(15, "the demo's broker route answers 202", || async {
+            order().await.status == 202
+        })
         .await;
-        assert_eq!(order.status, 202, "{}", order.text());
-        assert_eq!(order.json()["id"], "demo-test-1");
+        assert_eq!(order().await.json()["id"], "demo-test-1");
         // The response cache the demo prints: a stored miss, then a hit with Age.
         let first = get(&format!("{base}/web/products?utm=x")).await;
         assert!(first.header("cache-status").contains("stored"), "{:?}", first.headers);

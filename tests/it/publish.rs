@@ -68,16 +68,13 @@ async fn jetstream_publishes_are_202_after_the_ack_and_deduplicated() {
         })
         .await
         .unwrap();
-    let gw = TestGateway::start(
-        &config(NATS, ""),
-        &[(
-            "cmd.toml",
-            &routes(&format!(
-                "{{ broker = \"events\", subject = \"{p}.place\", jetstream = true }}"
-            )),
-        )],
-    )
-    .await;
+    let two = format!(
+        "{}\n[[route]]\nname = \"place2\"\npath = \"/orders2\"\npublish = {{ broker = \"events\", subject = \"{p}.place\", jetstream = true }}\n",
+        routes(&format!(
+            "{{ broker = \"events\", subject = \"{p}.place\", jetstream = true }}"
+        ))
+    );
+    let gw = TestGateway::start(&config(NATS, ""), &[("cmd.toml", &two)]).await;
     ready(&gw).await;
     let r = post(
         &gw.url("/orders"),
@@ -105,21 +102,39 @@ async fn jetstream_publishes_are_202_after_the_ack_and_deduplicated() {
     // What was stored: the body and the headers.
     let m = stream.get_raw_message(seq).await.unwrap();
     assert_eq!(&m.payload[..], br#"{"sku":"a"}"#);
+    // NATS header names are case-sensitive: the usual spelling, exactly.
     let h = |name: &str| {
         m.headers
             .iter()
-            .find(|(k, _)| k.to_string().eq_ignore_ascii_case(name))
+            .find(|(k, _)| k.to_string() == name)
             .and_then(|(_, v)| v.first().map(|v| v.to_string()))
     };
-    assert_eq!(h("Nats-Msg-Id").as_deref(), Some("order-1"));
+    // The dedup id is the key scoped to the route and the client: not the bare key.
+    let msg_id = h("Nats-Msg-Id").unwrap();
+    assert_eq!(msg_id.len(), 64, "{msg_id}");
     assert_eq!(h("Idempotency-Key").as_deref(), Some("order-1"));
     assert_eq!(h("Content-Type").as_deref(), Some("application/json"));
-    assert!(h("x-request-id").is_some());
+    assert!(h("X-Request-Id").is_some());
+    assert_eq!(h("X-Forwarded-For").as_deref(), Some("127.0.0.1"));
     assert!(h("traceparent").is_some_and(|t| t.starts_with("00-")));
     // Without a key the request id is the message id.
     let r = post(&gw.url("/orders"), &[], "{}").await;
     assert_eq!(r.status, 202);
     assert_eq!(r.json()["id"], r.header("x-request-id"));
+    // The same key on another route is another message.
+    let r = post(&gw.url("/orders2"), &[("idempotency-key", "order-1")], "{}").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["duplicate"], false);
+    // Larger than the broker takes (1 MiB by default): refused before it reaches the broker
+    // (which would close the connection every publish shares).
+    let big = "x".repeat(2 << 20);
+    assert_problem(
+        &post(&gw.url("/orders"), &[], &big).await,
+        413,
+        "message_too_large",
+    );
+    let r = post(&gw.url("/orders"), &[], "{}").await;
+    assert_eq!(r.status, 202, "the connection is still up: {}", r.text());
     // A bad key is the client's mistake.
     let r = post(&gw.url("/orders"), &[("idempotency-key", "a b")], "{}").await;
     assert_problem(&r, 400, "invalid_idempotency_key");
@@ -137,8 +152,8 @@ async fn jetstream_publishes_are_202_after_the_ack_and_deduplicated() {
     ready(&gw2).await;
     assert_problem(
         &post(&gw2.url("/orders"), &[], "{}").await,
-        503,
-        "broker_unavailable",
+        502,
+        "publish_rejected",
     );
     let m = get(&gw.admin_url("/metrics")).await.text();
     assert!(
@@ -183,7 +198,7 @@ async fn core_publish_and_request_reply() {
         .unwrap();
     assert_eq!(&m.payload[..], b"{\"n\":1}");
     assert_eq!(
-        m.headers.unwrap().get("x-request-id").unwrap().as_str(),
+        m.headers.unwrap().get("X-Request-Id").unwrap().as_str(),
         r.header("x-request-id")
     );
     let r = post(&gw.url("/ask"), &[], "7").await;
@@ -335,6 +350,19 @@ fn publish_mistakes_are_located() {
         &routes("{ broker = \"events\", subject = \"a.b\", reply = \"async\" }"),
     );
     assert!(e.contains("reply = \"async\" is not built yet"), "{e}");
+    let e = compile_errors(
+        &gw,
+        "cmd.toml",
+        &routes("{ broker = \"events\", subject = \"a.b\", reply = \"sync\", jetstream = true }"),
+    );
+    assert!(
+        e.contains("cannot be combined with jetstream = true"),
+        "{e}"
+    );
+    // Credentials never shown in errors.
+    let gw = config("nats://gw:s3cret@127.0.0.1:4222,amqp://u:s3cret@h:5672", "");
+    let e = compile_errors(&gw, "cmd.toml", "[frontend]\nname = \"f\"\n");
+    assert!(e.contains("only nats://") && !e.contains("s3cret"), "{e}");
 }
 
 /// A stream for a consumer test, and a service that answers deliveries: `flaky` fails its first

@@ -43,23 +43,27 @@ pub(crate) enum BrokerConfigError {
     Scheme(String, String),
     #[error("broker `{0}`: url `{1}` is not a nats://HOST:PORT address")]
     Url(String, String),
+    #[error("broker `{0}`: brokers are connected only by a running gateway (no async runtime)")]
+    NoRuntime(String),
 }
 
 fn check(name: &str, url: &str) -> Result<(), BrokerConfigError> {
     for one in url.split(',') {
         let one = one.trim();
+        // Errors show the URL without its password.
+        let shown = crate::config::mask_userinfo(one);
         let Some(rest) = one.strip_prefix("nats://") else {
             if one.contains("://") {
-                return Err(BrokerConfigError::Scheme(name.into(), one.into()));
+                return Err(BrokerConfigError::Scheme(name.into(), shown));
             }
-            return Err(BrokerConfigError::Url(name.into(), one.into()));
+            return Err(BrokerConfigError::Url(name.into(), shown));
         };
         let host_port = rest.rsplit('@').next().unwrap_or(rest);
         let valid = host_port
             .rsplit_once(':')
             .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
         if !valid {
-            return Err(BrokerConfigError::Url(name.into(), one.into()));
+            return Err(BrokerConfigError::Url(name.into(), shown));
         }
     }
     Ok(())
@@ -82,8 +86,10 @@ pub(crate) fn build_brokers(
             errors.push(gfile.error_at(c.url.span(), e));
             continue;
         }
-        // A connection needs a runtime; `gatehouse check` has one too.
+        // A connection needs a runtime (`run` and `check` have one; a library caller may not):
+        // said, never a route silently missing.
         if tokio::runtime::Handle::try_current().is_err() {
+            errors.push(gfile.error_at(c.url.span(), BrokerConfigError::NoRuntime(name.clone())));
             continue;
         }
         match resources.reuse_or_build(previous, name, c, |_| connect(name, c, metrics)) {
@@ -106,10 +112,12 @@ fn connect(name: &str, c: &BrokerConfig, metrics: &Metrics) -> Result<Broker, St
         .max_reconnects(None);
     let mut urls = Vec::new();
     for u in c.url.get_ref().split(',') {
-        let addr: async_nats::ServerAddr = u
-            .trim()
-            .parse()
-            .map_err(|e| format!("broker `{name}`: url `{}`: {e}", u.trim()))?;
+        let addr: async_nats::ServerAddr = u.trim().parse().map_err(|e| {
+            format!(
+                "broker `{name}`: url `{}`: {e}",
+                crate::config::mask_userinfo(u.trim())
+            )
+        })?;
         urls.push(addr);
     }
     // With `retry_on_initial_connect` the client is made at once (the connection follows in a

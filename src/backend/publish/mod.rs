@@ -1,8 +1,9 @@
 //! `publish = { broker, subject, jetstream, reply }`: a client's command handed to a message
 //! broker (NATS), answered 202 only once the broker confirmed it — a JetStream stream stored
-//! it (`PubAck`), or, on core NATS, the server took it (a flush round trip). The message id is
-//! the client's `Idempotency-Key` (else the request id), sent as `Nats-Msg-Id`, so a client's
-//! retry within the stream's duplicate window is stored once. `reply = "sync"` makes the route
+//! it (`PubAck`); on core NATS (which stores and confirms nothing) once it was flushed to the
+//! connection it was queued on. The dedup id (`Nats-Msg-Id`) is the client's
+//! `Idempotency-Key` scoped to the route and the client's identity (else the request id), so
+//! a client's retry within the stream's duplicate window is stored once. `reply = "sync"` makes the route
 //! a NATS request-reply within the route's deadline. A broker that is away, or no confirmation
 //! in time, is 503: a 202 is never given for a message that may be lost.
 
@@ -35,6 +36,8 @@ pub(crate) use consumer::Consumer;
 pub(crate) struct Publish(Arc<Plan>);
 
 struct Plan {
+    /// `frontend/route`: scopes the message id of an `Idempotency-Key`.
+    route: Arc<str>,
     broker: Arc<Broker>,
     subject: async_nats::Subject,
     jetstream: bool,
@@ -52,10 +55,15 @@ pub(crate) enum PublishConfigError {
     Subject(String),
     #[error("reply = \"async\" is not built yet; use \"none\" or \"sync\"")]
     Async,
+    #[error(
+        "reply = \"sync\" is a NATS request-reply and cannot be combined with jetstream = true"
+    )]
+    SyncJetStream,
 }
 
 /// Builds a route's `publish` backend; `brokers` are the `[brokers.*]` that connected.
 pub(crate) fn build(
+    route: &str,
     cfg: &PublishConfig,
     brokers: &std::collections::BTreeMap<String, Arc<Broker>>,
     defined: &[&str],
@@ -84,12 +92,16 @@ pub(crate) fn build(
         if *r.get_ref() == ReplyMode::Async {
             return Err((r.span(), PublishConfigError::Async));
         }
+        if *r.get_ref() == ReplyMode::Sync && cfg.jetstream {
+            return Err((r.span(), PublishConfigError::SyncJetStream));
+        }
     }
-    // A defined broker that did not connect has its own error (or `check` has no runtime).
+    // A defined broker that was not built has its own error.
     let Some(broker) = brokers.get(name) else {
         return Ok(None);
     };
     Ok(Some(Publish(Arc::new(Plan {
+        route: route.into(),
         broker: broker.clone(),
         subject: async_nats::Subject::from(subject.as_str()),
         jetstream: cfg.jetstream,
@@ -163,11 +175,29 @@ impl Plan {
         let key = idempotency_key(req.headers())?;
         let (parts, body) = req.into_parts();
         let body = body.collect().await?.to_bytes();
+        let b = &self.broker;
+        // Over the server's limit a message would make it close the connection every publish
+        // shares: refused here instead.
+        let max = b.client.server_info().max_payload;
+        if max > 0 && body.len() > max.saturating_sub(4096) {
+            return Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "message_too_large",
+                "The message is larger than the broker takes",
+            )
+            .member("max_message_size", max.saturating_sub(4096))
+            .into());
+        }
+        // The id the client sees: its key, or the request id. The broker's dedup id is the key
+        // scoped to this route and the client's identity, so two clients' keys never collide.
         let id = key
             .clone()
             .unwrap_or_else(|| String::from_utf8_lossy(x.request_id().as_bytes()).into_owned());
+        let msg_id = match &key {
+            Some(k) => scoped_id(&self.route, &x, k),
+            None => id.clone(),
+        };
         let headers = message_headers(&parts.headers, &x, &id, key.is_some());
-        let b = &self.broker;
         if !b.connected() {
             b.count("unavailable");
             return Err(unavailable("the broker is not connected"));
@@ -176,7 +206,7 @@ impl Plan {
             return self.request(headers, body, &x).await;
         }
         let confirmed = if self.jetstream {
-            self.jetstream(headers, body, &id).await?
+            self.jetstream(headers, body, &msg_id).await?
         } else {
             self.core(headers, body).await?;
             serde_json::Map::new()
@@ -221,7 +251,16 @@ impl Plan {
             Ok(Err(e)) => {
                 use async_nats::jetstream::context::PublishErrorKind as K;
                 let detail = match e.kind() {
-                    K::StreamNotFound => "no stream stores this subject",
+                    K::StreamNotFound => {
+                        // A setup mistake, not a passing failure: no Retry-After.
+                        b.count("rejected");
+                        return Err(Problem::new(
+                            StatusCode::BAD_GATEWAY,
+                            "publish_rejected",
+                            "No stream of the broker stores this subject",
+                        )
+                        .into());
+                    }
                     K::TimedOut => "no confirmation in time",
                     _ => "the broker refused the message",
                 };
@@ -245,15 +284,24 @@ impl Plan {
         Ok(m)
     }
 
-    /// Core NATS: taken by the server (the flush's round trip returned).
+    /// Core NATS: written to the server's connection (flushed), on the same connection it was
+    /// queued on — a reconnect in between may have lost it, and then it is 503. Core NATS keeps
+    /// nothing: at most once; JetStream is for messages that must not be lost.
     async fn core(&self, headers: async_nats::HeaderMap, body: Bytes) -> Result<(), BoxError> {
+        use std::sync::atomic::Ordering;
         let b = &self.broker;
+        let stats = b.client.statistics();
+        let connects = stats.connects.load(Ordering::Relaxed);
         let send = async {
             b.client
                 .publish_with_headers(self.subject.clone(), headers, body)
                 .await
                 .map_err(|_| ())?;
-            b.client.flush().await.map_err(|_| ())
+            b.client.flush().await.map_err(|_| ())?;
+            if stats.connects.load(Ordering::Relaxed) != connects {
+                return Err(());
+            }
+            Ok(())
         };
         match tokio::time::timeout(b.publish_timeout, send).await {
             Ok(Ok(())) => {
@@ -341,25 +389,40 @@ fn message_headers(
     from_client: bool,
 ) -> async_nats::HeaderMap {
     let mut out = async_nats::HeaderMap::new();
+    // The request's own forwarding headers (a trusted proxy's are extended, others replaced).
     let mut fwd = HeaderMap::new();
-    if let Some(tp) = h.get("traceparent") {
-        fwd.insert("traceparent", tp.clone());
+    for name in [
+        "traceparent",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ] {
+        if let Some(v) = h.get(name) {
+            fwd.insert(name, v.clone());
+        }
     }
     super::forward::forwarding_headers(&mut fwd, x);
-    for (k, v) in &fwd {
-        if let Ok(v) = v.to_str() {
-            out.insert(k.as_str(), v);
+    // NATS header names are case-sensitive: written in their usual spelling.
+    for (name, spelled) in [
+        ("x-request-id", "X-Request-Id"),
+        ("x-forwarded-for", "X-Forwarded-For"),
+        ("x-forwarded-proto", "X-Forwarded-Proto"),
+        ("x-forwarded-host", "X-Forwarded-Host"),
+        ("traceparent", "traceparent"),
+    ] {
+        if let Some(v) = fwd.get(name).and_then(|v| v.to_str().ok()) {
+            insert(&mut out, spelled, v);
         }
     }
     if let Some(ct) = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        out.insert("Content-Type", ct);
+        insert(&mut out, "Content-Type", ct);
     }
     if from_client {
-        out.insert("Idempotency-Key", id);
+        insert(&mut out, "Idempotency-Key", id);
     }
     if let Some(identity) = x.identity() {
         if let Some(c) = &identity.consumer {
-            out.insert("Gatehouse-Consumer", &**c);
+            insert(&mut out, "Gatehouse-Consumer", c);
         }
         if let Some(sub) = identity
             .claims
@@ -368,8 +431,45 @@ fn message_headers(
             .and_then(|s| s.as_str())
             .filter(|s| s.bytes().all(|b| b.is_ascii_graphic()))
         {
-            out.insert("Gatehouse-Subject", sub);
+            insert(&mut out, "Gatehouse-Subject", sub);
         }
     }
     out
+}
+
+/// Sets a message header whose value is visible ASCII or spaces only: nothing from a client
+/// can end a header line early and add one of its own (`Nats-Expected-*`, `Nats-Rollup`).
+fn insert(out: &mut async_nats::HeaderMap, name: &'static str, value: &str) {
+    if value
+        .bytes()
+        .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+    {
+        out.insert(name, value);
+    }
+}
+
+/// The broker's dedup id for a client's `Idempotency-Key`: the key scoped to the route and the
+/// client's identity (its API-key consumer or JWT subject; else its address), hashed.
+fn scoped_id(route: &str, x: &Exchange, key: &str) -> String {
+    let who = x
+        .identity()
+        .and_then(|i| {
+            i.consumer.as_deref().map(str::to_owned).or_else(|| {
+                i.claims
+                    .as_ref()
+                    .and_then(|c| c.get("sub"))
+                    .and_then(|s| s.as_str())
+                    .map(str::to_owned)
+            })
+        })
+        .unwrap_or_else(|| String::from_utf8_lossy(x.client().peer_ip.as_bytes()).into_owned());
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [route, "\n", &who, "\n", key] {
+        ctx.update(part.as_bytes());
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
