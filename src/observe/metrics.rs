@@ -49,6 +49,9 @@ pub struct Metrics {
     pub(crate) broker_publishes_total: IntCounterVec,
     /// Messages of `[[consumer]]` bridges by consumer and outcome.
     pub(crate) consumer_deliveries_total: IntCounterVec,
+    /// Messages of a `[[consumer]]`'s subject not yet delivered (its lag), as JetStream last
+    /// reported it with a delivery.
+    pub(crate) consumer_pending: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -231,6 +234,14 @@ impl Metrics {
             &["consumer", "outcome"],
         )
         .expect("valid metric");
+        let consumer_pending = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_consumer_pending",
+                "Messages a [[consumer]] bridge has not been delivered yet (its lag), as of its last delivery",
+            ),
+            &["consumer"],
+        )
+        .expect("valid metric");
         let cache_total = IntCounterVec::new(
             Opts::new(
                 "gatehouse_cache_total",
@@ -257,6 +268,7 @@ impl Metrics {
             Box::new(cache_total.clone()),
             Box::new(broker_publishes_total.clone()),
             Box::new(consumer_deliveries_total.clone()),
+            Box::new(consumer_pending.clone()),
             Box::new(cache_evictions.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(cache_objects.clone()),
@@ -300,6 +312,7 @@ impl Metrics {
             cache_total,
             broker_publishes_total,
             consumer_deliveries_total,
+            consumer_pending,
             cache_evictions,
             cache_bytes,
             cache_objects,

@@ -518,3 +518,61 @@ async fn sigterm_during_a_delivery_finishes_and_acks_it() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_reload_that_removes_a_consumer_lets_its_delivery_finish() {
+    let (p, js, up, seen) = consumer_setup("drain").await;
+    let gw = TestGateway::start(
+        &gateway_toml("", &consumer_config(&p, &up, "")),
+        &[("x.toml", "[frontend]\nname = \"x\"\n")],
+    )
+    .await;
+    js.publish(format!("{p}.placed"), "slow".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually(20, "the delivery started", || async {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    let m = get(&gw.admin_url("/metrics")).await.text();
+    let name = p.replace('.', "-");
+    assert!(
+        m.contains(&format!(
+            "gatehouse_consumer_pending{{consumer=\"{name}\"}} 0"
+        )),
+        "{m}"
+    );
+    // The consumer is gone from the config: it stops fetching, its delivery finishes.
+    std::fs::write(
+        gw.dir.path().join("gateway.toml"),
+        gateway_toml(
+            "",
+            &format!(
+                "[brokers.events]\nurl = \"{NATS}\"\n\n[services.notify]\nendpoints = [\"{}\"]\n",
+                up.url()
+            ),
+        ),
+    )
+    .unwrap();
+    assert_eq!(admin_reload(&gw).await.status, 200);
+    let stream = js
+        .get_stream(p.replace('.', "_").to_uppercase())
+        .await
+        .unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer = stream.get_consumer(&name).await.unwrap();
+    let mut info = consumer.info().await.unwrap().clone();
+    for _ in 0..100 {
+        if info.num_ack_pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        info = consumer.info().await.unwrap().clone();
+    }
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0), "{info:?}");
+    assert_eq!(seen.lock().unwrap().len(), 1, "delivered once, not again");
+    js.delete_stream(p.replace('.', "_").to_uppercase())
+        .await
+        .unwrap();
+}

@@ -148,6 +148,7 @@ pub(crate) fn build_consumers(
                 broker.clone(),
                 proxy,
                 metrics.consumer_deliveries_total.clone(),
+                metrics.consumer_pending.with_label_values(&[name.as_str()]),
             )
             .ok_or(())
         });

@@ -58,6 +58,7 @@ impl Consumer {
         broker: Arc<Broker>,
         proxy: Proxy,
         outcomes: prometheus::IntCounterVec,
+        pending: prometheus::IntGauge,
     ) -> Option<Consumer> {
         let handle = tokio::runtime::Handle::try_current().ok()?;
         let (stop, stop_rx) = watch::channel(false);
@@ -67,6 +68,7 @@ impl Consumer {
             broker,
             proxy,
             outcomes,
+            pending,
         });
         handle.spawn(async move {
             bridge.run(stop_rx).await;
@@ -88,6 +90,7 @@ struct Bridge {
     broker: Arc<Broker>,
     proxy: Proxy,
     outcomes: prometheus::IntCounterVec,
+    pending: prometheus::IntGauge,
 }
 
 impl Bridge {
@@ -178,10 +181,15 @@ impl Bridge {
     }
 
     async fn deliver(&self, msg: async_nats::jetstream::Message) {
-        let delivered = msg
-            .info()
-            .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
-            .unwrap_or(1);
+        let (delivered, pending) = msg.info().map_or((1, None), |i| {
+            (
+                u32::try_from(i.delivered).unwrap_or(u32::MAX),
+                Some(i.pending),
+            )
+        });
+        if let Some(p) = pending {
+            self.pending.set(i64::try_from(p).unwrap_or(i64::MAX));
+        }
         let status = self.send(&msg, delivered).await;
         let ok = status.is_some_and(|s| (200..300).contains(&s));
         if ok {
