@@ -10,6 +10,7 @@
 mod admin;
 mod backend;
 mod body;
+mod bridge;
 pub mod config;
 mod conn;
 mod context;

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, StreamBody};
@@ -42,12 +42,7 @@ struct StockLevel {
 type Body = BoxBody<Bytes, Infallible>;
 
 fn framed(msg: &impl Message) -> Bytes {
-    let m = msg.encode_to_vec();
-    let mut out = BytesMut::with_capacity(5 + m.len());
-    out.extend_from_slice(&[0]);
-    out.extend_from_slice(&u32::try_from(m.len()).unwrap_or(0).to_be_bytes());
-    out.extend_from_slice(&m);
-    out.freeze()
+    crate::backend::grpc::frame_message(&msg.encode_to_vec())
 }
 
 fn status(code: u32, message: &'static str) -> HeaderMap {

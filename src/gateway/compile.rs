@@ -51,14 +51,14 @@ pub(crate) fn compile(
         &mut errors,
     );
     let protos = crate::backend::grpc::compile_protos(&loaded, &mut errors);
-    let brokers = crate::backend::publish::build_brokers(
+    let brokers = crate::upstream::broker::build_brokers(
         &loaded,
         previous.map(|p| &p.resources),
         &mut resources,
         metrics,
         &mut errors,
     );
-    let consumers = crate::backend::publish::build_consumers(
+    let consumers = crate::bridge::build_consumers(
         &loaded,
         previous.map(|p| &p.resources),
         &mut resources,

@@ -58,9 +58,9 @@ pub struct Gateway {
     pub(crate) routes: Vec<Route>,
     pub(crate) services: BTreeMap<String, Arc<Upstream>>,
     /// The `[brokers.*]` connections (for `/readyz`).
-    pub(crate) brokers: BTreeMap<String, Arc<crate::backend::publish::Broker>>,
+    pub(crate) brokers: BTreeMap<String, Arc<crate::upstream::broker::Broker>>,
     /// The `[[consumer]]` bridges running (drained on shutdown).
-    pub(crate) consumers: Vec<Arc<crate::backend::publish::Consumer>>,
+    pub(crate) consumers: Vec<Arc<crate::bridge::Consumer>>,
     /// Everything stateful this snapshot uses (services' upstreams, …), reused by the next
     /// snapshot where its definition is unchanged.
     pub(crate) resources: Resources,

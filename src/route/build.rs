@@ -54,7 +54,7 @@ pub(crate) struct BuildContext<'a> {
     pub(crate) protos: Option<prost_reflect::DescriptorPool>,
     /// The `[brokers.*]` connections.
     pub(crate) brokers:
-        &'a std::collections::BTreeMap<String, Arc<crate::backend::publish::Broker>>,
+        &'a std::collections::BTreeMap<String, Arc<crate::upstream::broker::Broker>>,
     /// Every broker gateway.toml defines.
     pub(crate) defined_brokers: Vec<&'a str>,
 }

@@ -7,6 +7,7 @@
 
 pub(crate) mod balance;
 pub(crate) mod breaker;
+pub(crate) mod broker;
 pub(crate) mod bulkhead;
 pub(crate) mod client;
 pub(crate) mod discovery;

@@ -359,6 +359,31 @@ fn publish_mistakes_are_located() {
         e.contains("cannot be combined with jetstream = true"),
         "{e}"
     );
+    // `[[consumer]]` mistakes, each at its key.
+    let gw = config(
+        NATS,
+        "\n[services.s]\nendpoints = [\"http://127.0.0.1:1\"]\n\n[[consumer]]\nbroker = \"nope\"\nsubject = \"a.*\"\nservice = \"gone\"\npath = \"notify\"\nname = \"a b\"\nmax_attempts = 0\n",
+    );
+    let e = compile_errors(&gw, "cmd.toml", "[frontend]\nname = \"f\"\n");
+    for (line, says) in [
+        (":20:", "[[consumer]] unknown broker `nope`"),
+        (":21:", "[[consumer]] `a.*` is not a NATS subject"),
+        (":22:", "[[consumer]] unknown service `gone`"),
+        (
+            ":23:",
+            "[[consumer]] path `notify` must be a path starting with `/`",
+        ),
+        (":24:", "[[consumer]] name `a b` may hold only"),
+        (
+            "",
+            "[[consumer]] max_attempts and max_in_flight must be at least 1",
+        ),
+    ] {
+        assert!(
+            e.lines().any(|l| l.contains(line) && l.contains(says)),
+            "want {line} {says}:\n{e}"
+        );
+    }
     // Credentials never shown in errors.
     let gw = config("nats://gw:s3cret@127.0.0.1:4222,amqp://u:s3cret@h:5672", "");
     let e = compile_errors(&gw, "cmd.toml", "[frontend]\nname = \"f\"\n");

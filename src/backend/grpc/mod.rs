@@ -45,6 +45,7 @@ use crate::context::Exchange;
 use crate::error::{BoxError, GatewayError, Problem};
 
 pub(crate) use build::{build, GrpcFacts};
+pub(crate) use frame::encode as frame_message;
 pub(crate) use fuzz::fuzz_transcode;
 pub(crate) use protos::{compile as compile_protos, proto_dirs};
 

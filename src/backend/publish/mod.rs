@@ -7,10 +7,6 @@
 //! a NATS request-reply within the route's deadline. A broker that is away, or no confirmation
 //! in time, is 503: a 202 is never given for a message that may be lost.
 
-mod bridges;
-mod broker;
-mod consumer;
-
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,9 +24,7 @@ use crate::config::{PublishConfig, ReplyMode};
 use crate::context::Exchange;
 use crate::error::{BoxError, GatewayError, Problem};
 
-pub(crate) use bridges::build_consumers;
-pub(crate) use broker::{build_brokers, Broker};
-pub(crate) use consumer::Consumer;
+use crate::upstream::broker::{valid_subject, Broker, Outcome};
 
 #[derive(Clone)]
 pub(crate) struct Publish(Arc<Plan>);
@@ -113,16 +107,6 @@ pub(crate) fn build(
     }))))
 }
 
-/// A NATS subject without wildcards: tokens of letters, digits, `-` and `_`, separated by `.`.
-pub(crate) fn valid_subject(subject: &str) -> bool {
-    !subject.is_empty()
-        && subject.split('.').all(|t| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-}
-
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError>> + Send>>;
 
 impl tower::Service<Request<ReqBody>> for Publish {
@@ -199,7 +183,7 @@ impl Plan {
         };
         let headers = message_headers(&parts.headers, &x, &id, key.is_some());
         if !b.connected() {
-            b.count("unavailable");
+            b.count(Outcome::Unavailable);
             return Err(unavailable("the broker is not connected"));
         }
         if self.sync {
@@ -253,7 +237,7 @@ impl Plan {
                 let detail = match e.kind() {
                     K::StreamNotFound => {
                         // A setup mistake, not a passing failure: no Retry-After.
-                        b.count("rejected");
+                        b.count(Outcome::Rejected);
                         return Err(Problem::new(
                             StatusCode::BAD_GATEWAY,
                             "publish_rejected",
@@ -264,18 +248,18 @@ impl Plan {
                     K::TimedOut => "no confirmation in time",
                     _ => "the broker refused the message",
                 };
-                b.count("unavailable");
+                b.count(Outcome::Unavailable);
                 return Err(unavailable(detail));
             }
             Err(_) => {
-                b.count("timeout");
+                b.count(Outcome::Timeout);
                 return Err(unavailable("no confirmation in time"));
             }
         };
         b.count(if ack.duplicate {
-            "duplicate"
+            Outcome::Duplicate
         } else {
-            "confirmed"
+            Outcome::Confirmed
         });
         let mut m = serde_json::Map::new();
         m.insert("stream".into(), ack.stream.into());
@@ -305,15 +289,15 @@ impl Plan {
         };
         match tokio::time::timeout(b.publish_timeout, send).await {
             Ok(Ok(())) => {
-                b.count("confirmed");
+                b.count(Outcome::Confirmed);
                 Ok(())
             }
             Ok(Err(())) => {
-                b.count("unavailable");
+                b.count(Outcome::Unavailable);
                 Err(unavailable("the broker refused the message"))
             }
             Err(_) => {
-                b.count("timeout");
+                b.count(Outcome::Timeout);
                 Err(unavailable("no confirmation in time"))
             }
         }
@@ -341,11 +325,11 @@ impl Plan {
                 use async_nats::RequestErrorKind as K;
                 return Err(match e.kind() {
                     K::TimedOut => {
-                        b.count("timeout");
+                        b.count(Outcome::Timeout);
                         GatewayError::UpstreamTimeout.into()
                     }
                     K::NoResponders => {
-                        b.count("no_responders");
+                        b.count(Outcome::NoResponders);
                         Problem::new(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "no_responders",
@@ -355,13 +339,13 @@ impl Plan {
                         .into()
                     }
                     _ => {
-                        b.count("unavailable");
+                        b.count(Outcome::Unavailable);
                         unavailable("the request could not be sent")
                     }
                 });
             }
         };
-        b.count("replied");
+        b.count(Outcome::Replied);
         let mut resp = Response::new(super::full(reply.payload));
         let rh = reply.headers.as_ref();
         let status = rh
@@ -467,9 +451,11 @@ fn scoped_id(route: &str, x: &Exchange, key: &str) -> String {
     for part in [route, "\n", &who, "\n", key] {
         ctx.update(part.as_bytes());
     }
-    ctx.finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for b in ctx.finish().as_ref() {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out
 }

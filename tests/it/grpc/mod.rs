@@ -574,6 +574,31 @@ fn proto_and_route_mistakes_are_located() {
     assert!(e.starts_with(&format!("{}:3:", missing.display())), "{e}");
     assert!(e.contains("nowhere/gone.proto"), "{e}");
 
+    // `[protos]` keys, each at its place in gateway.toml.
+    for (protos, says) in [
+        (
+            "[protos]\nfiles = []\n",
+            "[protos] lists no `files` and no `descriptor_sets`",
+        ),
+        (
+            "[protos]\nfiles = [\"nowhere.proto\"]\n",
+            "nowhere.proto` cannot be read",
+        ),
+        (
+            "[protos]\nfiles = [\"x.proto\"]\ninclude = [\"no-such-dir\"]\n",
+            "[protos] include",
+        ),
+    ] {
+        let e = compile_errors(
+            &gateway_toml("", protos),
+            "r.toml",
+            "[frontend]\nname = \"f\"\n",
+        );
+        assert!(
+            e.contains("gateway.toml:") && e.contains(says),
+            "{says}: {e}"
+        );
+    }
     let svc = "[services.inventory]\nendpoints = [\"http://127.0.0.1:1\"]\nprotocol = \"http2\"\n";
     let dir = protos_dir();
     let good = gateway_toml(

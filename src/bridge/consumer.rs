@@ -21,10 +21,14 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
-use super::broker::Broker;
 use crate::backend::proxy::Proxy;
 use crate::body::req_full;
 use crate::context::{Client, Exchange, Params, Parts, RouteInfo};
+use crate::upstream::broker::Broker;
+
+const ACKED: usize = 0;
+const RETRIED: usize = 1;
+const DEAD_LETTERED: usize = 2;
 
 /// A compiled `[[consumer]]`.
 pub(crate) struct Settings {
@@ -57,17 +61,19 @@ impl Consumer {
         settings: Settings,
         broker: Arc<Broker>,
         proxy: Proxy,
-        outcomes: prometheus::IntCounterVec,
+        outcomes: &prometheus::IntCounterVec,
         pending: prometheus::IntGauge,
     ) -> Option<Consumer> {
         let handle = tokio::runtime::Handle::try_current().ok()?;
+        let settings_name = settings.name.clone();
         let (stop, stop_rx) = watch::channel(false);
         let (done_tx, done) = watch::channel(false);
         let bridge = Arc::new(Bridge {
             s: settings,
             broker,
+            outcomes: ["acked", "retried", "dead_lettered"]
+                .map(|o| outcomes.with_label_values(&[settings_name.as_str(), o])),
             proxy,
-            outcomes,
             pending,
         });
         handle.spawn(async move {
@@ -89,15 +95,14 @@ struct Bridge {
     s: Settings,
     broker: Arc<Broker>,
     proxy: Proxy,
-    outcomes: prometheus::IntCounterVec,
+    /// `gatehouse_consumer_deliveries_total{consumer, outcome}`: acked, retried, dead_lettered.
+    outcomes: [prometheus::IntCounter; 3],
     pending: prometheus::IntGauge,
 }
 
 impl Bridge {
-    fn count(&self, outcome: &str) {
-        self.outcomes
-            .with_label_values(&[self.s.name.as_str(), outcome])
-            .inc();
+    fn count(&self, outcome: usize) {
+        self.outcomes[outcome].inc();
     }
 
     async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
@@ -194,7 +199,7 @@ impl Bridge {
         let ok = status.is_some_and(|s| (200..300).contains(&s));
         if ok {
             if msg.ack().await.is_ok() {
-                self.count("acked");
+                self.count(ACKED);
             }
             return;
         }
@@ -221,12 +226,12 @@ impl Bridge {
                             self.s.max_backoff,
                         )))
                         .await;
-                    self.count("retried");
+                    self.count(RETRIED);
                     return;
                 }
             }
             let _ = msg.ack_with(async_nats::jetstream::AckKind::Term).await;
-            self.count("dead_lettered");
+            self.count(DEAD_LETTERED);
             return;
         }
         let exp = self
@@ -237,7 +242,7 @@ impl Bridge {
         let _ = msg
             .ack_with(async_nats::jetstream::AckKind::Nak(Some(delay)))
             .await;
-        self.count("retried");
+        self.count(RETRIED);
     }
 
     /// One delivery as an HTTP request; the service's status, `None` when there was none.

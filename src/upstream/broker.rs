@@ -1,4 +1,5 @@
-//! `[brokers.NAME]`: one NATS connection per broker, a resource kept across reloads while its
+//! `[brokers.NAME]`: a message broker the gateway talks to, as a service is one it proxies to
+//! (`publish` routes send through it, `[[consumer]]` bridges read from it). One NATS connection per broker, a resource kept across reloads while its
 //! config is equal (so a reload neither drops nor re-opens it). async-nats connects in the
 //! background and reconnects by itself with backoff; a publish while it is away waits at most
 //! `publish_timeout` and then fails (the client gets 503), so nothing is acknowledged that the
@@ -19,8 +20,49 @@ pub(crate) struct Broker {
     pub(crate) jetstream: async_nats::jetstream::Context,
     pub(crate) required: bool,
     pub(crate) publish_timeout: Duration,
-    /// `gatehouse_broker_publishes_total{broker, outcome}`, by outcome.
-    pub(crate) outcomes: prometheus::IntCounterVec,
+    /// `gatehouse_broker_publishes_total{broker, outcome}`, resolved when the broker is built.
+    pub(crate) outcomes: Outcomes,
+}
+
+/// What a publish came to; each a counter of `gatehouse_broker_publishes_total`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    Confirmed,
+    Duplicate,
+    Replied,
+    Unavailable,
+    Timeout,
+    Rejected,
+    NoResponders,
+}
+
+const OUTCOMES: [&str; 7] = [
+    "confirmed",
+    "duplicate",
+    "replied",
+    "unavailable",
+    "timeout",
+    "rejected",
+    "no_responders",
+];
+
+/// The broker's counters, one per `Outcome` (no label lookup per publish).
+pub(crate) struct Outcomes([prometheus::IntCounter; 7]);
+
+impl Outcomes {
+    fn new(family: &prometheus::IntCounterVec, broker: &str) -> Self {
+        Outcomes(OUTCOMES.map(|o| family.with_label_values(&[broker, o])))
+    }
+}
+
+/// A NATS subject without wildcards: tokens of letters, digits, `-` and `_`, separated by `.`.
+pub(crate) fn valid_subject(subject: &str) -> bool {
+    !subject.is_empty()
+        && subject.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 impl Broker {
@@ -29,10 +71,8 @@ impl Broker {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    pub(crate) fn count(&self, outcome: &str) {
-        self.outcomes
-            .with_label_values(&[&*self.name, outcome])
-            .inc();
+    pub(crate) fn count(&self, outcome: Outcome) {
+        self.outcomes.0[outcome as usize].inc();
     }
 }
 
@@ -133,6 +173,6 @@ fn connect(name: &str, c: &BrokerConfig, metrics: &Metrics) -> Result<Broker, St
         jetstream,
         required: c.required,
         publish_timeout: c.publish_timeout.get(),
-        outcomes: metrics.broker_publishes_total.clone(),
+        outcomes: Outcomes::new(&metrics.broker_publishes_total, name),
     })
 }

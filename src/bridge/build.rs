@@ -5,14 +5,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::broker::Broker;
 use super::consumer::{Consumer, Settings};
-use super::valid_subject;
 use crate::backend::proxy::{Proxy, ProxyOptions};
 use crate::backend::target::UpstreamPath;
 use crate::config::{BrokerConfig, ConfigErrors, ConsumerConfig, LoadedConfig, ServiceConfig};
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
+use crate::upstream::broker::{valid_subject, Broker};
 use crate::upstream::Upstream;
 
 /// What a running bridge depends on: rebuilt when any of it changes.
@@ -147,7 +146,7 @@ pub(crate) fn build_consumers(
                 settings,
                 broker.clone(),
                 proxy,
-                metrics.consumer_deliveries_total.clone(),
+                &metrics.consumer_deliveries_total,
                 metrics.consumer_pending.with_label_values(&[name.as_str()]),
             )
             .ok_or(())
