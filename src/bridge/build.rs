@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::consumer::{Consumer, Settings};
+use super::consumer::{Consumer, Settings, Source};
 use crate::backend::proxy::{Proxy, ProxyOptions};
 use crate::backend::target::UpstreamPath;
 use crate::config::{BrokerConfig, ConfigErrors, ConsumerConfig, LoadedConfig, ServiceConfig};
 use crate::observe::metrics::Metrics;
 use crate::resources::Resources;
-use crate::upstream::broker::{valid_subject, Broker};
+use crate::upstream::broker::{valid_subject, Broker, Kind};
 use crate::upstream::Upstream;
 
 /// What a running bridge depends on: rebuilt when any of it changes.
@@ -50,14 +50,58 @@ pub(crate) fn build_consumers(
                 format!("unknown service `{}`", cfg.service.get_ref()),
             );
         }
-        for s in [Some(&cfg.subject), cfg.dead_letter.as_ref()]
+        let kind = broker_cfg.and_then(|b| Kind::of(b.get_ref().url.get_ref()));
+        let source = match (kind, &cfg.subject, &cfg.queue) {
+            (Some(Kind::Nats), Some(s), None) => Some(Source::Subject(s.get_ref().clone())),
+            (Some(Kind::Amqp), None, Some(q)) => Some(Source::Queue(q.get_ref().clone())),
+            (Some(k @ (Kind::Nats | Kind::Amqp)), _, _) => {
+                let want = if k == Kind::Nats {
+                    "`subject`"
+                } else {
+                    "`queue`"
+                };
+                fail(
+                    c.span(),
+                    format!(
+                        "broker `{}` is {}: set {want} (and not the other)",
+                        cfg.broker.get_ref(),
+                        k.name()
+                    ),
+                );
+                None
+            }
+            (Some(Kind::Mqtt), _, _) => {
+                fail(
+                    cfg.broker.span(),
+                    format!("broker `{}` is MQTT: consumers read NATS JetStream subjects or AMQP queues (MQTT has no redelivery with backoff to build on)", cfg.broker.get_ref()),
+                );
+                None
+            }
+            // An unknown broker, or one whose URL is wrong, has its own error.
+            (None, _, _) => None,
+        };
+        for s in [cfg.subject.as_ref(), cfg.dead_letter.as_ref()]
             .into_iter()
             .flatten()
+            .filter(|_| kind == Some(Kind::Nats))
         {
             if !valid_subject(s.get_ref()) {
                 fail(
                     s.span(),
                     format!("`{}` is not a NATS subject (no wildcards)", s.get_ref()),
+                );
+            }
+        }
+        for q in [cfg.queue.as_ref(), cfg.dead_letter.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter(|_| kind == Some(Kind::Amqp))
+        {
+            let n = q.get_ref();
+            if n.is_empty() || n.len() > 255 || !n.bytes().all(|b| b.is_ascii_graphic()) {
+                fail(
+                    q.span(),
+                    format!("`{n}` is not an AMQP queue name (1 to 255 visible ASCII characters)"),
                 );
             }
         }
@@ -82,11 +126,20 @@ pub(crate) fn build_consumers(
         }
         let name = cfg.name.as_ref().map_or_else(
             || {
-                format!(
-                    "gatehouse-{}-{}",
-                    cfg.service.get_ref(),
-                    cfg.subject.get_ref().replace('.', "-")
-                )
+                let from = cfg.subject.as_ref().or(cfg.queue.as_ref());
+                let from: String = from
+                    .map(|f| f.get_ref().as_str())
+                    .unwrap_or_default()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect();
+                format!("gatehouse-{}-{from}", cfg.service.get_ref())
             },
             |n| n.get_ref().clone(),
         );
@@ -107,7 +160,9 @@ pub(crate) fn build_consumers(
         if errors.0.len() != before {
             continue;
         }
-        let (Some(bc), Some(sc), Some(path)) = (broker_cfg, service_cfg, path) else {
+        let (Some(bc), Some(sc), Some(path), Some(source)) =
+            (broker_cfg, service_cfg, path, source)
+        else {
             continue;
         };
         // Built services and brokers only (the others have errors, or `check` has no runtime).
@@ -133,7 +188,7 @@ pub(crate) fn build_consumers(
             );
             let settings = Settings {
                 name: name.clone(),
-                subject: cfg.subject.get_ref().clone(),
+                source,
                 path,
                 max_attempts: cfg.max_attempts,
                 dead_letter: cfg.dead_letter.as_ref().map(|d| d.get_ref().clone()),

@@ -1,9 +1,11 @@
-//! `[[consumer]]`: a broker → HTTP bridge. A durable JetStream pull consumer on the stream that
-//! stores `subject`; each message is delivered as `POST path` to a service through its `Proxy`
-//! (discovery, balancing, retries, breaker, bulkhead apply), at most `max_in_flight` at once.
-//! A 2xx acks it; anything else naks it with backoff, and its `max_attempts`-th failure sends
-//! it to `dead_letter` (then acks it). Nothing is acked before its 2xx, so a gateway that dies
-//! mid-delivery loses nothing: JetStream redelivers after `ack_wait`.
+//! `[[consumer]]`: a broker → HTTP bridge. On NATS, a durable JetStream pull consumer on the
+//! stream that stores `subject`; on AMQP, a consumer of `queue` with a prefetch of
+//! `max_in_flight` (`amqp.rs`). Each message is delivered as `POST path` to a service through
+//! its `Proxy` (discovery, balancing, retries, breaker, bulkhead apply), at most
+//! `max_in_flight` at once. A 2xx acks it; anything else retries it with backoff, and its
+//! `max_attempts`-th failure sends it to `dead_letter` (then acks it). Nothing is acked before
+//! its 2xx (or before its next attempt or its dead letter is confirmed stored), so a gateway
+//! that dies mid-delivery loses nothing: the broker delivers it again.
 //!
 //! A bridge is a resource: kept across reloads while its config is equal. When it is dropped
 //! (its config changed or it was removed) or the gateway stops, it stops fetching, finishes
@@ -26,14 +28,23 @@ use crate::body::req_full;
 use crate::context::{Client, Exchange, Params, Parts, RouteInfo};
 use crate::upstream::broker::Broker;
 
-const ACKED: usize = 0;
-const RETRIED: usize = 1;
-const DEAD_LETTERED: usize = 2;
+pub(super) const ACKED: usize = 0;
+pub(super) const RETRIED: usize = 1;
+pub(super) const DEAD_LETTERED: usize = 2;
+
+/// Where a consumer reads.
+#[derive(Debug, Clone)]
+pub(crate) enum Source {
+    /// A NATS subject a JetStream stream stores.
+    Subject(String),
+    /// An AMQP queue.
+    Queue(String),
+}
 
 /// A compiled `[[consumer]]`.
 pub(crate) struct Settings {
     pub(crate) name: String,
-    pub(crate) subject: String,
+    pub(crate) source: Source,
     pub(crate) path: Uri,
     pub(crate) max_attempts: u32,
     pub(crate) dead_letter: Option<String>,
@@ -91,17 +102,44 @@ impl Consumer {
     }
 }
 
-struct Bridge {
-    s: Settings,
-    broker: Arc<Broker>,
+pub(super) struct Bridge {
+    pub(super) s: Settings,
+    pub(super) broker: Arc<Broker>,
     proxy: Proxy,
     /// `gatehouse_consumer_deliveries_total{consumer, outcome}`: acked, retried, dead_lettered.
     outcomes: [prometheus::IntCounter; 3],
-    pending: prometheus::IntGauge,
+    pub(super) pending: prometheus::IntGauge,
+}
+
+/// Where messages come from once set up.
+enum Messages {
+    Nats(Box<async_nats::jetstream::consumer::pull::Stream>),
+    Amqp(lapin::Consumer),
+}
+
+/// One message, from either.
+enum Msg {
+    Nats(async_nats::jetstream::Message),
+    Amqp(lapin::message::Delivery),
+}
+
+impl Messages {
+    async fn next(&mut self) -> Option<Result<Msg, String>> {
+        match self {
+            Messages::Nats(s) => s
+                .next()
+                .await
+                .map(|m| m.map(Msg::Nats).map_err(|e| e.to_string())),
+            Messages::Amqp(c) => c
+                .next()
+                .await
+                .map(|m| m.map(Msg::Amqp).map_err(|e| e.to_string())),
+        }
+    }
 }
 
 impl Bridge {
-    fn count(&self, outcome: usize) {
+    pub(super) fn count(&self, outcome: usize) {
         self.outcomes[outcome].inc();
     }
 
@@ -110,7 +148,15 @@ impl Bridge {
         let permits = Arc::new(Semaphore::new(self.s.max_in_flight));
         let mut retry = Duration::from_millis(200);
         'setup: while !*stop.borrow() {
-            let messages = match self.setup().await {
+            let setup = match &self.s.source {
+                Source::Subject(subject) => self
+                    .setup(subject)
+                    .await
+                    .map(|s| Messages::Nats(Box::new(s)))
+                    .map_err(|e| e.to_string()),
+                Source::Queue(queue) => super::amqp::setup(&self, queue).await.map(Messages::Amqp),
+            };
+            let mut messages = match setup {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(consumer = %self.s.name, error = %e, "consumer not ready; trying again");
@@ -123,7 +169,6 @@ impl Bridge {
                 }
             };
             retry = Duration::from_millis(200);
-            tokio::pin!(messages);
             loop {
                 // A slot first, then a message: never more in flight than allowed.
                 let permit = tokio::select! {
@@ -141,7 +186,10 @@ impl Bridge {
                     Some(Ok(msg)) => {
                         let me = self.clone();
                         inflight.spawn(async move {
-                            me.deliver(msg).await;
+                            match msg {
+                                Msg::Nats(m) => me.deliver(m).await,
+                                Msg::Amqp(d) => super::amqp::deliver(&me, d).await,
+                            }
                             drop(permit);
                         });
                     }
@@ -160,17 +208,18 @@ impl Bridge {
 
     async fn setup(
         &self,
+        subject: &str,
     ) -> Result<async_nats::jetstream::consumer::pull::Stream, async_nats::Error> {
         use async_nats::jetstream::consumer::{pull, AckPolicy};
-        let js = &self.broker.jetstream;
-        let stream_name = js.stream_by_subject(self.s.subject.clone()).await?;
+        let js = &self.nats()?.jetstream;
+        let stream_name = js.stream_by_subject(subject.to_owned()).await?;
         let stream = js.get_stream(stream_name).await?;
         let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
             .get_or_create_consumer(
                 &self.s.name,
                 pull::Config {
                     durable_name: Some(self.s.name.clone()),
-                    filter_subject: self.s.subject.clone(),
+                    filter_subject: subject.to_owned(),
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: self.s.timeout + Duration::from_secs(5),
                     max_ack_pending: i64::try_from(self.s.max_in_flight).unwrap_or(1000),
@@ -212,13 +261,16 @@ impl Bridge {
                     "Gatehouse-Last-Status",
                     status.map_or("none".to_owned(), |s| s.to_string()).as_str(),
                 );
-                let published = self
-                    .broker
-                    .client
-                    .publish_with_headers(dl.clone(), h, msg.payload.clone())
-                    .await
-                    .is_ok()
-                    && self.broker.client.flush().await.is_ok();
+                let published = match self.nats() {
+                    Ok(n) => {
+                        n.client
+                            .publish_with_headers(dl.clone(), h, msg.payload.clone())
+                            .await
+                            .is_ok()
+                            && n.client.flush().await.is_ok()
+                    }
+                    Err(_) => false,
+                };
                 if !published {
                     // Not on the dead letter subject yet: let JetStream deliver it again.
                     let _ = msg
@@ -234,29 +286,56 @@ impl Bridge {
             self.count(DEAD_LETTERED);
             return;
         }
-        let exp = self
-            .s
-            .backoff
-            .saturating_mul(1u32 << delivered.saturating_sub(1).min(16));
-        let delay = exp.min(self.s.max_backoff);
+        let delay = self.delay(delivered);
         let _ = msg
             .ack_with(async_nats::jetstream::AckKind::Nak(Some(delay)))
             .await;
         self.count(RETRIED);
     }
 
+    fn nats(&self) -> Result<&crate::upstream::broker::Nats, async_nats::Error> {
+        self.broker
+            .nats()
+            .ok_or_else(|| "a NATS consumer on a broker of another kind".into())
+    }
+
+    /// The backoff before attempt `delivered + 1`.
+    pub(super) fn delay(&self, delivered: u32) -> Duration {
+        self.s
+            .backoff
+            .saturating_mul(1u32 << delivered.saturating_sub(1).min(16))
+            .min(self.s.max_backoff)
+    }
+
     /// One delivery as an HTTP request; the service's status, `None` when there was none.
     async fn send(&self, msg: &async_nats::jetstream::Message, delivered: u32) -> Option<u16> {
-        let mut req = Request::new(req_full(Bytes::clone(&msg.payload)));
-        *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = self.s.path.clone();
-        let h = req.headers_mut();
         let get = |name: &str| {
             msg.headers
                 .as_ref()
                 .and_then(|m| m.get(name))
                 .and_then(|v| HeaderValue::from_str(v.as_str()).ok())
         };
+        self.post(
+            Bytes::clone(&msg.payload),
+            get,
+            msg.subject.as_str(),
+            delivered,
+        )
+        .await
+    }
+
+    /// `POST path` with a message's body and headers (read by `get`); the service's status.
+    pub(super) async fn post(
+        &self,
+        payload: Bytes,
+        get: impl Fn(&str) -> Option<HeaderValue>,
+        from: &str,
+        delivered: u32,
+    ) -> Option<u16> {
+        let mut req = Request::new(req_full(payload));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = self.s.path.clone();
+        let h = req.headers_mut();
         let request_id = get("x-request-id")
             .filter(crate::observe::trace::valid_request_id)
             .unwrap_or_else(crate::observe::trace::new_request_id);
@@ -266,8 +345,12 @@ impl Bridge {
         if let Some(tp) = get("traceparent") {
             h.insert(HeaderName::from_static("traceparent"), tp);
         }
-        if let Ok(v) = HeaderValue::from_str(msg.subject.as_str()) {
-            h.insert(HeaderName::from_static("gatehouse-subject"), v);
+        if let Ok(v) = HeaderValue::from_str(from) {
+            let name = match self.s.source {
+                Source::Subject(_) => "gatehouse-subject",
+                Source::Queue(_) => "gatehouse-queue",
+            };
+            h.insert(HeaderName::from_static(name), v);
         }
         h.insert(
             HeaderName::from_static("gatehouse-delivery"),

@@ -3,6 +3,7 @@
 //! listener. `build.rs` checks and starts them at compile (kept across reloads while unchanged);
 //! `consumer.rs` is one running bridge (fetch, deliver, ack or nak, dead letter, drain).
 
+mod amqp;
 mod build;
 mod consumer;
 

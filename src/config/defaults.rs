@@ -54,6 +54,9 @@ pub(super) fn d_5s() -> Duration {
 pub(super) fn d_300s() -> Duration {
     Duration::from_secs(300)
 }
+pub(super) fn d_600s() -> Duration {
+    Duration::from_secs(600)
+}
 pub(super) fn default_retry_on() -> Vec<String> {
     ["connect-failure", "reset", "timeout", "502", "503", "504"]
         .iter()

@@ -66,6 +66,12 @@ pub(crate) fn compile(
         metrics,
         &mut errors,
     );
+    let replies = crate::backend::publish::build_replies(
+        &loaded,
+        previous.map(|p| &p.resources),
+        &mut resources,
+        &brokers,
+    );
     let tls = compile_tls(&loaded, &mut errors);
     let trusted: Arc<[ipnet::IpNet]> = loaded.gateway.server.trusted_proxies.clone().into();
 
@@ -83,7 +89,18 @@ pub(crate) fn compile(
         cache,
         protos,
         brokers: &brokers,
-        defined_brokers: loaded.gateway.brokers.keys().map(String::as_str).collect(),
+        broker_kinds: loaded
+            .gateway
+            .brokers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    crate::upstream::broker::Kind::of(v.get_ref().url.get_ref()),
+                )
+            })
+            .collect(),
+        replies: &replies,
     };
     let mut built = Vec::new();
     // For each route: its file and where its name is, to locate router errors.
@@ -359,8 +376,12 @@ fn compile_frontend(
             ));
             continue;
         }
-        if let Some(built) = route::build(cx, &frontend, rc, errors) {
+        if let Some(mut built) = route::build(cx, &frontend, rc, errors) {
+            let also = built.also.take();
             out.push((built, rc.name.span()));
+            if let Some(a) = also {
+                out.push((*a, rc.name.span()));
+            }
         }
     }
 }

@@ -5,4 +5,3 @@ pub(crate) mod cache;
 pub(crate) mod cors;
 pub(crate) mod fallback;
 pub(crate) mod rate_limit;
-pub(crate) mod redis;

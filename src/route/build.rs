@@ -55,8 +55,12 @@ pub(crate) struct BuildContext<'a> {
     /// The `[brokers.*]` connections.
     pub(crate) brokers:
         &'a std::collections::BTreeMap<String, Arc<crate::upstream::broker::Broker>>,
-    /// Every broker gateway.toml defines.
-    pub(crate) defined_brokers: Vec<&'a str>,
+    /// Every broker gateway.toml defines, and its kind (`None`: its URL has no known scheme).
+    pub(crate) broker_kinds:
+        std::collections::BTreeMap<&'a str, Option<crate::upstream::broker::Kind>>,
+    /// The reply subscriptions of `reply = "async"` routes, by broker.
+    pub(crate) replies:
+        &'a std::collections::BTreeMap<String, Arc<crate::backend::publish::operations::Replies>>,
 }
 
 /// Settings a frontend passes down to its routes (after applying `[server]` defaults).
@@ -100,6 +104,9 @@ pub(crate) struct Frontend<'a> {
 pub(crate) struct Built {
     pub(crate) route: Route,
     pub(crate) spec: RouteSpec,
+    /// A route the gateway adds for this one: `GET …/operations/{operation}` of a publish
+    /// route with `reply = "async"`, behind the same layers.
+    pub(crate) also: Option<Box<Built>>,
 }
 
 /// Builds the route `rc` of `fe`, or records why not in `errors`.
@@ -162,6 +169,12 @@ pub(crate) fn build(
         cache,
         ..Layers::deadline(settings.timeout)
     };
+    let full_path = if rc.path.get_ref() == "/" && !fe.prefix.is_empty() {
+        fe.prefix.to_owned()
+    } else {
+        format!("{}{}", fe.prefix, rc.path.get_ref())
+    };
+    let mut operations = None;
     let service = match &rc.backend {
         BackendConfig::Proxy(p) => proxy(
             cx,
@@ -201,14 +214,27 @@ pub(crate) fn build(
             })
         }
         BackendConfig::Publish(p) => {
-            match crate::backend::publish::build(
-                &id,
-                p.get_ref(),
-                cx.brokers,
-                &cx.defined_brokers,
-                settings.timeout,
-            ) {
-                Ok(b) => b.map(|b| chain(b, layers)),
+            let facts = crate::backend::publish::PublishFacts {
+                route: &id,
+                brokers: cx.brokers,
+                defined: &cx.broker_kinds,
+                replies: cx.replies,
+                deadline: settings.timeout,
+                full_path: &full_path,
+            };
+            match crate::backend::publish::build(&facts, p.get_ref()) {
+                Ok(b) => b.map(|b| {
+                    if let Some(r) = b.replies() {
+                        operations = Some(chain(
+                            crate::backend::publish::operations::Operation(r),
+                            Layers {
+                                fallback: None,
+                                ..layers.clone()
+                            },
+                        ));
+                    }
+                    chain(b, layers)
+                }),
                 Err((span, e)) => {
                     fail(span, format!("route `{rname}`: {e}"));
                     None
@@ -227,11 +253,6 @@ pub(crate) fn build(
         return None;
     }
     let service = service?;
-    let full_path = if rc.path.get_ref() == "/" && !fe.prefix.is_empty() {
-        fe.prefix.to_owned()
-    } else {
-        format!("{}{}", fe.prefix, rc.path.get_ref())
-    };
     // Only a proxy's path template reads the parameters today.
     let reads_params = match &rc.backend {
         BackendConfig::Proxy(p) => p.get_ref().path.is_some(),
@@ -241,6 +262,37 @@ pub(crate) fn build(
         BackendConfig::Respond(_) | BackendConfig::Publish(_) => false,
     };
     let (line, _) = file.locate(rc.name.span().start);
+    let label = format!("route `{id}` ({}:{line})", file.path.display());
+    let route_metrics = Arc::new(cx.metrics.route(fe.name, rname));
+    let also = operations.map(|service| {
+        let op = crate::backend::publish::operations::PARAM;
+        Box::new(Built {
+            spec: RouteSpec {
+                full_path: format!("{}/operations/{{{op}}}", full_path.trim_end_matches('/')),
+                hosts: fe.hosts.to_vec(),
+                filter: RouteFilter {
+                    methods: Some(Box::new([Method::GET])),
+                    headers: match_headers.clone().into_boxed_slice(),
+                },
+                label: format!("{label}: its operations"),
+            },
+            route: Route {
+                metrics: route_metrics.clone(),
+                info: Arc::new(RouteInfo {
+                    id: id.clone().into_boxed_str(),
+                    params: params
+                        .iter()
+                        .map(|p| p.clone().into_boxed_str())
+                        .chain(std::iter::once(op.into()))
+                        .collect(),
+                }),
+                max_request_body: 0,
+                cors: fe.cors.is_some(),
+                service,
+            },
+            also: None,
+        })
+    });
     Some(Built {
         spec: RouteSpec {
             full_path,
@@ -249,10 +301,10 @@ pub(crate) fn build(
                 methods,
                 headers: match_headers.into_boxed_slice(),
             },
-            label: format!("route `{id}` ({}:{line})", file.path.display()),
+            label,
         },
         route: Route {
-            metrics: Arc::new(cx.metrics.route(fe.name, rname)),
+            metrics: route_metrics,
             info: Arc::new(RouteInfo {
                 id: id.into_boxed_str(),
                 params: if reads_params {
@@ -265,6 +317,7 @@ pub(crate) fn build(
             cors: fe.cors.is_some(),
             service,
         },
+        also,
     })
 }
 

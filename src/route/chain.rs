@@ -39,6 +39,7 @@ use crate::layers::rate_limit::RateLimitLayer;
 pub(crate) type BoxLayer = Arc<dyn Fn(RouteService) -> RouteService + Send + Sync>;
 
 /// The layers of one route, as compiled from its (inherited) settings.
+#[derive(Clone)]
 pub(crate) struct Layers {
     /// Plugins, in the order the route lists them (the first is outermost).
     pub(crate) plugins: Vec<BoxLayer>,

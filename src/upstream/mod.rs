@@ -15,6 +15,7 @@ pub(crate) mod endpoint;
 pub(crate) mod etcd;
 pub(crate) mod health;
 pub(crate) mod pool;
+pub(crate) mod redis;
 pub(crate) mod retry;
 pub(crate) mod table;
 pub(crate) mod tls;

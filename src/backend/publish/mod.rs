@@ -1,11 +1,21 @@
-//! `publish = { broker, subject, jetstream, reply }`: a client's command handed to a message
-//! broker (NATS), answered 202 only once the broker confirmed it — a JetStream stream stored
-//! it (`PubAck`); on core NATS (which stores and confirms nothing) once it was flushed to the
-//! connection it was queued on. The dedup id (`Nats-Msg-Id`) is the client's
-//! `Idempotency-Key` scoped to the route and the client's identity (else the request id), so
-//! a client's retry within the stream's duplicate window is stored once. `reply = "sync"` makes the route
-//! a NATS request-reply within the route's deadline. A broker that is away, or no confirmation
-//! in time, is 503: a 202 is never given for a message that may be lost.
+//! `publish = { broker, … }`: a client's command handed to a message broker, answered 202 only
+//! once the broker confirmed it — a JetStream stream stored it (`PubAck`), RabbitMQ confirmed
+//! it (publisher confirm; an unroutable message is returned and refused), an MQTT broker sent
+//! its PUBACK (QoS 1); on core NATS (which stores and confirms nothing) once it was flushed to
+//! the connection it was queued on. The dedup id (`Nats-Msg-Id`, AMQP `message_id`) is the
+//! client's `Idempotency-Key` scoped to the route and the client's identity (else the request
+//! id), so a client's retry within JetStream's duplicate window is stored once. A broker that
+//! is away, or no confirmation in time, is 503: a 202 is never given for a message that may
+//! be lost.
+//!
+//! `reply = "sync"` makes a NATS route a request-reply within the route's deadline (`nats.rs`);
+//! `reply = "async"` answers 202 with a `Location` to an operation the service's reply fills
+//! (`operations.rs`). Each kind of broker has its file: `nats.rs`, `amqp.rs`, `mqtt.rs`.
+
+mod amqp;
+mod mqtt;
+mod nats;
+pub(crate) mod operations;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,7 +23,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -22,9 +31,10 @@ use super::RespBody;
 use crate::body::ReqBody;
 use crate::config::{PublishConfig, ReplyMode};
 use crate::context::Exchange;
-use crate::error::{BoxError, GatewayError, Problem};
+use crate::error::{BoxError, Problem};
 
-use crate::upstream::broker::{valid_subject, Broker, Outcome};
+use crate::upstream::broker::{valid_subject, Broker, Kind};
+use operations::Replies;
 
 #[derive(Clone)]
 pub(crate) struct Publish(Arc<Plan>);
@@ -33,11 +43,30 @@ struct Plan {
     /// `frontend/route`: scopes the message id of an `Idempotency-Key`.
     route: Arc<str>,
     broker: Arc<Broker>,
-    subject: async_nats::Subject,
-    jetstream: bool,
-    sync: bool,
+    target: Target,
     /// The route's deadline, for request-reply.
     deadline: Duration,
+    /// `reply = "async"`: where replies are collected, and how long an operation lives.
+    replies: Option<(Arc<Replies>, Duration)>,
+    /// `reply = "async"`: the path operations are read at (`…/operations/`).
+    operations_path: Arc<str>,
+}
+
+/// Where a message goes, by the broker's kind.
+enum Target {
+    Nats {
+        subject: async_nats::Subject,
+        jetstream: bool,
+        sync: bool,
+    },
+    Amqp {
+        exchange: String,
+        routing_key: String,
+    },
+    Mqtt {
+        topic: Arc<str>,
+        qos: rumqttc::QoS,
+    },
 }
 
 /// Why a `publish` route cannot be built.
@@ -47,64 +76,243 @@ pub(crate) enum PublishConfigError {
     UnknownBroker(String, String),
     #[error("subject `{0}` is not a NATS subject (tokens of letters, digits, `-`, `_` separated by `.`; no wildcards)")]
     Subject(String),
-    #[error("reply = \"async\" is not built yet; use \"none\" or \"sync\"")]
-    Async,
+    #[error(
+        "topic `{0}` is not an MQTT topic to publish to (1 to 65535 bytes, no `+`, `#` or NUL)"
+    )]
+    Topic(String),
+    #[error("`{0}` is not an AMQP name (at most 255 visible ASCII characters)")]
+    AmqpName(String),
+    #[error("broker `{0}` is {1}: {2}")]
+    Keys(String, &'static str, &'static str),
+    #[error("qos must be 0 or 1 (QoS 2 is not offered: its exactly-once needs the broker's session across reconnects)")]
+    Qos,
+    #[error(
+        "reply = \"{0}\" is offered on NATS brokers only (a request-reply over a reply subject)"
+    )]
+    ReplyKind(&'static str),
     #[error(
         "reply = \"sync\" is a NATS request-reply and cannot be combined with jetstream = true"
     )]
     SyncJetStream,
 }
 
+/// What a publish route is built from.
+pub(crate) struct PublishFacts<'a> {
+    /// `frontend/route`.
+    pub(crate) route: &'a str,
+    pub(crate) brokers: &'a std::collections::BTreeMap<String, Arc<Broker>>,
+    /// `[brokers.NAME]` → its kind, for every broker gateway.toml defines (built or not).
+    pub(crate) defined: &'a std::collections::BTreeMap<&'a str, Option<Kind>>,
+    pub(crate) replies: &'a std::collections::BTreeMap<String, Arc<Replies>>,
+    pub(crate) deadline: Duration,
+    /// The route's full path (its frontend's prefix included), for `Location`.
+    pub(crate) full_path: &'a str,
+}
+
+type Located = (std::ops::Range<usize>, PublishConfigError);
+
 /// Builds a route's `publish` backend; `brokers` are the `[brokers.*]` that connected.
-pub(crate) fn build(
-    route: &str,
-    cfg: &PublishConfig,
-    brokers: &std::collections::BTreeMap<String, Arc<Broker>>,
-    defined: &[&str],
-    deadline: Duration,
-) -> Result<Option<Publish>, (std::ops::Range<usize>, PublishConfigError)> {
+pub(crate) fn build(f: &PublishFacts<'_>, cfg: &PublishConfig) -> Result<Option<Publish>, Located> {
     let name = cfg.broker.get_ref();
-    if !defined.contains(&name.as_str()) {
-        let list = if defined.is_empty() {
+    let Some(kind) = f.defined.get(name.as_str()) else {
+        let list = if f.defined.is_empty() {
             "none".to_owned()
         } else {
-            defined.join(", ")
+            f.defined.keys().copied().collect::<Vec<_>>().join(", ")
         };
         return Err((
             cfg.broker.span(),
             PublishConfigError::UnknownBroker(name.clone(), list),
         ));
-    }
-    let subject = cfg.subject.get_ref();
-    if !valid_subject(subject) {
-        return Err((
-            cfg.subject.span(),
-            PublishConfigError::Subject(subject.clone()),
-        ));
-    }
+    };
+    // A broker whose URL is wrong has its own error.
+    let Some(kind) = *kind else { return Ok(None) };
+    let reply = cfg.reply.as_ref().map_or(ReplyMode::None, |r| *r.get_ref());
+    let target = target(kind, name, cfg)?;
     if let Some(r) = &cfg.reply {
-        if *r.get_ref() == ReplyMode::Async {
-            return Err((r.span(), PublishConfigError::Async));
+        if *r.get_ref() != ReplyMode::None && kind != Kind::Nats {
+            let mode = if *r.get_ref() == ReplyMode::Sync {
+                "sync"
+            } else {
+                "async"
+            };
+            return Err((r.span(), PublishConfigError::ReplyKind(mode)));
         }
         if *r.get_ref() == ReplyMode::Sync && cfg.jetstream {
             return Err((r.span(), PublishConfigError::SyncJetStream));
         }
     }
     // A defined broker that was not built has its own error.
-    let Some(broker) = brokers.get(name) else {
+    let Some(broker) = f.brokers.get(name) else {
         return Ok(None);
     };
+    let replies = if reply == ReplyMode::Async {
+        let Some(r) = f.replies.get(name) else {
+            return Ok(None);
+        };
+        Some((r.clone(), cfg.result_ttl.get()))
+    } else {
+        None
+    };
     Ok(Some(Publish(Arc::new(Plan {
-        route: route.into(),
+        route: f.route.into(),
         broker: broker.clone(),
-        subject: async_nats::Subject::from(subject.as_str()),
-        jetstream: cfg.jetstream,
-        sync: cfg
-            .reply
-            .as_ref()
-            .is_some_and(|r| *r.get_ref() == ReplyMode::Sync),
-        deadline,
+        target,
+        deadline: f.deadline,
+        replies,
+        operations_path: format!("{}/operations/", f.full_path.trim_end_matches('/')).into(),
     }))))
+}
+
+/// The target of `cfg` on a broker of `kind`, its keys checked.
+fn target(kind: Kind, name: &str, cfg: &PublishConfig) -> Result<Target, Located> {
+    let wrong = |span, want| {
+        Err((
+            span,
+            PublishConfigError::Keys(name.to_owned(), kind.name(), want),
+        ))
+    };
+    let amqp_keys = cfg.exchange.as_ref().or(cfg.routing_key.as_ref());
+    let mqtt_keys = cfg
+        .topic
+        .as_ref()
+        .map(|t| t.span())
+        .or(cfg.qos.as_ref().map(|q| q.span()));
+    match kind {
+        Kind::Nats => {
+            const WANT: &str =
+                "set `subject` (and `jetstream`), not `exchange`, `routing_key`, `topic` or `qos`";
+            if let Some(k) = amqp_keys {
+                return wrong(k.span(), WANT);
+            }
+            if let Some(span) = mqtt_keys {
+                return wrong(span, WANT);
+            }
+            let Some(subject) = &cfg.subject else {
+                return wrong(cfg.broker.span(), WANT);
+            };
+            if !valid_subject(subject.get_ref()) {
+                return Err((
+                    subject.span(),
+                    PublishConfigError::Subject(subject.get_ref().clone()),
+                ));
+            }
+            Ok(Target::Nats {
+                subject: async_nats::Subject::from(subject.get_ref().as_str()),
+                jetstream: cfg.jetstream,
+                sync: cfg
+                    .reply
+                    .as_ref()
+                    .is_some_and(|r| *r.get_ref() == ReplyMode::Sync),
+            })
+        }
+        Kind::Amqp => {
+            const WANT: &str =
+                "set `exchange` and `routing_key`, not `subject`, `jetstream`, `topic` or `qos`";
+            if let Some(s) = &cfg.subject {
+                return wrong(s.span(), WANT);
+            }
+            if let Some(span) = mqtt_keys {
+                return wrong(span, WANT);
+            }
+            let (Some(exchange), Some(routing_key)) = (&cfg.exchange, &cfg.routing_key) else {
+                return wrong(cfg.broker.span(), WANT);
+            };
+            if cfg.jetstream {
+                return wrong(cfg.broker.span(), WANT);
+            }
+            for n in [exchange, routing_key] {
+                if !amqp::valid_name(n.get_ref()) {
+                    return Err((n.span(), PublishConfigError::AmqpName(n.get_ref().clone())));
+                }
+            }
+            Ok(Target::Amqp {
+                exchange: exchange.get_ref().clone(),
+                routing_key: routing_key.get_ref().clone(),
+            })
+        }
+        Kind::Mqtt => {
+            const WANT: &str =
+                "set `topic` (and `qos`), not `subject`, `jetstream`, `exchange` or `routing_key`";
+            if let Some(s) = &cfg.subject {
+                return wrong(s.span(), WANT);
+            }
+            if let Some(k) = amqp_keys {
+                return wrong(k.span(), WANT);
+            }
+            let Some(topic) = &cfg.topic else {
+                return wrong(cfg.broker.span(), WANT);
+            };
+            if cfg.jetstream {
+                return wrong(cfg.broker.span(), WANT);
+            }
+            if !crate::upstream::broker::mqtt::valid_topic(topic.get_ref()) {
+                return Err((
+                    topic.span(),
+                    PublishConfigError::Topic(topic.get_ref().clone()),
+                ));
+            }
+            let qos = match cfg.qos.as_ref().map(|q| (*q.get_ref(), q.span())) {
+                None | Some((1, _)) => rumqttc::QoS::AtLeastOnce,
+                Some((0, _)) => rumqttc::QoS::AtMostOnce,
+                Some((_, span)) => return Err((span, PublishConfigError::Qos)),
+            };
+            Ok(Target::Mqtt {
+                topic: topic.get_ref().as_str().into(),
+                qos,
+            })
+        }
+    }
+}
+
+impl Publish {
+    /// Where an async route's replies are collected (`None` without `reply = "async"`).
+    pub(crate) fn replies(&self) -> Option<Arc<Replies>> {
+        self.0.replies.as_ref().map(|(r, _)| r.clone())
+    }
+}
+
+/// Starts (or takes over) the reply subscription of each NATS broker that a `reply = "async"`
+/// route publishes to. Kept across reloads while the broker and `[redis]` are unchanged.
+pub(crate) fn build_replies(
+    loaded: &crate::config::LoadedConfig,
+    previous: Option<&crate::resources::Resources>,
+    resources: &mut crate::resources::Resources,
+    brokers: &std::collections::BTreeMap<String, Arc<Broker>>,
+) -> std::collections::BTreeMap<String, Arc<Replies>> {
+    use crate::config::BackendConfig;
+    let mut out = std::collections::BTreeMap::new();
+    let g = &loaded.gateway;
+    for (_, ff) in &loaded.frontends {
+        for r in &ff.route {
+            let BackendConfig::Publish(p) = &r.get_ref().backend else {
+                continue;
+            };
+            let p = p.get_ref();
+            if p.reply.as_ref().map(|r| *r.get_ref()) != Some(ReplyMode::Async) {
+                continue;
+            }
+            let name = p.broker.get_ref();
+            let (Some(broker), Some(cfg)) = (brokers.get(name), g.brokers.get(name)) else {
+                continue;
+            };
+            if out.contains_key(name) || broker.kind() != Kind::Nats {
+                continue;
+            }
+            let redis = resources.get::<crate::upstream::redis::RedisStore>("redis");
+            let key = (
+                cfg.get_ref().clone(),
+                g.redis.as_ref().map(|r| r.get_ref().clone()),
+            );
+            let built = resources.reuse_or_build(previous, name, &key, |_| {
+                Replies::start(broker, redis).ok_or(())
+            });
+            if let Ok((r, _)) = built {
+                out.insert(name.clone(), r);
+            }
+        }
+    }
+    out
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError>> + Send>>;
@@ -134,6 +342,22 @@ fn unavailable(detail: &str) -> BoxError {
     .into()
 }
 
+/// A message the broker refused for good (no stream stores the subject, no exchange or queue
+/// takes the routing key): a setup mistake, not a passing failure, so no `Retry-After`.
+fn rejected(title: &'static str) -> BoxError {
+    Problem::new(StatusCode::BAD_GATEWAY, "publish_rejected", title).into()
+}
+
+fn too_large(max: usize) -> BoxError {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "message_too_large",
+        "The message is larger than the broker takes",
+    )
+    .member("max_message_size", max)
+    .into()
+}
+
 /// An `Idempotency-Key` usable as a message id: 1–200 visible ASCII characters.
 fn idempotency_key(h: &HeaderMap) -> Result<Option<String>, BoxError> {
     let Some(v) = h.get("idempotency-key") else {
@@ -151,6 +375,16 @@ fn idempotency_key(h: &HeaderMap) -> Result<Option<String>, BoxError> {
     Ok(Some(String::from_utf8_lossy(b).into_owned()))
 }
 
+/// A message on its way: what every kind of broker sends.
+struct Message {
+    /// The id the client sees: its key, or the request id.
+    id: String,
+    /// The broker's dedup id: the key scoped to the route and the client's identity.
+    msg_id: String,
+    headers: Vec<(&'static str, String)>,
+    body: bytes::Bytes,
+}
+
 impl Plan {
     async fn run(self: Arc<Self>, req: Request<ReqBody>) -> Result<Response<RespBody>, BoxError> {
         let Some(x) = req.extensions().get::<Exchange>().cloned() else {
@@ -159,19 +393,6 @@ impl Plan {
         let key = idempotency_key(req.headers())?;
         let (parts, body) = req.into_parts();
         let body = body.collect().await?.to_bytes();
-        let b = &self.broker;
-        // Over the server's limit a message would make it close the connection every publish
-        // shares: refused here instead.
-        let max = b.client.server_info().max_payload;
-        if max > 0 && body.len() > max.saturating_sub(4096) {
-            return Err(Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "message_too_large",
-                "The message is larger than the broker takes",
-            )
-            .member("max_message_size", max.saturating_sub(4096))
-            .into());
-        }
         // The id the client sees: its key, or the request id. The broker's dedup id is the key
         // scoped to this route and the client's identity, so two clients' keys never collide.
         let id = key
@@ -182,184 +403,73 @@ impl Plan {
             None => id.clone(),
         };
         let headers = message_headers(&parts.headers, &x, &id, key.is_some());
+        let b = &self.broker;
         if !b.connected() {
-            b.count(Outcome::Unavailable);
+            b.count(crate::upstream::broker::Outcome::Unavailable);
             return Err(unavailable("the broker is not connected"));
         }
-        if self.sync {
-            return self.request(headers, body, &x).await;
-        }
-        let confirmed = if self.jetstream {
-            self.jetstream(headers, body, &msg_id).await?
-        } else {
-            self.core(headers, body).await?;
-            serde_json::Map::new()
+        let msg = Message {
+            id,
+            msg_id,
+            headers,
+            body,
         };
         let mut doc = serde_json::Map::new();
-        doc.insert("id".into(), id.into());
+        doc.insert("id".into(), msg.id.clone().into());
         doc.insert("broker".into(), (&*b.name).into());
-        doc.insert("subject".into(), self.subject.as_str().into());
-        doc.extend(confirmed);
+        let mut location = None;
+        match &self.target {
+            Target::Nats {
+                subject,
+                jetstream,
+                sync,
+            } => {
+                if *sync {
+                    return nats::request(self.as_ref(), subject, msg, &x).await;
+                }
+                doc.insert("subject".into(), subject.as_str().into());
+                let reply = match &self.replies {
+                    Some((r, ttl)) => {
+                        let op = r.create(&x, *ttl).await?;
+                        location = Some(format!("{}{}", self.operations_path, op.id));
+                        doc.insert("operation".into(), op.id.as_str().into());
+                        Some(op.reply_subject)
+                    }
+                    None => None,
+                };
+                let confirmed = if *jetstream {
+                    nats::jetstream(b, subject, msg, reply).await?
+                } else {
+                    nats::core(b, subject, msg, reply).await?;
+                    serde_json::Map::new()
+                };
+                doc.extend(confirmed);
+            }
+            Target::Amqp {
+                exchange,
+                routing_key,
+            } => {
+                doc.insert("exchange".into(), exchange.as_str().into());
+                doc.insert("routing_key".into(), routing_key.as_str().into());
+                amqp::publish(b, exchange, routing_key, msg).await?;
+            }
+            Target::Mqtt { topic, qos } => {
+                doc.insert("topic".into(), (&**topic).into());
+                mqtt::publish(b, topic, *qos, msg).await?;
+            }
+        }
         let mut resp = Response::new(super::full(
             serde_json::to_vec(&serde_json::Value::Object(doc)).unwrap_or_default(),
         ));
         *resp.status_mut() = StatusCode::ACCEPTED;
-        resp.headers_mut().insert(
+        let h = resp.headers_mut();
+        h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        Ok(resp)
-    }
-
-    /// JetStream: stored by a stream (or found a duplicate of `id` in its window).
-    async fn jetstream(
-        &self,
-        headers: async_nats::HeaderMap,
-        body: Bytes,
-        id: &str,
-    ) -> Result<serde_json::Map<String, serde_json::Value>, BoxError> {
-        let b = &self.broker;
-        let publish = async_nats::jetstream::message::PublishMessage::build()
-            .payload(body)
-            .headers(headers)
-            .message_id(id);
-        let send = async {
-            let ack = b
-                .jetstream
-                .send_publish(self.subject.clone(), publish)
-                .await?;
-            ack.await
-        };
-        let ack = match tokio::time::timeout(b.publish_timeout, send).await {
-            Ok(Ok(ack)) => ack,
-            Ok(Err(e)) => {
-                use async_nats::jetstream::context::PublishErrorKind as K;
-                let detail = match e.kind() {
-                    K::StreamNotFound => {
-                        // A setup mistake, not a passing failure: no Retry-After.
-                        b.count(Outcome::Rejected);
-                        return Err(Problem::new(
-                            StatusCode::BAD_GATEWAY,
-                            "publish_rejected",
-                            "No stream of the broker stores this subject",
-                        )
-                        .into());
-                    }
-                    K::TimedOut => "no confirmation in time",
-                    _ => "the broker refused the message",
-                };
-                b.count(Outcome::Unavailable);
-                return Err(unavailable(detail));
-            }
-            Err(_) => {
-                b.count(Outcome::Timeout);
-                return Err(unavailable("no confirmation in time"));
-            }
-        };
-        b.count(if ack.duplicate {
-            Outcome::Duplicate
-        } else {
-            Outcome::Confirmed
-        });
-        let mut m = serde_json::Map::new();
-        m.insert("stream".into(), ack.stream.into());
-        m.insert("sequence".into(), ack.sequence.into());
-        m.insert("duplicate".into(), ack.duplicate.into());
-        Ok(m)
-    }
-
-    /// Core NATS: written to the server's connection (flushed), on the same connection it was
-    /// queued on — a reconnect in between may have lost it, and then it is 503. Core NATS keeps
-    /// nothing: at most once; JetStream is for messages that must not be lost.
-    async fn core(&self, headers: async_nats::HeaderMap, body: Bytes) -> Result<(), BoxError> {
-        use std::sync::atomic::Ordering;
-        let b = &self.broker;
-        let stats = b.client.statistics();
-        let connects = stats.connects.load(Ordering::Relaxed);
-        let send = async {
-            b.client
-                .publish_with_headers(self.subject.clone(), headers, body)
-                .await
-                .map_err(|_| ())?;
-            b.client.flush().await.map_err(|_| ())?;
-            if stats.connects.load(Ordering::Relaxed) != connects {
-                return Err(());
-            }
-            Ok(())
-        };
-        match tokio::time::timeout(b.publish_timeout, send).await {
-            Ok(Ok(())) => {
-                b.count(Outcome::Confirmed);
-                Ok(())
-            }
-            Ok(Err(())) => {
-                b.count(Outcome::Unavailable);
-                Err(unavailable("the broker refused the message"))
-            }
-            Err(_) => {
-                b.count(Outcome::Timeout);
-                Err(unavailable("no confirmation in time"))
-            }
+        if let Some(l) = location.and_then(|l| HeaderValue::try_from(l).ok()) {
+            h.insert(header::LOCATION, l);
         }
-    }
-
-    /// Request-reply within what is left of the route's deadline.
-    async fn request(
-        &self,
-        headers: async_nats::HeaderMap,
-        body: Bytes,
-        x: &Exchange,
-    ) -> Result<Response<RespBody>, BoxError> {
-        let b = &self.broker;
-        let left = self
-            .deadline
-            .saturating_sub(x.started().elapsed())
-            .max(Duration::from_millis(1));
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(body)
-            .timeout(Some(left));
-        let reply = match b.client.send_request(self.subject.clone(), request).await {
-            Ok(m) => m,
-            Err(e) => {
-                use async_nats::RequestErrorKind as K;
-                return Err(match e.kind() {
-                    K::TimedOut => {
-                        b.count(Outcome::Timeout);
-                        GatewayError::UpstreamTimeout.into()
-                    }
-                    K::NoResponders => {
-                        b.count(Outcome::NoResponders);
-                        Problem::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "no_responders",
-                            "No service answers this subject",
-                        )
-                        .retry_after(1)
-                        .into()
-                    }
-                    _ => {
-                        b.count(Outcome::Unavailable);
-                        unavailable("the request could not be sent")
-                    }
-                });
-            }
-        };
-        b.count(Outcome::Replied);
-        let mut resp = Response::new(super::full(reply.payload));
-        let rh = reply.headers.as_ref();
-        let status = rh
-            .and_then(|h| h.get("Gatehouse-Status"))
-            .and_then(|v| v.as_str().parse::<u16>().ok())
-            .and_then(|s| StatusCode::from_u16(s).ok())
-            .filter(|s| (200..=599).contains(&s.as_u16()))
-            .unwrap_or(StatusCode::OK);
-        *resp.status_mut() = status;
-        let ct = rh
-            .and_then(|h| h.get("Content-Type"))
-            .and_then(|v| HeaderValue::from_str(v.as_str()).ok())
-            .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
         Ok(resp)
     }
 }
@@ -371,8 +481,8 @@ fn message_headers(
     x: &Exchange,
     id: &str,
     from_client: bool,
-) -> async_nats::HeaderMap {
-    let mut out = async_nats::HeaderMap::new();
+) -> Vec<(&'static str, String)> {
+    let mut out = Vec::with_capacity(8);
     // The request's own forwarding headers (a trusted proxy's are extended, others replaced).
     let mut fwd = HeaderMap::new();
     for name in [
@@ -423,20 +533,18 @@ fn message_headers(
 
 /// Sets a message header whose value is visible ASCII or spaces only: nothing from a client
 /// can end a header line early and add one of its own (`Nats-Expected-*`, `Nats-Rollup`).
-fn insert(out: &mut async_nats::HeaderMap, name: &'static str, value: &str) {
+fn insert(out: &mut Vec<(&'static str, String)>, name: &'static str, value: &str) {
     if value
         .bytes()
         .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
     {
-        out.insert(name, value);
+        out.push((name, value.to_owned()));
     }
 }
 
-/// The broker's dedup id for a client's `Idempotency-Key`: the key scoped to the route and the
-/// client's identity (its API-key consumer or JWT subject; else its address), hashed.
-fn scoped_id(route: &str, x: &Exchange, key: &str) -> String {
-    let who = x
-        .identity()
+/// The client's identity for scoping: its API-key consumer or JWT subject; else its address.
+fn who(x: &Exchange) -> String {
+    x.identity()
         .and_then(|i| {
             i.consumer.as_deref().map(str::to_owned).or_else(|| {
                 i.claims
@@ -446,16 +554,27 @@ fn scoped_id(route: &str, x: &Exchange, key: &str) -> String {
                     .map(str::to_owned)
             })
         })
-        .unwrap_or_else(|| String::from_utf8_lossy(x.client().peer_ip.as_bytes()).into_owned());
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in [route, "\n", &who, "\n", key] {
-        ctx.update(part.as_bytes());
-    }
+        .unwrap_or_else(|| String::from_utf8_lossy(x.client().peer_ip.as_bytes()).into_owned())
+}
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(64);
-    for b in ctx.finish().as_ref() {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
         out.push(char::from(HEX[usize::from(b >> 4)]));
         out.push(char::from(HEX[usize::from(b & 15)]));
     }
     out
+}
+
+/// The broker's dedup id for a client's `Idempotency-Key`: the key scoped to the route and the
+/// client's identity (its API-key consumer or JWT subject; else its address), hashed.
+fn scoped_id(route: &str, x: &Exchange, key: &str) -> String {
+    let who = who(x);
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [route, "\n", &who, "\n", key] {
+        ctx.update(part.as_bytes());
+    }
+    hex(ctx.finish().as_ref())
 }

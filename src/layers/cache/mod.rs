@@ -387,7 +387,7 @@ pub(crate) fn build_store(
     }
     // Rebuilt when [cache] changes, or the [redis] its shared tier uses.
     let redis = if wants_redis {
-        resources.get::<crate::layers::redis::RedisStore>("redis")
+        resources.get::<crate::upstream::redis::RedisStore>("redis")
     } else {
         None
     };

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::rules::{ResponseDirectives, Timing};
 use super::store::{Object, Variants};
-use crate::layers::redis::RedisStore;
+use crate::upstream::redis::RedisStore;
 
 const PREFIX: &str = "gatehouse:cache:";
 const MAGIC: &[u8; 4] = b"GHC2";

@@ -4,14 +4,14 @@
 //! whose clocks differ still share one budget exactly.
 //!
 //! The connection, its `[redis] timeout` and its down-marking (while Redis is down no request
-//! waits for it: the policy's `on_store_failure` applies at once) are `layers::redis`, shared
+//! waits for it: the policy's `on_store_failure` applies at once) are `upstream::redis`, shared
 //! with the response cache's Redis tier; this file is the limiter's script and keys.
 
 use std::fmt::Write as _;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-pub(crate) use crate::layers::redis::{RedisStore, StoreError, FAILURE_REASONS};
+pub(crate) use crate::upstream::redis::{RedisStore, StoreError, FAILURE_REASONS};
 
 use super::{Outcome, Raw, WindowState, Windows};
 

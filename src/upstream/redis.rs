@@ -1,6 +1,8 @@
 //! `[redis]`: the one Redis connection of a config, shared by what keeps state in Redis —
-//! rate limit policies with `store = "redis"` (`rate_limit/redis.rs`) and the response cache's
-//! Redis tier (`cache/shared.rs`). A resource, kept across reloads while `[redis]` is unchanged.
+//! rate limit policies with `store = "redis"` (`rate_limit/redis.rs`), the response cache's
+//! Redis tier (`cache/shared.rs`) and the operations of `reply = "async"` publish routes
+//! (`backend/publish/operations.rs`). A store reached like a service, so it sits with them in
+//! `upstream`. A resource, kept across reloads while `[redis]` is unchanged.
 //!
 //! One multiplexed connection (`redis::aio::ConnectionManager`, which reconnects by itself).
 //! Each call has `[redis] timeout`; a call that fails or times out marks the store down, and
