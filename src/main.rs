@@ -246,6 +246,10 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)], token: Option<&
             out,
             "  curl -i -X POST -H 'Idempotency-Key: demo-1' -d '{{\"sku\":\"tea-01\"}}' {base}/web/orders/place   (202 once NATS has the message)"
         );
+        let _ = writeln!(
+            out,
+            "  op=$(curl -s -X POST -d '{{\"sku\":\"tea-01\"}}' {base}/web/orders/quote | sed 's/.*\"operation\":\"\\([0-9a-f]*\\)\".*/\\1/'); curl -i {base}/web/orders/quote/operations/$op; sleep 3; curl -i {base}/web/orders/quote/operations/$op   (async reply: 202 pending, then the quote)"
+        );
     }
     let _ = writeln!(out, "  curl http://{admin}/metrics");
     let _ = writeln!(out, "  curl http://{admin}/admin/config");

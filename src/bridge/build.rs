@@ -83,7 +83,7 @@ pub(crate) fn build_consumers(
         for s in [cfg.subject.as_ref(), cfg.dead_letter.as_ref()]
             .into_iter()
             .flatten()
-            .filter(|_| kind == Some(Kind::Nats))
+            .filter(|_| kind.is_none_or(|k| k == Kind::Nats))
         {
             if !valid_subject(s.get_ref()) {
                 fail(

@@ -45,10 +45,53 @@ pub fn demo_token(cfg: &GatewayConfig) -> Option<String> {
     .ok()
 }
 
+/// The demo's quote service, a NATS consumer: it answers `demo.orders.quote` commands (the
+/// route `POST /web/orders/quote`, `reply = "async"`) on the reply subject each one names.
+fn quote_service(url: &str) {
+    if !url.starts_with("nats://") {
+        return;
+    }
+    let opts = async_nats::ConnectOptions::new()
+        .name("gatehouse-demo-quotes")
+        .retry_on_initial_connect();
+    let url = url.to_owned();
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let Ok(client) = opts.connect(url.as_str()).await else {
+            return;
+        };
+        let Ok(mut sub) = client.subscribe("demo.orders.quote").await else {
+            return;
+        };
+        while let Some(m) = sub.next().await {
+            let Some(reply) = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Gatehouse-Reply-To"))
+                .map(|v| v.as_str().to_owned())
+            else {
+                continue;
+            };
+            // A quote takes a moment: the client polls meanwhile.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let order: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            let quote = json!({"order": order, "price": 12.5, "currency": "EUR"});
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Content-Type", "application/json");
+            let _ = client
+                .publish_with_headers(reply, h, quote.to_string().into())
+                .await;
+        }
+    });
+}
+
 /// Starts a sample service on each local endpoint of each configured service. Returns the
 /// addresses started, by service.
 pub async fn start_samples(cfg: &GatewayConfig) -> std::io::Result<Vec<(String, SocketAddr)>> {
     let mut started = Vec::new();
+    if let Some(b) = cfg.brokers.get("events") {
+        quote_service(b.get_ref().url.get_ref());
+    }
     for (name, svc) in &cfg.services {
         for ep in &svc.get_ref().endpoints {
             let Some(addr) = ep

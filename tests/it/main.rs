@@ -4,6 +4,7 @@
 mod aggregate;
 mod auth;
 mod balance;
+mod brokers;
 mod cache;
 mod check;
 mod dns;

@@ -325,14 +325,14 @@ async fn a_broker_that_is_down_gets_503_and_nothing_acknowledged_is_lost() {
 fn publish_mistakes_are_located() {
     let gw = config(
         NATS,
-        "\n[brokers.rabbit]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n",
+        "\n[brokers.kafka]\nurl = \"kafka://127.0.0.1:9092\"\n",
     );
     let e = compile_errors(
         &gw,
         "cmd.toml",
         &routes("{ broker = \"nope\", subject = \"a.b\" }"),
     );
-    assert!(e.contains("only nats:// brokers are"), "{e}");
+    assert!(e.contains("has no known scheme: nats://, amqp://"), "{e}");
     assert!(
         e.contains("cmd.toml:9:") && e.contains("unknown broker `nope`"),
         "{e}"
@@ -344,12 +344,39 @@ fn publish_mistakes_are_located() {
         &routes("{ broker = \"events\", subject = \"a.*\" }"),
     );
     assert!(e.contains("is not a NATS subject"), "{e}");
-    let e = compile_errors(
-        &gw,
-        "cmd.toml",
-        &routes("{ broker = \"events\", subject = \"a.b\", reply = \"async\" }"),
+    // Each kind of broker takes its own keys, and replies only on NATS.
+    let gw = config(
+        NATS,
+        "\n[brokers.rabbit]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n\n[brokers.mq]\nurl = \"mqtt://127.0.0.1:1883\"\n",
     );
-    assert!(e.contains("reply = \"async\" is not built yet"), "{e}");
+    for (publish, says) in [
+        (
+            "{ broker = \"rabbit\", subject = \"a.b\" }",
+            "broker `rabbit` is AMQP: set `exchange` and `routing_key`",
+        ),
+        (
+            "{ broker = \"events\", exchange = \"x\", routing_key = \"k\" }",
+            "broker `events` is NATS: set `subject`",
+        ),
+        (
+            "{ broker = \"mq\", topic = \"a/+\" }",
+            "is not an MQTT topic",
+        ),
+        (
+            "{ broker = \"mq\", topic = \"a/b\", qos = 2 }",
+            "qos must be 0 or 1",
+        ),
+        (
+            "{ broker = \"rabbit\", exchange = \"\", routing_key = \"k\", reply = \"sync\" }",
+            "reply = \"sync\" is offered on NATS brokers only",
+        ),
+    ] {
+        let e = compile_errors(&gw, "cmd.toml", &routes(publish));
+        assert!(
+            e.contains("cmd.toml:9:") && e.contains(says),
+            "{publish}: {e}"
+        );
+    }
     let e = compile_errors(
         &gw,
         "cmd.toml",
@@ -387,7 +414,7 @@ fn publish_mistakes_are_located() {
     // Credentials never shown in errors.
     let gw = config("nats://gw:s3cret@127.0.0.1:4222,amqp://u:s3cret@h:5672", "");
     let e = compile_errors(&gw, "cmd.toml", "[frontend]\nname = \"f\"\n");
-    assert!(e.contains("only nats://") && !e.contains("s3cret"), "{e}");
+    assert!(e.contains("mixes kinds") && !e.contains("s3cret"), "{e}");
 }
 
 /// A stream for a consumer test, and a service that answers deliveries: `flaky` fails its first

@@ -149,6 +149,8 @@ pub(crate) enum BrokerConfigError {
     Scheme(String, String),
     #[error("broker `{0}`: url `{1}` is not a {2}://HOST:PORT address")]
     Url(String, String, &'static str),
+    #[error("broker `{0}`: url `{1}` mixes kinds: a list is of nats:// servers (one cluster)")]
+    Mixed(String, String),
     #[error("broker `{0}`: one URL per AMQP or MQTT broker (a list is for a NATS cluster)")]
     List(String),
     #[error("broker `{0}`: brokers are connected only by a running gateway (no async runtime)")]
@@ -172,7 +174,7 @@ fn check(name: &str, url: &str) -> Result<Kind, BrokerConfigError> {
         let shown = crate::config::mask_userinfo(one);
         let scheme = one.split_once("://").map_or("", |(s, _)| s);
         if Kind::of(one) != Some(kind) {
-            return Err(BrokerConfigError::Scheme(name.into(), shown));
+            return Err(BrokerConfigError::Mixed(name.into(), shown));
         }
         let rest = &one[scheme.len() + 3..];
         let authority = rest.split('/').next().unwrap_or(rest);
