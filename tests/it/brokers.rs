@@ -481,3 +481,105 @@ async fn async_reply_round_trip_in_redis_is_shared_by_the_fleet() {
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.text(), "{\"done\":{\"sku\":7}}");
 }
+
+/// A `mosquitto` of the test's own on `port`, killed on drop.
+struct OwnMosquitto(std::process::Child);
+
+impl OwnMosquitto {
+    fn start(port: u16) -> OwnMosquitto {
+        OwnMosquitto(
+            std::process::Command::new("mosquitto")
+                .args(["-p", &port.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("mosquitto is required (.ci/run installs it)"),
+        )
+    }
+}
+
+impl Drop for OwnMosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn an_mqtt_broker_that_stops_gets_503_and_is_reconnected() {
+    let port = closed_port().await.port();
+    let broker = OwnMosquitto::start(port);
+    let gw = TestGateway::start(
+        &config(&format!("mqtt://127.0.0.1:{port}"), ""),
+        &[(
+            "cmd.toml",
+            &routes("{ broker = \"events\", topic = \"t/restart\" }"),
+        )],
+    )
+    .await;
+    ready(&gw).await;
+    assert_eq!(post(&gw.url("/orders"), &[], "{}").await.status, 202);
+    drop(broker);
+    eventually(10, "a stopped broker is 503, never 202", || async {
+        let r = post(&gw.url("/orders"), &[], "{}").await;
+        assert_ne!(r.status, 202, "a 202 from a stopped broker");
+        r.status == 503
+    })
+    .await;
+    assert_eq!(get(&gw.admin_url("/readyz")).await.status, 503);
+    let _broker = OwnMosquitto::start(port);
+    eventually(15, "reconnected after the broker came back", || async {
+        post(&gw.url("/orders"), &[], "{}").await.status == 202
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_identity_travels_with_the_message_and_owns_the_operation() {
+    let client = async_nats::connect(NATS)
+        .await
+        .expect("NATS is required at 127.0.0.1:4222 (.ci/run starts it)");
+    let subject = format!("ghtest.{}.identity", std::process::id());
+    let mut sub = client.subscribe(subject.clone()).await.unwrap();
+    client.flush().await.unwrap();
+    let extra = format!(
+        "\n[auth.api_keys.partners]\nheader = \"x-api-key\"\nkeys = [{{ consumer = \"acme\", sha256 = \"{}\" }}, {{ consumer = \"other\", sha256 = \"{}\" }}]\n",
+        sha256_hex("key-acme"),
+        sha256_hex("key-other"),
+    );
+    let routes = format!(
+        "[frontend]\nname = \"cmd\"\nauth = \"partners\"\n\n[[route]]\nname = \"place\"\npath = \"/orders\"\nmethods = [\"POST\"]\npublish = {{ broker = \"events\", subject = \"{subject}\", reply = \"async\" }}\n"
+    );
+    let gw = TestGateway::start(&config(NATS, &extra), &[("cmd.toml", &routes)]).await;
+    ready(&gw).await;
+    let r = post(&gw.url("/orders"), &[("x-api-key", "key-acme")], "{}").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let location = r.header("location").to_owned();
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("the message")
+        .unwrap();
+    let h = m.headers.unwrap();
+    assert_eq!(h.get("Gatehouse-Consumer").unwrap().as_str(), "acme");
+    assert_eq!(
+        h.get("X-Request-Id").unwrap().as_str(),
+        r.header("x-request-id")
+    );
+    // Only its owner reads the operation; anyone else gets the 404 of an unknown one.
+    let read = |key: &'static str| {
+        let url = gw.url(&location);
+        async move {
+            send(
+                Request::get(url)
+                    .header("x-api-key", key)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    assert_eq!(read("key-acme").await.status, 202);
+    assert_problem(&read("key-other").await, 404, "operation_not_found");
+    // Behind the route's authentication like the route itself.
+    assert_eq!(get(&gw.url(&location)).await.status, 401);
+}
