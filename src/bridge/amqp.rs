@@ -22,7 +22,10 @@ use crate::upstream::broker::Conn;
 const ATTEMPT: &str = "x-gatehouse-delivery";
 
 /// Opens the consumer's channel and starts consuming `queue` (which must exist).
-pub(super) async fn setup(b: &Bridge, queue: &str) -> Result<lapin::Consumer, String> {
+pub(super) async fn setup(
+    b: &Bridge,
+    queue: &str,
+) -> Result<(lapin::Consumer, lapin::Channel), String> {
     let Conn::Amqp(a) = &b.broker.conn else {
         return Err("an AMQP consumer on a broker of another kind".into());
     };
@@ -48,14 +51,16 @@ pub(super) async fn setup(b: &Bridge, queue: &str) -> Result<lapin::Consumer, St
         .await
         .map_err(|e| format!("queue `{queue}`: {e}"))?;
     b.pending.set(i64::from(q.message_count()));
-    ch.basic_consume(
-        queue.into(),
-        b.s.name.as_str().into(),
-        BasicConsumeOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            b.s.name.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((consumer, ch))
 }
 
 /// A header of the message as text.

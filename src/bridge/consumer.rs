@@ -114,13 +114,15 @@ pub(super) struct Bridge {
 /// Where messages come from once set up.
 enum Messages {
     Nats(Box<async_nats::jetstream::consumer::pull::Stream>),
-    Amqp(lapin::Consumer),
+    /// The channel is held with the consumer (and with each delivery in flight): lapin closes
+    /// a channel once no handle is left, and an unacked delivery would then go back.
+    Amqp(lapin::Consumer, lapin::Channel),
 }
 
 /// One message, from either.
 enum Msg {
     Nats(async_nats::jetstream::Message),
-    Amqp(lapin::message::Delivery),
+    Amqp(lapin::message::Delivery, lapin::Channel),
 }
 
 impl Messages {
@@ -130,10 +132,10 @@ impl Messages {
                 .next()
                 .await
                 .map(|m| m.map(Msg::Nats).map_err(|e| e.to_string())),
-            Messages::Amqp(c) => c
-                .next()
-                .await
-                .map(|m| m.map(Msg::Amqp).map_err(|e| e.to_string())),
+            Messages::Amqp(c, ch) => c.next().await.map(|m| {
+                m.map(|d| Msg::Amqp(d, ch.clone()))
+                    .map_err(|e| e.to_string())
+            }),
         }
     }
 }
@@ -154,7 +156,9 @@ impl Bridge {
                     .await
                     .map(|s| Messages::Nats(Box::new(s)))
                     .map_err(|e| e.to_string()),
-                Source::Queue(queue) => super::amqp::setup(&self, queue).await.map(Messages::Amqp),
+                Source::Queue(queue) => super::amqp::setup(&self, queue)
+                    .await
+                    .map(|(c, ch)| Messages::Amqp(c, ch)),
             };
             let mut messages = match setup {
                 Ok(m) => m,
@@ -188,7 +192,10 @@ impl Bridge {
                         inflight.spawn(async move {
                             match msg {
                                 Msg::Nats(m) => me.deliver(m).await,
-                                Msg::Amqp(d) => super::amqp::deliver(&me, d).await,
+                                Msg::Amqp(d, channel) => {
+                                    super::amqp::deliver(&me, d).await;
+                                    drop(channel);
+                                }
                             }
                             drop(permit);
                         });

@@ -583,3 +583,153 @@ async fn the_identity_travels_with_the_message_and_owns_the_operation() {
     // Behind the route's authentication like the route itself.
     assert_eq!(get(&gw.url(&location)).await.status, 401);
 }
+
+/// An AMQP service: consumes `queue`, replies to each message's `reply_to` with its
+/// `correlation_id`, status 201 and the body echoed.
+async fn amqp_replier(queue: &str) -> lapin::Channel {
+    let ch = rabbit().await;
+    queue_declare_fresh(&ch, queue).await;
+    let mut c = ch
+        .basic_consume(
+            queue.into(),
+            "replier".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let out = ch.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = c.next().await {
+            let reply_to = d.properties.reply_to().clone().expect("a reply_to");
+            let corr = d
+                .properties
+                .correlation_id()
+                .clone()
+                .expect("a correlation_id");
+            let mut h = FieldTable::default();
+            h.insert(
+                "gatehouse-status".into(),
+                AMQPValue::LongString("201".into()),
+            );
+            let body = format!("{{\"done\":{}}}", String::from_utf8_lossy(&d.data));
+            out.basic_publish(
+                "".into(),
+                reply_to.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default()
+                    .with_correlation_id(corr)
+                    .with_content_type("application/json".into())
+                    .with_headers(h),
+            )
+            .await
+            .unwrap();
+            d.acker.ack(Default::default()).await.unwrap();
+        }
+    });
+    ch
+}
+
+async fn queue_declare_fresh(ch: &lapin::Channel, name: &str) {
+    queue(ch, name).await;
+}
+
+#[tokio::test]
+async fn amqp_rpc_sync_and_async_replies() {
+    let q = name("amqp-rpc");
+    let idle = format!("{q}-idle");
+    let ch = amqp_replier(&q).await;
+    queue(&ch, &idle).await;
+    let routes = format!(
+        "[frontend]\nname = \"cmd\"\n\n[[route]]\nname = \"quote\"\npath = \"/quote\"\nmethods = [\"POST\"]\ntimeout = \"1s\"\npublish = {{ broker = \"events\", exchange = \"\", routing_key = \"{q}\", reply = \"sync\" }}\n\n[[route]]\nname = \"idle\"\npath = \"/idle\"\nmethods = [\"POST\"]\ntimeout = \"500ms\"\npublish = {{ broker = \"events\", exchange = \"\", routing_key = \"{idle}\", reply = \"sync\" }}\n\n[[route]]\nname = \"later\"\npath = \"/later\"\nmethods = [\"POST\"]\npublish = {{ broker = \"events\", exchange = \"\", routing_key = \"{q}\", reply = \"async\" }}\n"
+    );
+    let gw = TestGateway::start(&config(AMQP, ""), &[("cmd.toml", &routes)]).await;
+    ready(&gw).await;
+    // Sync: the reply is the response.
+    let r = post(&gw.url("/quote"), &[], "{\"sku\":3}").await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.text(), "{\"done\":{\"sku\":3}}");
+    assert_eq!(r.header("content-type"), "application/json");
+    // Nobody answers within the route's timeout: 504.
+    let r = post(&gw.url("/idle"), &[], "{}").await;
+    assert_problem(&r, 504, "upstream_timeout");
+    // Async: 202 and a Location, then the reply under the operation.
+    let r = post(&gw.url("/later"), &[], "{\"sku\":4}").await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let location = r.header("location").to_owned();
+    eventually(10, "the AMQP reply filed under the operation", || async {
+        get(&gw.url(&location)).await.status == 201
+    })
+    .await;
+    assert_eq!(
+        get(&gw.url(&location)).await.text(),
+        "{\"done\":{\"sku\":4}}"
+    );
+    for n in [&q, &idle] {
+        let _ = ch
+            .queue_delete(n.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_during_an_amqp_delivery_finishes_and_acks_it() {
+    let ch = rabbit().await;
+    let q = name("amqp-term");
+    queue(&ch, &q).await;
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    let up = Upstream::start(move |_req: http::Request<hyper::body::Incoming>| {
+        let count = count.clone();
+        async move {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            text(200, "done")
+        }
+    })
+    .await;
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\n[brokers.rabbit]\nurl = \"{AMQP}\"\n\n[services.notify]\nendpoints = [\"{}\"]\n\n[[consumer]]\nbroker = \"rabbit\"\nqueue = \"{q}\"\nservice = \"notify\"\npath = \"/notify\"\n",
+        up.url()
+    );
+    let dir = write_config(&cfg, &[("x.toml", "[frontend]\nname = \"x\"\n")]);
+    let mut gw = GatewayProcess::spawn(&dir.path().join("gateway.toml"));
+    ch.basic_publish(
+        "".into(),
+        q.as_str().into(),
+        BasicPublishOptions::default(),
+        b"slow",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    eventually(20, "the delivery started", || async {
+        seen.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    gw.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || gw.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // Finished and acked before the exit: the queue holds nothing to deliver again.
+    let left = ch
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.message_count(), 0);
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let _ = ch
+        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await;
+}

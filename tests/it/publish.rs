@@ -367,8 +367,8 @@ fn publish_mistakes_are_located() {
             "qos must be 0 or 1",
         ),
         (
-            "{ broker = \"rabbit\", exchange = \"\", routing_key = \"k\", reply = \"sync\" }",
-            "reply = \"sync\" is offered on NATS brokers only",
+            "{ broker = \"mq\", topic = \"a/b\", reply = \"sync\" }",
+            "reply = \"sync\" is offered on NATS and AMQP brokers only",
         ),
     ] {
         let e = compile_errors(&gw, "cmd.toml", &routes(publish));

@@ -62,6 +62,7 @@ enum Target {
     Amqp {
         exchange: String,
         routing_key: String,
+        sync: bool,
     },
     Mqtt {
         topic: Arc<str>,
@@ -87,7 +88,7 @@ pub(crate) enum PublishConfigError {
     #[error("qos must be 0 or 1 (QoS 2 is not offered: its exactly-once needs the broker's session across reconnects)")]
     Qos,
     #[error(
-        "reply = \"{0}\" is offered on NATS brokers only (a request-reply over a reply subject)"
+        "reply = \"{0}\" is offered on NATS and AMQP brokers only (MQTT 3.1.1 has no reply address)"
     )]
     ReplyKind(&'static str),
     #[error(
@@ -130,7 +131,7 @@ pub(crate) fn build(f: &PublishFacts<'_>, cfg: &PublishConfig) -> Result<Option<
     let reply = cfg.reply.as_ref().map_or(ReplyMode::None, |r| *r.get_ref());
     let target = target(kind, name, cfg)?;
     if let Some(r) = &cfg.reply {
-        if *r.get_ref() != ReplyMode::None && kind != Kind::Nats {
+        if *r.get_ref() != ReplyMode::None && kind == Kind::Mqtt {
             let mode = if *r.get_ref() == ReplyMode::Sync {
                 "sync"
             } else {
@@ -229,6 +230,10 @@ fn target(kind: Kind, name: &str, cfg: &PublishConfig) -> Result<Target, Located
             Ok(Target::Amqp {
                 exchange: exchange.get_ref().clone(),
                 routing_key: routing_key.get_ref().clone(),
+                sync: cfg
+                    .reply
+                    .as_ref()
+                    .is_some_and(|r| *r.get_ref() == ReplyMode::Sync),
             })
         }
         Kind::Mqtt => {
@@ -272,8 +277,8 @@ impl Publish {
     }
 }
 
-/// Starts (or takes over) the reply subscription of each NATS broker that a `reply = "async"`
-/// route publishes to. Kept across reloads while the broker and `[redis]` are unchanged.
+/// Starts (or takes over) the reply collection of each broker (NATS or AMQP) that a
+/// `reply = "async"` route publishes to. Kept across reloads while the broker and `[redis]` are unchanged.
 pub(crate) fn build_replies(
     loaded: &crate::config::LoadedConfig,
     previous: Option<&crate::resources::Resources>,
@@ -296,7 +301,7 @@ pub(crate) fn build_replies(
             let (Some(broker), Some(cfg)) = (brokers.get(name), g.brokers.get(name)) else {
                 continue;
             };
-            if out.contains_key(name) || broker.kind() != Kind::Nats {
+            if out.contains_key(name) || broker.kind() == Kind::Mqtt {
                 continue;
             }
             let redis = resources.get::<crate::upstream::redis::RedisStore>("redis");
@@ -433,7 +438,7 @@ impl Plan {
                         let op = r.create(&x, *ttl).await?;
                         location = Some(format!("{}{}", self.operations_path, op.id));
                         doc.insert("operation".into(), op.id.as_str().into());
-                        Some(op.reply_subject)
+                        op.reply_subject
                     }
                     None => None,
                 };
@@ -448,10 +453,23 @@ impl Plan {
             Target::Amqp {
                 exchange,
                 routing_key,
+                sync,
             } => {
+                if *sync {
+                    return amqp::request(self.as_ref(), exchange, routing_key, msg, &x).await;
+                }
                 doc.insert("exchange".into(), exchange.as_str().into());
                 doc.insert("routing_key".into(), routing_key.as_str().into());
-                amqp::publish(b, exchange, routing_key, msg).await?;
+                let correlation = match &self.replies {
+                    Some((r, ttl)) => {
+                        let op = r.create(&x, *ttl).await?;
+                        location = Some(format!("{}{}", self.operations_path, op.id));
+                        doc.insert("operation".into(), op.id.as_str().into());
+                        Some(op.id)
+                    }
+                    None => None,
+                };
+                amqp::publish(b, exchange, routing_key, msg, correlation.as_deref()).await?;
             }
             Target::Mqtt { topic, qos } => {
                 doc.insert("topic".into(), (&**topic).into());

@@ -1,8 +1,9 @@
 //! `reply = "async"`: a publish answered 202 with `Location: …/operations/{id}`, and the
-//! operation resource served at that path. Each NATS broker with such a route has one
-//! `Replies`: a subscription to this gateway's reply subjects (`_GH_OPS.<instance>.<id>`,
-//! sent with the message as its reply subject and as the `Gatehouse-Reply-To` header) that
-//! files each reply under its operation, in Redis when `[redis]` exists (every gateway of a
+//! operation resource served at that path. Each broker with such a route has one `Replies`
+//! that files each reply under its operation — on NATS a subscription to this gateway's reply
+//! subjects (`_GH_OPS.<instance>.<id>`, sent with the message as its reply subject and as the
+//! `Gatehouse-Reply-To` header), on AMQP the broker's direct reply-to consumer (the message's
+//! `reply_to` and `correlation_id`, the operation id) — in Redis when `[redis]` exists (every gateway of a
 //! fleet can answer a poll) or else in memory (bounded by size, each entry by its route's
 //! `result_ttl`).
 //!
@@ -35,16 +36,27 @@ const MEMORY_BYTES: u64 = 64 << 20;
 /// A reply larger than this is filed as a 502 (`reply_too_large`), not kept.
 const MAX_RESULT: usize = 1 << 20;
 
-/// The reply subjects of one NATS broker, and where replies are kept.
+/// The replies of one broker, and where they are kept.
 pub(crate) struct Replies {
-    prefix: String,
+    /// NATS: the reply subjects' prefix.
+    prefix: Option<String>,
     store: Store,
-    task: tokio::task::AbortHandle,
+    /// NATS: the subscription's task.
+    task: Option<tokio::task::AbortHandle>,
+    /// AMQP: the broker whose filer this set, and the filer.
+    amqp: Option<(Arc<Broker>, crate::upstream::broker::amqp::Filer)>,
 }
 
 impl Drop for Replies {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+        if let Some((b, f)) = &self.amqp {
+            if let crate::upstream::broker::Conn::Amqp(a) = &b.conn {
+                a.replies.clear_filer(f);
+            }
+        }
     }
 }
 
@@ -71,10 +83,10 @@ pub(crate) struct Done {
     body: Bytes,
 }
 
-/// A new operation: its id and the subject its reply goes to.
+/// A new operation: its id and (NATS) the subject its reply goes to.
 pub(crate) struct Created {
     pub(crate) id: String,
-    pub(crate) reply_subject: String,
+    pub(crate) reply_subject: Option<String>,
 }
 
 /// What a poll finds.
@@ -98,13 +110,10 @@ impl moka::Expiry<Arc<str>, Arc<Entry>> for PerEntry {
 }
 
 impl Replies {
-    /// Subscribes to this gateway's reply subjects on `broker` (a NATS broker).
+    /// Collects the replies of `broker`: on NATS by subscribing to this gateway's reply
+    /// subjects, on AMQP by taking the replies no request waits for.
     pub(crate) fn start(broker: &Arc<Broker>, redis: Option<Arc<RedisStore>>) -> Option<Replies> {
-        let client = broker.nats()?.client.clone();
         let handle = tokio::runtime::Handle::try_current().ok()?;
-        let mut instance = [0u8; 8];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut instance).ok()?;
-        let prefix = format!("_GH_OPS.{}", hex(&instance));
         let store = match redis {
             Some(r) => Store::Redis(r),
             None => Store::Memory(
@@ -118,6 +127,31 @@ impl Replies {
                     .build(),
             ),
         };
+        if let crate::upstream::broker::Conn::Amqp(a) = &broker.conn {
+            let filing = store.clone();
+            let name = broker.name.clone();
+            let h = handle.clone();
+            let filer: crate::upstream::broker::amqp::Filer = Arc::new(move |id: String, r| {
+                if !valid_id(&id) {
+                    return;
+                }
+                let (status, content_type) = super::amqp::reply_meta(&r);
+                let done = sized(&name, status, content_type, r.body);
+                let filing = filing.clone();
+                h.spawn(async move { filing.complete(&id, done).await });
+            });
+            a.replies.set_filer(filer.clone());
+            return Some(Replies {
+                prefix: None,
+                store,
+                task: None,
+                amqp: Some((broker.clone(), filer)),
+            });
+        }
+        let client = broker.nats()?.client.clone();
+        let mut instance = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut instance).ok()?;
+        let prefix = format!("_GH_OPS.{}", hex(&instance));
         let filing = store.clone();
         let subject = format!("{prefix}.*");
         let name = broker.name.clone();
@@ -136,28 +170,16 @@ impl Replies {
                         continue;
                     };
                     let (status, content_type) = super::nats::reply_meta(m.headers.as_ref());
-                    let done = if m.payload.len() > MAX_RESULT {
-                        tracing::warn!(broker = %name, size = m.payload.len(), "an async reply is larger than 1 MiB: filed as 502");
-                        Done {
-                            status: StatusCode::BAD_GATEWAY,
-                            content_type: HeaderValue::from_static("application/problem+json"),
-                            body: Bytes::from_static(b"{\"type\":\"about:blank\",\"title\":\"The reply was too large to keep\",\"status\":502,\"code\":\"reply_too_large\"}"),
-                        }
-                    } else {
-                        Done {
-                            status,
-                            content_type,
-                            body: m.payload,
-                        }
-                    };
+                    let done = sized(&name, status, content_type, m.payload);
                     filing.complete(id, done).await;
                 }
             })
             .abort_handle();
         Some(Replies {
-            prefix,
+            prefix: Some(prefix),
             store,
-            task,
+            task: Some(task),
+            amqp: None,
         })
     }
 
@@ -206,7 +228,7 @@ impl Replies {
                 })?;
             }
         }
-        let reply_subject = format!("{}.{id}", self.prefix);
+        let reply_subject = self.prefix.as_ref().map(|p| format!("{p}.{id}"));
         Ok(Created { id, reply_subject })
     }
 
@@ -294,6 +316,23 @@ impl Store {
                     .await;
             }
         }
+    }
+}
+
+/// A reply as filed: over 1 MiB it is a 502 `reply_too_large` instead.
+fn sized(broker: &str, status: StatusCode, content_type: HeaderValue, body: Bytes) -> Done {
+    if body.len() > MAX_RESULT {
+        tracing::warn!(broker = %broker, size = body.len(), "an async reply is larger than 1 MiB: filed as 502");
+        return Done {
+            status: StatusCode::BAD_GATEWAY,
+            content_type: HeaderValue::from_static("application/problem+json"),
+            body: Bytes::from_static(b"{\"type\":\"about:blank\",\"title\":\"The reply was too large to keep\",\"status\":502,\"code\":\"reply_too_large\"}"),
+        };
+    }
+    Done {
+        status,
+        content_type,
+        body,
     }
 }
 

@@ -6,13 +6,20 @@
 //!
 //! A channel error (a publish to an exchange that does not exist closes the channel, not the
 //! connection) asks the task for a new channel; a connection error makes it reconnect.
+//!
+//! Replies (`reply = "sync"` and `"async"` routes) come over RabbitMQ's direct reply-to: the
+//! publishing channel consumes `amq.rabbitmq.reply-to`, a message is sent with that as its
+//! `reply_to` and an id as its `correlation_id`, and the service's reply arrives on the same
+//! channel. `Replies` routes each by its correlation id: to the request waiting for it (sync),
+//! else to the operations store (async, the `filer`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::config::BrokerConfig;
 
@@ -21,6 +28,116 @@ pub(crate) struct Amqp {
     live: Arc<ArcSwapOption<Live>>,
     repair: Arc<Notify>,
     task: tokio::task::AbortHandle,
+    /// Where replies go.
+    pub(crate) replies: Arc<Replies>,
+}
+
+/// The reply-to address of direct reply-to.
+pub(crate) const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// A service's reply.
+pub(crate) struct Reply {
+    /// `gatehouse-status`, if the reply has one.
+    pub(crate) status: Option<u16>,
+    pub(crate) content_type: Option<String>,
+    pub(crate) body: Bytes,
+}
+
+/// Files a reply under its correlation id (the async operations store).
+pub(crate) type Filer = Arc<dyn Fn(String, Reply) + Send + Sync>;
+
+/// Routes replies by correlation id.
+pub(crate) struct Replies {
+    /// Requests waiting for their reply (sync routes): correlation id → waiter.
+    waiting: moka::sync::Cache<Arc<str>, Arc<Waiter>>,
+    filer: ArcSwapOption<Filer>,
+}
+
+/// A waiter's slot, taken once (swapped out, not locked).
+pub(crate) struct Waiter(ArcSwapOption<oneshot::Sender<Reply>>);
+
+impl Replies {
+    fn new() -> Self {
+        Replies {
+            waiting: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                // A waiter never outlives its route's deadline; this bounds a leak, not a wait.
+                .time_to_live(Duration::from_secs(600))
+                .build(),
+            filer: ArcSwapOption::empty(),
+        }
+    }
+
+    /// Registers a waiter for `id`; the reply (if it comes) is read from the receiver.
+    pub(crate) fn wait(&self, id: &str) -> oneshot::Receiver<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .insert(id.into(), Arc::new(Waiter(ArcSwapOption::from_pointee(tx))));
+        rx
+    }
+
+    /// Forgets a waiter (its request ended).
+    pub(crate) fn forget(&self, id: &str) {
+        self.waiting.invalidate(id);
+    }
+
+    /// Sets where replies no request waits for go.
+    pub(crate) fn set_filer(&self, f: Filer) {
+        self.filer.store(Some(Arc::new(f)));
+    }
+
+    /// Clears the filer if it is still `f` (a newer one set meanwhile stays).
+    pub(crate) fn clear_filer(&self, f: &Filer) {
+        let current = self.filer.load_full();
+        if current.is_some_and(|c| Arc::ptr_eq(&*c, f)) {
+            self.filer.store(None);
+        }
+    }
+
+    fn route(&self, d: lapin::message::Delivery) {
+        let Some(id) = d
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str().to_owned())
+        else {
+            return;
+        };
+        let status = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|t| t.inner().get("gatehouse-status").cloned())
+            .and_then(|v| match v {
+                lapin::types::AMQPValue::LongString(s) => {
+                    std::str::from_utf8(s.as_bytes()).ok()?.parse().ok()
+                }
+                lapin::types::AMQPValue::ShortString(s) => s.as_str().parse().ok(),
+                lapin::types::AMQPValue::LongInt(n) => u16::try_from(n).ok(),
+                lapin::types::AMQPValue::LongLongInt(n) => u16::try_from(n).ok(),
+                lapin::types::AMQPValue::ShortInt(n) => u16::try_from(n).ok(),
+                lapin::types::AMQPValue::ShortUInt(n) => Some(n),
+                _ => None,
+            });
+        let reply = Reply {
+            status,
+            content_type: d
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|c| c.as_str().to_owned()),
+            body: Bytes::from(d.data),
+        };
+        if let Some(w) = self.waiting.remove(id.as_str()) {
+            if let Some(tx) = w.0.swap(None).and_then(|tx| Arc::try_unwrap(tx).ok()) {
+                let _ = tx.send(reply);
+            }
+            return;
+        }
+        if let Some(f) = self.filer.load_full() {
+            f(id, reply);
+        }
+    }
 }
 
 /// An open connection and its publishing channel.
@@ -60,6 +177,7 @@ impl Amqp {
             .map_err(|_| format!("broker `{name}`: no async runtime"))?;
         let live = Arc::new(ArcSwapOption::empty());
         let repair = Arc::new(Notify::new());
+        let replies = Arc::new(Replies::new());
         let task = handle
             .spawn(run(
                 name.to_owned(),
@@ -67,9 +185,15 @@ impl Amqp {
                 c.connect_timeout.get(),
                 live.clone(),
                 repair.clone(),
+                replies.clone(),
             ))
             .abort_handle();
-        Ok(Amqp { live, repair, task })
+        Ok(Amqp {
+            live,
+            repair,
+            task,
+            replies,
+        })
     }
 
     /// The open connection, if any.
@@ -89,17 +213,39 @@ impl Amqp {
     }
 }
 
-async fn open(url: &str) -> Result<Live, lapin::Error> {
+async fn open(url: &str, replies: &Arc<Replies>) -> Result<Live, lapin::Error> {
     let props = lapin::ConnectionProperties::default().with_connection_name("gatehouse".into());
     let conn = Arc::new(lapin::Connection::connect(url, props).await?);
-    let publish = channel(&conn).await?;
+    let publish = channel(&conn, replies).await?;
     Ok(Live { conn, publish })
 }
 
-async fn channel(conn: &lapin::Connection) -> Result<lapin::Channel, lapin::Error> {
+/// The publishing channel: confirm mode, and consuming its direct replies.
+async fn channel(
+    conn: &lapin::Connection,
+    replies: &Arc<Replies>,
+) -> Result<lapin::Channel, lapin::Error> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await?;
+    let mut incoming = ch
+        .basic_consume(
+            REPLY_TO.into(),
+            "gatehouse-replies".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    let replies = replies.clone();
+    // Ends with the channel.
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = incoming.next().await {
+            replies.route(d);
+        }
+    });
     Ok(ch)
 }
 
@@ -109,10 +255,11 @@ async fn run(
     connect_timeout: Duration,
     live: Arc<ArcSwapOption<Live>>,
     repair: Arc<Notify>,
+    replies: Arc<Replies>,
 ) {
     let mut failures = 0u32;
     loop {
-        let opened = tokio::time::timeout(connect_timeout, open(&url)).await;
+        let opened = tokio::time::timeout(connect_timeout, open(&url, &replies)).await;
         match opened {
             Ok(Ok(l)) => {
                 failures = 0;
@@ -130,10 +277,11 @@ async fn run(
                             Some(_) => {}
                             None => break,
                         },
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         () = repair.notified() => {
                             let broken = live.load().as_ref().is_some_and(|l| !l.publish.status().connected());
                             if broken && conn.status().connected() {
-                                match channel(&conn).await {
+                                match channel(&conn, &replies).await {
                                     Ok(ch) => live.store(Some(Arc::new(Live { conn: conn.clone(), publish: ch }))),
                                     Err(e) => {
                                         tracing::warn!(broker = %name, error = %e, "AMQP channel could not be opened; reconnecting");
