@@ -116,7 +116,7 @@ enum Messages {
     Nats(Box<async_nats::jetstream::consumer::pull::Stream>),
     /// The channel is held with the consumer (and with each delivery in flight): lapin closes
     /// a channel once no handle is left, and an unacked delivery would then go back.
-    Amqp(lapin::Consumer, lapin::Channel),
+    Amqp(Box<(lapin::Consumer, lapin::Channel)>),
 }
 
 /// One message, from either.
@@ -132,10 +132,13 @@ impl Messages {
                 .next()
                 .await
                 .map(|m| m.map(Msg::Nats).map_err(|e| e.to_string())),
-            Messages::Amqp(c, ch) => c.next().await.map(|m| {
-                m.map(|d| Msg::Amqp(d, ch.clone()))
-                    .map_err(|e| e.to_string())
-            }),
+            Messages::Amqp(b) => {
+                let (c, ch) = &mut **b;
+                c.next().await.map(|m| {
+                    m.map(|d| Msg::Amqp(d, ch.clone()))
+                        .map_err(|e| e.to_string())
+                })
+            }
         }
     }
 }
@@ -158,7 +161,7 @@ impl Bridge {
                     .map_err(|e| e.to_string()),
                 Source::Queue(queue) => super::amqp::setup(&self, queue)
                     .await
-                    .map(|(c, ch)| Messages::Amqp(c, ch)),
+                    .map(|cc| Messages::Amqp(Box::new(cc))),
             };
             let mut messages = match setup {
                 Ok(m) => m,
