@@ -29,6 +29,8 @@ struct Inner {
     started: std::time::Instant,
     /// Who the request is from, once authentication has said so.
     identity: OnceLock<Identity>,
+    /// The path a plugin rewrote the request to (the upstream path is built from it).
+    rewritten: OnceLock<Box<str>>,
     meta: ResponseMeta,
 }
 
@@ -96,6 +98,7 @@ impl Exchange {
             client: p.client,
             started: p.started,
             identity: OnceLock::new(),
+            rewritten: OnceLock::new(),
             meta: ResponseMeta {
                 wants_upstream: p.wants_upstream,
                 ..ResponseMeta::default()
@@ -117,7 +120,16 @@ impl Exchange {
 
     /// The normalized path the route matched.
     pub(crate) fn path(&self) -> &str {
+        if let Some(p) = self.0.rewritten.get() {
+            return p;
+        }
         self.0.normalized.as_deref().unwrap_or(self.0.uri.path())
+    }
+
+    /// Rewrites the path the backend builds its target from (once per request: false when a
+    /// rewrite was made already).
+    pub(crate) fn rewrite_path(&self, path: &str) -> bool {
+        self.0.rewritten.set(path.into()).is_ok()
     }
 
     /// The query as the client sent it.
@@ -188,6 +200,7 @@ impl Exchange {
             client: i.client.clone(),
             started: i.started,
             identity: OnceLock::new(),
+            rewritten: OnceLock::new(),
             meta: ResponseMeta::default(),
         }))
     }

@@ -20,6 +20,7 @@ mod error;
 pub mod fuzz;
 pub mod gateway;
 mod layers;
+pub use layers::plugins::rust as plugin;
 pub mod observe;
 mod per_worker;
 mod resources;

@@ -17,6 +17,9 @@ pub(super) fn default_admin_listen() -> Spanned<SocketAddr> {
 pub(super) fn default_routes_dir() -> PathBuf {
     PathBuf::from("routes")
 }
+pub(super) fn default_plugins_dir() -> PathBuf {
+    PathBuf::from("plugins")
+}
 pub(super) fn default_filter() -> Spanned<String> {
     Spanned::new(0..0, "info".to_owned())
 }
@@ -89,6 +92,9 @@ pub(super) fn d_250ms() -> Duration {
 }
 pub(super) fn d_60s() -> Duration {
     Duration::from_secs(60)
+}
+pub(super) fn d_16mib() -> Size {
+    Size(16 << 20)
 }
 pub(super) fn d_64kib() -> Size {
     Size(64 * 1024)

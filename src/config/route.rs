@@ -58,6 +58,11 @@ pub(crate) struct FrontendConfig {
     pub(crate) rate_limit: Option<Spanned<RateLimitRef>>,
     /// Response caching of the routes below (a route may say otherwise).
     pub(crate) cache: Option<Spanned<RouteCache>>,
+    /// Plugins of the routes below, outermost first (a route's own list replaces this).
+    pub(crate) plugins: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Settings of each plugin, by name (`ctx.config`); a route's entry replaces this one.
+    #[serde(default)]
+    pub(crate) plugin_config: std::collections::BTreeMap<String, Spanned<toml::Table>>,
 }
 
 /// One `[[route]]`. Serde reads it through `RawRoute` (every key a route may have, unknown keys
@@ -90,6 +95,10 @@ pub(crate) struct RouteConfig {
     pub(crate) rate_limit: Option<Spanned<RateLimitRef>>,
     /// Overrides the frontend's caching (`false` turns it off).
     pub(crate) cache: Option<Spanned<RouteCache>>,
+    /// Overrides the frontend's plugins (`[]` runs none).
+    pub(crate) plugins: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Settings of each plugin, by name (over the frontend's entry for the same plugin).
+    pub(crate) plugin_config: std::collections::BTreeMap<String, Spanned<toml::Table>>,
     /// What answers the route: exactly one of the backend keys.
     pub(crate) backend: BackendConfig,
 }
@@ -147,6 +156,10 @@ pub(crate) struct RawRoute {
     rate_limit: Option<Spanned<RateLimitRef>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cache: Option<Spanned<RouteCache>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plugins: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    plugin_config: std::collections::BTreeMap<String, Spanned<toml::Table>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     proxy: Option<Spanned<ProxyConfig>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -209,6 +222,8 @@ impl TryFrom<RawRoute> for RouteConfig {
             require: r.require,
             rate_limit: r.rate_limit,
             cache: r.cache,
+            plugins: r.plugins,
+            plugin_config: r.plugin_config,
             backend,
         })
     }
@@ -239,6 +254,8 @@ impl From<RouteConfig> for RawRoute {
             require: r.require,
             rate_limit: r.rate_limit,
             cache: r.cache,
+            plugins: r.plugins,
+            plugin_config: r.plugin_config,
             proxy,
             respond,
             aggregate,

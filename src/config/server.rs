@@ -44,6 +44,9 @@ pub struct GatewayConfig {
     /// Broker → HTTP bridges.
     #[serde(default)]
     pub(crate) consumer: Vec<Spanned<super::broker::ConsumerConfig>>,
+    /// Lua plugins: their folder and limits.
+    #[serde(default)]
+    pub(crate) plugins: super::plugins::PluginsConfig,
 }
 
 /// One address or a list of them (`listen = "…"` or `listen = ["…", "…"]`).

@@ -1,5 +1,6 @@
-//! Watches gateway.toml's folder, the routes folder and the `[protos]` folders and reports,
-//! debounced, that a `.toml` file, a `.proto` file or a descriptor set changed. The reload loop owns the watcher; dropping it stops the watch.
+//! Watches gateway.toml's folder, the routes folder, the `[protos]` folders and the plugins
+//! folder and reports, debounced, that a `.toml` file, a `.proto` file, a descriptor set or a
+//! `.lua` plugin changed. The reload loop owns the watcher; dropping it stops the watch.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,7 +30,12 @@ pub(crate) fn watch(dirs: &[PathBuf], debounce: Duration) -> notify::Result<Conf
             let relevant = !ev.kind.is_access()
                 && ev.paths.iter().any(|p| {
                     p.extension().is_some_and(|e| {
-                        e == "toml" || e == "proto" || e == "binpb" || e == "pb" || e == "desc"
+                        e == "toml"
+                            || e == "proto"
+                            || e == "binpb"
+                            || e == "pb"
+                            || e == "desc"
+                            || e == "lua"
                     })
                 });
             if relevant {

@@ -72,6 +72,12 @@ pub(crate) fn compile(
         &mut resources,
         &brokers,
     );
+    let plugins = crate::layers::plugins::build_plugins(
+        &loaded,
+        previous.map(|p| &p.resources),
+        &mut resources,
+        &mut errors,
+    );
     let tls = compile_tls(&loaded, &mut errors);
     let trusted: Arc<[ipnet::IpNet]> = loaded.gateway.server.trusted_proxies.clone().into();
 
@@ -101,6 +107,7 @@ pub(crate) fn compile(
             })
             .collect(),
         replies: &replies,
+        plugins,
     };
     let mut built = Vec::new();
     // For each route: its file and where its name is, to locate router errors.
@@ -364,6 +371,8 @@ fn compile_frontend(
         cors,
         rate_limit: fe.rate_limit.as_ref(),
         cache: fe.cache.as_ref(),
+        plugins: fe.plugins.as_ref(),
+        plugin_config: &fe.plugin_config,
     };
     let mut route_names = HashSet::new();
     for spanned in &ff.route {

@@ -211,7 +211,7 @@ pub struct Live {
     /// `[server] max_connections` (fixed at start) and the connections open now.
     pub(crate) max_connections: usize,
     pub(crate) connections: std::sync::atomic::AtomicUsize,
-    /// The folders of `[protos]` at start, watched beside the config's.
+    /// The folders of `[protos]` and `[plugins]` at start, watched beside the config's.
     proto_dirs: Vec<PathBuf>,
 }
 
@@ -223,7 +223,12 @@ impl Live {
         metrics: Arc<Metrics>,
     ) -> Result<Live, ConfigErrors> {
         let startup = StartupSettings::of(&loaded);
-        let proto_dirs = crate::backend::grpc::proto_dirs(&loaded);
+        let mut proto_dirs = crate::backend::grpc::proto_dirs(&loaded);
+        // The plugins folder is watched beside them (when it exists at start).
+        let plugins = loaded.resolve(&loaded.gateway.plugins.dir);
+        if plugins.is_dir() {
+            proto_dirs.push(plugins);
+        }
         let server = &loaded.gateway.server;
         let request_limit = (server.max_concurrent_requests > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(server.max_concurrent_requests)));

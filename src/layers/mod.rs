@@ -4,4 +4,5 @@ pub(crate) mod auth;
 pub(crate) mod cache;
 pub(crate) mod cors;
 pub(crate) mod fallback;
+pub mod plugins;
 pub(crate) mod rate_limit;

@@ -47,6 +47,12 @@ pub struct Metrics {
     pub(crate) cache_objects: prometheus::IntGauge,
     /// Messages published by `publish` routes, by broker and outcome.
     pub(crate) broker_publishes_total: IntCounterVec,
+    /// `gatehouse_plugin_calls_total{plugin, phase}`.
+    pub(crate) plugin_calls_total: IntCounterVec,
+    /// `gatehouse_plugin_errors_total{plugin}`.
+    pub(crate) plugin_errors_total: IntCounterVec,
+    /// `gatehouse_plugin_seconds_total{plugin}`.
+    pub(crate) plugin_seconds_total: prometheus::CounterVec,
     /// Messages of `[[consumer]]` bridges by consumer and outcome.
     pub(crate) consumer_deliveries_total: IntCounterVec,
     /// Messages of a `[[consumer]]`'s subject not yet delivered (its lag), as JetStream last
@@ -226,6 +232,30 @@ impl Metrics {
             &["broker", "outcome"],
         )
         .expect("valid metric");
+        let plugin_calls_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_plugin_calls_total",
+                "Calls of Lua plugin phase functions, by plugin and phase (request, response, log)",
+            ),
+            &["plugin", "phase"],
+        )
+        .expect("valid metric");
+        let plugin_errors_total = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_plugin_errors_total",
+                "Lua plugin calls that failed (an error, the time budget or the memory limit), by plugin",
+            ),
+            &["plugin"],
+        )
+        .expect("valid metric");
+        let plugin_seconds_total = prometheus::CounterVec::new(
+            Opts::new(
+                "gatehouse_plugin_seconds_total",
+                "Time spent in Lua plugin calls, by plugin",
+            ),
+            &["plugin"],
+        )
+        .expect("valid metric");
         let consumer_deliveries_total = IntCounterVec::new(
             Opts::new(
                 "gatehouse_consumer_deliveries_total",
@@ -267,6 +297,9 @@ impl Metrics {
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(cache_total.clone()),
             Box::new(broker_publishes_total.clone()),
+            Box::new(plugin_calls_total.clone()),
+            Box::new(plugin_errors_total.clone()),
+            Box::new(plugin_seconds_total.clone()),
             Box::new(consumer_deliveries_total.clone()),
             Box::new(consumer_pending.clone()),
             Box::new(cache_evictions.clone()),
@@ -311,6 +344,9 @@ impl Metrics {
             aggregate_call_seconds,
             cache_total,
             broker_publishes_total,
+            plugin_calls_total,
+            plugin_errors_total,
+            plugin_seconds_total,
             consumer_deliveries_total,
             consumer_pending,
             cache_evictions,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
-use super::layers::{auth_layer, cache_layer, rate_limit_layer};
+use super::layers::{auth_layer, cache_layer, plugin_layers, rate_limit_layer};
 use super::{chain, Layers, Route, RouteService};
 use crate::backend::proxy::{Proxy, ProxyOptions};
 use crate::backend::respond::Respond;
@@ -58,6 +58,8 @@ pub(crate) struct BuildContext<'a> {
     /// Every broker gateway.toml defines, and its kind (`None`: its URL has no known scheme).
     pub(crate) broker_kinds:
         std::collections::BTreeMap<&'a str, Option<crate::upstream::broker::Kind>>,
+    /// The Lua plugins of `[plugins] dir` (`None` when they did not load).
+    pub(crate) plugins: Option<Arc<crate::layers::plugins::PluginSet>>,
     /// The reply subscriptions of `reply = "async"` routes, by broker.
     pub(crate) replies:
         &'a std::collections::BTreeMap<String, Arc<crate::backend::publish::operations::Replies>>,
@@ -98,6 +100,8 @@ pub(crate) struct Frontend<'a> {
     pub(crate) cors: Option<CorsLayer>,
     pub(crate) rate_limit: Option<&'a toml::Spanned<RateLimitRef>>,
     pub(crate) cache: Option<&'a toml::Spanned<crate::config::RouteCache>>,
+    pub(crate) plugins: Option<&'a toml::Spanned<Vec<toml::Spanned<String>>>>,
+    pub(crate) plugin_config: &'a std::collections::BTreeMap<String, toml::Spanned<toml::Table>>,
 }
 
 /// A built route, ready for the router.
@@ -161,7 +165,11 @@ pub(crate) fn build(
     let auth = auth_layer(cx, fe, rc, &id, &mut fail);
     let rate_limit = rate_limit_layer(cx, fe, rc, &id, &mut fail);
     let cache = cache_layer(cx, fe, rc, &id, &mut fail);
+    let plugins = plugin_layers(cx, fe, rc, &id, &mut fail);
+    // Plugins read the parameters (`ctx.params`).
+    let plugins_read_params = !plugins.is_empty();
     let layers = Layers {
+        plugins,
         fallback,
         cors: fe.cors.clone(),
         auth,
@@ -254,13 +262,14 @@ pub(crate) fn build(
     }
     let service = service?;
     // Only a proxy's path template reads the parameters today.
-    let reads_params = match &rc.backend {
-        BackendConfig::Proxy(p) => p.get_ref().path.is_some(),
-        BackendConfig::Aggregate(_) => true,
-        // Path parameters fill fields by name when no google.api.http rule matches.
-        BackendConfig::Grpc(_) => true,
-        BackendConfig::Respond(_) | BackendConfig::Publish(_) => false,
-    };
+    let reads_params = plugins_read_params
+        || match &rc.backend {
+            BackendConfig::Proxy(p) => p.get_ref().path.is_some(),
+            BackendConfig::Aggregate(_) => true,
+            // Path parameters fill fields by name when no google.api.http rule matches.
+            BackendConfig::Grpc(_) => true,
+            BackendConfig::Respond(_) | BackendConfig::Publish(_) => false,
+        };
     let (line, _) = file.locate(rc.name.span().start);
     let label = format!("route `{id}` ({}:{line})", file.path.display());
     let route_metrics = Arc::new(cx.metrics.route(fe.name, rname));

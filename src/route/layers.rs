@@ -8,9 +8,12 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 
 use super::build::{BuildContext, Frontend};
+use super::chain::BoxLayer;
+use super::RouteService;
 use crate::config::{AuthRef, CacheScope, RateKey, RouteConfig};
 use crate::layers::auth::{AuthLayer, AuthPolicy, Require};
 use crate::layers::cache::{CacheLayer, RouteCache, RESULTS as CACHE_RESULTS};
+use crate::layers::plugins::PluginLayer;
 use crate::layers::rate_limit::{RateLimitLayer, RouteLimiter, RoutePolicy, OUTCOMES};
 
 /// The route's authentication layer: its providers (its own `auth`, else the frontend's),
@@ -248,4 +251,113 @@ pub(super) fn rate_limit_layer(
         trusted: cx.trusted.clone(),
         policy_header,
     }))
+}
+
+/// The route's plugins (its own list, else its frontend's), outermost first: each a Lua script
+/// of `[plugins] dir` or a registered Rust plugin, with its `plugin_config` table (the route's
+/// entry, else the frontend's).
+pub(super) fn plugin_layers(
+    cx: &BuildContext<'_>,
+    fe: &Frontend<'_>,
+    rc: &RouteConfig,
+    id: &str,
+    fail: &mut impl FnMut(Range<usize>, String),
+) -> Vec<BoxLayer> {
+    let rname = rc.name.get_ref();
+    let list = rc.plugins.as_ref().or(fe.plugins);
+    let names: Vec<&toml::Spanned<String>> = list
+        .map(|l| l.get_ref().iter().collect())
+        .unwrap_or_default();
+    for (k, v) in &rc.plugin_config {
+        if !names.iter().any(|n| n.get_ref() == k) {
+            fail(
+                v.span(),
+                format!(
+                    "route `{rname}`: plugin_config.{k}: `{k}` is not one of this route's plugins"
+                ),
+            );
+        }
+    }
+    let mut out = Vec::new();
+    for name in names {
+        let n = name.get_ref().as_str();
+        let config = rc
+            .plugin_config
+            .get(n)
+            .or_else(|| fe.plugin_config.get(n))
+            .map(|c| c.get_ref().clone())
+            .unwrap_or_default();
+        if let Some(set) = cx.plugins.as_ref().filter(|s| s.has(n)) {
+            match PluginLayer::new(set, n, id, &config, cx.metrics) {
+                Ok(l) => out.push(Arc::new(move |inner: RouteService| {
+                    let l = l.clone();
+                    RouteService::from_fn(move |req| l.call(&inner, req))
+                }) as BoxLayer),
+                Err(e) => fail(name.span(), format!("route `{rname}`: {e}")),
+            }
+        } else if let Some(make) = crate::layers::plugins::rust::registered(n) {
+            // Built once per route, here, to report its config errors; wrapped per stack.
+            let probe = make(
+                &config,
+                rust_inner(RouteService::from_fn(|_| {
+                    Box::pin(async {
+                        Err::<http::Response<crate::backend::RespBody>, _>("unused".into())
+                    })
+                })),
+            );
+            match probe {
+                Ok(_) => out.push(Arc::new(move |inner: RouteService| {
+                    match make(&config, rust_inner(inner.clone())) {
+                        Ok(svc) => RouteService::from_fn(
+                            move |req: http::Request<crate::body::ReqBody>| {
+                                let svc = svc.clone();
+                                Box::pin(async move {
+                                    use tower::ServiceExt;
+                                    let resp = svc
+                                        .oneshot(req.map(crate::layers::plugins::rust::RequestBody))
+                                        .await?;
+                                    Ok(resp.map(|b| b.0))
+                                })
+                            },
+                        ),
+                        // Built once above with the same table: not reached.
+                        Err(_) => inner,
+                    }
+                }) as BoxLayer),
+                Err(msg) => fail(name.span(), format!("route `{rname}`: plugin `{n}`: {msg}")),
+            }
+        } else {
+            let known = cx
+                .plugins
+                .as_ref()
+                .map(|s| s.names().join(", "))
+                .unwrap_or_default();
+            let dir = cx
+                .plugins
+                .as_ref()
+                .map_or_else(String::new, |s| s.dir.display().to_string());
+            fail(
+                name.span(),
+                format!(
+                    "route `{rname}`: unknown plugin `{n}` (no `{n}.lua` in {dir}, and no Rust plugin of that name; plugins there: {})",
+                    if known.is_empty() { "none" } else { &known }
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// A route's erased stack as the service a Rust plugin's layer wraps.
+fn rust_inner(inner: RouteService) -> crate::layers::plugins::rust::PluginService {
+    use crate::layers::plugins::rust::{BoxError, RequestBody, ResponseBody};
+    tower::util::BoxCloneSyncService::new(tower::service_fn(
+        move |req: http::Request<RequestBody>| {
+            let call = inner.call(req.map(|b| b.0));
+            async move {
+                let resp = call.await?;
+                Ok::<_, BoxError>(resp.map(ResponseBody))
+            }
+        },
+    ))
 }

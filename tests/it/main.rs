@@ -14,6 +14,7 @@ mod fuzz_corpus;
 mod grpc;
 mod hardening;
 mod parking;
+mod plugins;
 mod pool;
 mod process;
 mod protocols;

@@ -1,0 +1,641 @@
+//! Lua plugins (`plugins/NAME.lua`, named by frontends and routes in `plugins = […]`, set up by
+//! `plugin_config.NAME = { … }`). A script returns a table of phase functions:
+//! `on_request(req, ctx)` before the backend (it may change the method-less parts of the
+//! request — headers, path, query — or answer by returning `{ status, body, headers }`),
+//! `on_response(res, ctx)` (status and headers) and `on_log(ctx)` at the end; `read_body = true`
+//! gives `req.body` (bodies up to `[plugins] max_body`).
+//!
+//! `PluginSet` is the folder's scripts, checked at compile (a syntax error, a script that does
+//! not return phase functions: located at `path:line`) and kept as a resource across reloads
+//! while the folder and `[plugins]` are unchanged. Each worker runs them in its own sandboxed
+//! VM (`vm.rs`); the API they see is `api.rs`. A use of a plugin by a route is a `PluginLayer`.
+//! An error, the time budget or the memory limit in a call answers 500 `plugin_error` (naming
+//! the plugin) with an ERROR log line — or, with `on_error = "skip"` in its `plugin_config`,
+//! goes on as if the plugin were not there.
+
+mod api;
+pub mod rust;
+mod vm;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use mlua::{Table, Value};
+use tower::{Service, ServiceExt};
+
+use crate::backend::RespBody;
+use crate::body::{req_full, ReqBody};
+use crate::config::{ConfigErrors, LoadedConfig, PluginsConfig};
+use crate::context::Exchange;
+use crate::error::{BoxError, Problem};
+use crate::observe::metrics::Metrics;
+use crate::resources::Resources;
+
+/// A folder of scripts, checked.
+pub(crate) struct PluginSet {
+    /// Unique per built set: a worker's VM is for one set.
+    id: u64,
+    scripts: BTreeMap<Arc<str>, Script>,
+    memory_limit: usize,
+    time_budget: Duration,
+    max_body: usize,
+    pub(crate) dir: PathBuf,
+}
+
+/// One `NAME.lua`.
+pub(crate) struct Script {
+    path: PathBuf,
+    code: Arc<str>,
+    read_body: bool,
+}
+
+impl PluginSet {
+    pub(crate) fn names(&self) -> Vec<&str> {
+        self.scripts.keys().map(|k| &**k).collect()
+    }
+
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.scripts.contains_key(name)
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What decides whether a set is rebuilt: `[plugins]` and every script's name and text.
+#[derive(Clone, PartialEq)]
+struct Key(PluginsConfig, Vec<(String, String)>);
+
+/// Reads and checks `[plugins] dir`. A missing folder is an empty set (a route naming a
+/// plugin then gets "unknown plugin").
+pub(crate) fn build_plugins(
+    loaded: &LoadedConfig,
+    previous: Option<&Resources>,
+    resources: &mut Resources,
+    errors: &mut ConfigErrors,
+) -> Option<Arc<PluginSet>> {
+    let cfg = &loaded.gateway.plugins;
+    let dir = loaded.resolve(&cfg.dir);
+    let mut files = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "lua") && p.is_file() {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut texts = Vec::new();
+    let before = errors.0.len();
+    for p in &files {
+        let name = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            errors.push(crate::config::source::ConfigError::file(
+                p,
+                format!("plugin file name `{name}.lua`: a plugin's name may hold only letters, digits, `-` and `_`"),
+            ));
+            continue;
+        }
+        match std::fs::read_to_string(p) {
+            Ok(code) => texts.push((name, code)),
+            Err(e) => errors.push(crate::config::source::ConfigError::file(
+                p,
+                format!("cannot read the plugin: {e}"),
+            )),
+        }
+    }
+    let memory_limit = usize::try_from(cfg.memory_limit.0).unwrap_or(usize::MAX);
+    let mut scripts = BTreeMap::new();
+    for ((name, code), path) in texts.iter().zip(&files) {
+        let mut s = Script {
+            path: shown_path(loaded, path),
+            code: code.as_str().into(),
+            read_body: false,
+        };
+        match vm::check(&s, memory_limit) {
+            Ok(read_body) => {
+                s.read_body = read_body;
+                s.path = path.clone();
+                scripts.insert(Arc::from(name.as_str()), s);
+            }
+            Err(msg) => errors.push(located(path, &s.path, &msg)),
+        }
+    }
+    if errors.0.len() != before {
+        return None;
+    }
+    let key = Key(cfg.clone(), texts);
+    let built = resources.reuse_or_build(previous, "plugins", &key, |_| {
+        Ok::<_, ()>(PluginSet {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            scripts,
+            memory_limit,
+            time_budget: cfg.time_budget.get(),
+            max_body: usize::try_from(cfg.max_body.0).unwrap_or(usize::MAX),
+            dir,
+        })
+    });
+    built.ok().map(|(s, _)| s)
+}
+
+/// The path as Lua names the chunk (relative to gateway.toml's folder when it is inside it).
+fn shown_path(loaded: &LoadedConfig, p: &std::path::Path) -> PathBuf {
+    p.strip_prefix(&loaded.root)
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// A Lua message as a located config error: `shown:LINE: …` gives the line.
+fn located(
+    path: &std::path::Path,
+    shown: &std::path::Path,
+    msg: &str,
+) -> crate::config::source::ConfigError {
+    let first = msg.lines().next().unwrap_or(msg);
+    let marker = format!("{}:", shown.display());
+    let mut line = 1;
+    let mut text = first.to_owned();
+    if let Some(i) = first.find(&marker) {
+        let rest = &first[i + marker.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if let Ok(n) = digits.parse::<usize>() {
+            line = n;
+            text = rest[digits.len()..]
+                .trim_start_matches(':')
+                .trim()
+                .to_owned();
+        } else {
+            text = rest.trim().to_owned();
+        }
+    }
+    crate::config::source::ConfigError {
+        file: path.to_path_buf(),
+        line,
+        col: 1,
+        message: format!("plugin: {text}"),
+    }
+}
+
+/// The phases, as counter indexes.
+const REQUEST: usize = 0;
+const RESPONSE: usize = 1;
+const LOG: usize = 2;
+
+/// A route's use of one Lua plugin.
+#[derive(Clone)]
+pub(crate) struct PluginLayer(Arc<Use>);
+
+struct Use {
+    set: Arc<PluginSet>,
+    name: Arc<str>,
+    route: Arc<str>,
+    /// `ctx.config` (its address keys the VM's table of it).
+    config: Arc<serde_json::Value>,
+    skip_on_error: bool,
+    read_body: bool,
+    calls: [prometheus::IntCounter; 3],
+    errors: prometheus::IntCounter,
+    seconds: prometheus::Counter,
+}
+
+/// Why a use of a plugin cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PluginUseError {
+    #[error("plugin_config.{0}.on_error must be \"fail\" or \"skip\"")]
+    OnError(String),
+}
+
+impl PluginLayer {
+    pub(crate) fn new(
+        set: &Arc<PluginSet>,
+        name: &str,
+        route: &str,
+        config: &toml::Table,
+        metrics: &Metrics,
+    ) -> Result<PluginLayer, PluginUseError> {
+        let skip_on_error = match config.get("on_error").map(|v| v.as_str()) {
+            None | Some(Some("fail")) => false,
+            Some(Some("skip")) => true,
+            Some(_) => return Err(PluginUseError::OnError(name.to_owned())),
+        };
+        let json = serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
+        let script = set.scripts.get(name);
+        Ok(PluginLayer(Arc::new(Use {
+            set: set.clone(),
+            name: name.into(),
+            route: route.into(),
+            config: Arc::new(json),
+            skip_on_error,
+            read_body: script.is_some_and(|s| s.read_body),
+            calls: ["request", "response", "log"]
+                .map(|p| metrics.plugin_calls_total.with_label_values(&[name, p])),
+            errors: metrics.plugin_errors_total.with_label_values(&[name]),
+            seconds: metrics.plugin_seconds_total.with_label_values(&[name]),
+        })))
+    }
+
+    /// One request through the plugin and `inner`.
+    pub(crate) fn call<S>(&self, inner: &S, req: Request<ReqBody>) -> BoxFuture
+    where
+        S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send,
+    {
+        let u = self.0.clone();
+        let inner = inner.clone();
+        Box::pin(async move { u.run(inner, req).await })
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError>> + Send>>;
+
+/// What `on_request` decided.
+enum Step {
+    /// Go on, with the values the plugin set in `ctx`.
+    Continue(serde_json::Map<String, serde_json::Value>),
+    /// Answer this, without the backend.
+    Respond(Response<RespBody>),
+}
+
+/// The keys of `ctx` the gateway fills (the plugin's own values are the others).
+const BUILTIN: [&str; 7] = [
+    "config",
+    "route",
+    "client_ip",
+    "claims",
+    "consumer",
+    "request_id",
+    "params",
+];
+
+impl Use {
+    async fn run<S>(
+        self: Arc<Self>,
+        inner: S,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<RespBody>, BoxError>
+    where
+        S: Service<Request<ReqBody>, Response = Response<RespBody>, Error = BoxError> + Send,
+        S::Future: Send,
+    {
+        let x = req.extensions().get::<Exchange>().cloned();
+        let body = if self.read_body {
+            let (parts, b) = req.into_parts();
+            let limited = http_body_util::Limited::new(b, self.set.max_body);
+            let bytes = match limited.collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(_) => {
+                    return Err(Problem::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        "The request body is larger than this route's plugins read",
+                    )
+                    .member("max_body", self.set.max_body)
+                    .into())
+                }
+            };
+            req = Request::from_parts(parts, req_full(bytes.clone()));
+            Some(bytes)
+        } else {
+            None
+        };
+        let mut ctx = serde_json::Map::new();
+        if self.has(REQUEST) {
+            match self.on_request(&mut req, x.as_ref(), body.as_deref()) {
+                Ok(Step::Continue(c)) => ctx = c,
+                Ok(Step::Respond(r)) => {
+                    self.on_log(x.as_ref(), &ctx);
+                    return Ok(r);
+                }
+                Err(e) => {
+                    if let Some(err) = self.failed(REQUEST, &e) {
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        let mut resp = inner.oneshot(req).await?;
+        if self.has(RESPONSE) {
+            if let Err(e) = self.on_response(&mut resp, x.as_ref(), &mut ctx) {
+                if let Some(err) = self.failed(RESPONSE, &e) {
+                    return Err(err);
+                }
+            }
+        }
+        self.on_log(x.as_ref(), &ctx);
+        Ok(resp)
+    }
+
+    fn has(&self, phase: usize) -> bool {
+        // A set without the script (a Rust plugin of the same name) has nothing to run.
+        self.set.scripts.contains_key(&*self.name)
+            && vm::with_vm(&self.set, |vm| {
+                vm.plugins.get(&*self.name).is_some_and(|l| match phase {
+                    REQUEST => l.on_request.is_some(),
+                    RESPONSE => l.on_response.is_some(),
+                    _ => l.on_log.is_some(),
+                })
+            })
+            .unwrap_or(true)
+    }
+
+    /// Counts and logs a failed call; the error to answer with, unless the plugin is skipped.
+    fn failed(&self, phase: usize, e: &str) -> Option<BoxError> {
+        self.errors.inc();
+        let phase = ["on_request", "on_response", "on_log"][phase];
+        tracing::error!(plugin = %self.name, route = %self.route, phase, error = %e, "plugin failed");
+        if self.skip_on_error {
+            return None;
+        }
+        Some(
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "plugin_error",
+                "A plugin of this route failed",
+            )
+            .member("plugin", &*self.name)
+            .into(),
+        )
+    }
+
+    /// Times a call and counts it.
+    fn timed<R>(&self, phase: usize, f: impl FnOnce() -> R) -> R {
+        self.calls[phase].inc();
+        let t = Instant::now();
+        let out = f();
+        self.seconds.inc_by(t.elapsed().as_secs_f64());
+        out
+    }
+
+    /// The `ctx` table of a call: the gateway's values and the plugin's own so far.
+    fn ctx(
+        &self,
+        vm: &vm::Vm,
+        x: Option<&Exchange>,
+        own: &serde_json::Map<String, serde_json::Value>,
+    ) -> mlua::Result<Table> {
+        let lua = &vm.lua;
+        let ctx = lua.create_table()?;
+        let key = Arc::as_ptr(&self.config) as usize;
+        let config = {
+            let mut cache = vm.configs.borrow_mut();
+            match cache.get(&key) {
+                Some(t) => t.clone(),
+                None => {
+                    let v = mlua::LuaSerdeExt::to_value(lua, &*self.config)?;
+                    let t = match v {
+                        Value::Table(t) => t,
+                        _ => lua.create_table()?,
+                    };
+                    cache.insert(key, t.clone());
+                    t
+                }
+            }
+        };
+        ctx.raw_set("config", config)?;
+        ctx.raw_set("route", &*self.route)?;
+        if let Some(x) = x {
+            ctx.raw_set(
+                "client_ip",
+                lua.create_string(x.client().peer_ip.as_bytes())?,
+            )?;
+            ctx.raw_set("request_id", lua.create_string(x.request_id().as_bytes())?)?;
+            let params = lua.create_table()?;
+            for (k, v) in x.params() {
+                params.raw_set(k, v)?;
+            }
+            ctx.raw_set("params", params)?;
+            if let Some(i) = x.identity() {
+                if let Some(c) = &i.consumer {
+                    ctx.raw_set("consumer", &**c)?;
+                }
+                if let Some(claims) = &i.claims {
+                    ctx.raw_set("claims", mlua::LuaSerdeExt::to_value(lua, &**claims)?)?;
+                }
+            }
+        }
+        for (k, v) in own {
+            ctx.raw_set(k.as_str(), mlua::LuaSerdeExt::to_value(lua, v)?)?;
+        }
+        Ok(ctx)
+    }
+
+    /// The plugin's own values in `ctx`, for the next phase.
+    fn own(lua: &mlua::Lua, ctx: &Table) -> serde_json::Map<String, serde_json::Value> {
+        let mut out = serde_json::Map::new();
+        for (k, v) in ctx.pairs::<String, Value>().flatten() {
+            if BUILTIN.contains(&k.as_str()) {
+                continue;
+            }
+            if let Ok(j) = mlua::LuaSerdeExt::from_value::<serde_json::Value>(lua, v) {
+                out.insert(k, j);
+            }
+        }
+        out
+    }
+
+    fn on_request(
+        &self,
+        req: &mut Request<ReqBody>,
+        x: Option<&Exchange>,
+        body: Option<&[u8]>,
+    ) -> Result<Step, String> {
+        let budget = self.set.time_budget;
+        let out = vm::with_vm(&self.set, |vm| -> Result<Step, String> {
+            let Some(f) = vm
+                .plugins
+                .get(&*self.name)
+                .and_then(|l| l.on_request.clone())
+            else {
+                return Ok(Step::Continue(serde_json::Map::new()));
+            };
+            let lua = &vm.lua;
+            let mut run = || -> mlua::Result<(Step, mlua::AnyUserData, Table)> {
+                let r = lua.create_table()?;
+                r.raw_set("method", req.method().as_str())?;
+                r.raw_set("path", req.uri().path())?;
+                if let Some(q) = req.uri().query() {
+                    r.raw_set("query", q)?;
+                }
+                if let Some(b) = body {
+                    r.raw_set("body", lua.create_string(b)?)?;
+                }
+                let headers =
+                    lua.create_userdata(api::Headers(std::mem::take(req.headers_mut())))?;
+                r.raw_set("headers", &headers)?;
+                let ctx = self.ctx(vm, x, &serde_json::Map::new())?;
+                let answer: Value = self.timed(REQUEST, || vm::call(&f, budget, (&r, &ctx)))?;
+                let step = match answer {
+                    Value::Table(t) => Step::Respond(response_from(lua, &t)?),
+                    Value::Nil => Step::Continue(serde_json::Map::new()),
+                    other => {
+                        return Err(mlua::Error::runtime(format!(
+                            "on_request returned a {}; return nothing, or a table {{ status, body, headers }}",
+                            other.type_name()
+                        )))
+                    }
+                };
+                // The path and query the plugin left.
+                let path: mlua::LuaString = r.raw_get("path")?;
+                let query: Option<mlua::LuaString> = r.raw_get("query")?;
+                let path = path.to_str()?.to_owned();
+                let query = query
+                    .map(|q| q.to_str().map(|s| s.to_owned()))
+                    .transpose()?;
+                if path != req.uri().path() || query.as_deref() != req.uri().query() {
+                    let path_changed = path != req.uri().path();
+                    set_target(req, &path, query.as_deref())?;
+                    if path_changed && !x.is_none_or(|x| x.rewrite_path(&path)) {
+                        return Err(mlua::Error::runtime(
+                            "req.path was rewritten by another plugin of this request already",
+                        ));
+                    }
+                }
+                Ok((step, headers, ctx))
+            };
+            let result = run();
+            match result {
+                Ok((step, headers, ctx)) => {
+                    if let Ok(h) = headers.take::<api::Headers>() {
+                        *req.headers_mut() = h.0;
+                    }
+                    Ok(match step {
+                        Step::Continue(_) => Step::Continue(Self::own(lua, &ctx)),
+                        r => r,
+                    })
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })?;
+        out
+    }
+
+    fn on_response(
+        &self,
+        resp: &mut Response<RespBody>,
+        x: Option<&Exchange>,
+        own: &mut serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), String> {
+        let budget = self.set.time_budget;
+        vm::with_vm(&self.set, |vm| -> Result<(), String> {
+            let Some(f) = vm
+                .plugins
+                .get(&*self.name)
+                .and_then(|l| l.on_response.clone())
+            else {
+                return Ok(());
+            };
+            let lua = &vm.lua;
+            let headers_before = std::mem::take(resp.headers_mut());
+            let mut headers_back = None;
+            let run = || -> mlua::Result<(u16, Table)> {
+                let r = lua.create_table()?;
+                r.raw_set("status", resp.status().as_u16())?;
+                let headers = lua.create_userdata(api::Headers(headers_before))?;
+                r.raw_set("headers", &headers)?;
+                let ctx = self.ctx(vm, x, own)?;
+                let call: mlua::Result<()> =
+                    self.timed(RESPONSE, || vm::call(&f, budget, (&r, &ctx)));
+                headers_back = headers.take::<api::Headers>().ok().map(|h| h.0);
+                call?;
+                let status: u16 = r.raw_get("status")?;
+                Ok((status, ctx))
+            };
+            let result = run();
+            if let Some(h) = headers_back {
+                *resp.headers_mut() = h;
+            }
+            let (status, ctx) = result.map_err(|e| e.to_string())?;
+            *resp.status_mut() = StatusCode::from_u16(status)
+                .ok()
+                .filter(|s| (100..=599).contains(&s.as_u16()))
+                .ok_or_else(|| format!("res.status = {status} is not an HTTP status"))?;
+            *own = Self::own(lua, &ctx);
+            Ok(())
+        })?
+    }
+
+    fn on_log(&self, x: Option<&Exchange>, own: &serde_json::Map<String, serde_json::Value>) {
+        if !self.has(LOG) {
+            return;
+        }
+        let budget = self.set.time_budget;
+        let r = vm::with_vm(&self.set, |vm| -> Result<(), String> {
+            let Some(f) = vm.plugins.get(&*self.name).and_then(|l| l.on_log.clone()) else {
+                return Ok(());
+            };
+            let ctx = self.ctx(vm, x, own).map_err(|e| e.to_string())?;
+            self.timed(LOG, || vm::call::<()>(&f, budget, &ctx))
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = r.and_then(|r| r) {
+            // The response is on its way: a failing on_log is counted and logged only.
+            self.errors.inc();
+            tracing::error!(plugin = %self.name, route = %self.route, phase = "on_log", error = %e, "plugin failed");
+        }
+    }
+}
+
+/// `{ status, body, headers }` from `on_request`, as a response.
+fn response_from(lua: &mlua::Lua, t: &Table) -> mlua::Result<Response<RespBody>> {
+    let _ = lua;
+    let status: Option<u16> = t.raw_get("status")?;
+    let status = StatusCode::from_u16(status.unwrap_or(200))
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .ok_or_else(|| mlua::Error::runtime("status must be 200 to 599"))?;
+    let body: Option<mlua::LuaString> = t.raw_get("body")?;
+    let mut resp = Response::new(crate::backend::full(
+        body.map(|b| bytes::Bytes::copy_from_slice(&b.as_bytes()))
+            .unwrap_or_default(),
+    ));
+    *resp.status_mut() = status;
+    if let Some(h) = t.raw_get::<Option<Table>>("headers")? {
+        let mut map = HeaderMap::new();
+        for pair in h.pairs::<mlua::LuaString, mlua::LuaString>() {
+            let (k, v) = pair?;
+            let name = http::HeaderName::from_bytes(&k.as_bytes())
+                .map_err(|_| mlua::Error::runtime("a response header name is not valid"))?;
+            let value = http::HeaderValue::from_bytes(&v.as_bytes())
+                .map_err(|_| mlua::Error::runtime("a response header value is not valid"))?;
+            map.append(name, value);
+        }
+        *resp.headers_mut() = map;
+    }
+    Ok(resp)
+}
+
+/// Sets a request's path and query from what a plugin left (checked like a client's).
+fn set_target(req: &mut Request<ReqBody>, path: &str, query: Option<&str>) -> mlua::Result<()> {
+    if !path.starts_with('/') {
+        return Err(mlua::Error::runtime("req.path must start with `/`"));
+    }
+    let pq = match query {
+        Some(q) if !q.is_empty() => format!("{path}?{q}"),
+        _ => path.to_owned(),
+    };
+    let pq = http::uri::PathAndQuery::try_from(pq).map_err(|_| {
+        mlua::Error::runtime("req.path or req.query has characters a URI cannot hold")
+    })?;
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(pq);
+    *req.uri_mut() = http::Uri::from_parts(parts)
+        .map_err(|_| mlua::Error::runtime("the new request target is not valid"))?;
+    Ok(())
+}
