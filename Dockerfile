@@ -22,6 +22,7 @@ COPY --from=build /src/target/release/gatehouse /usr/local/bin/gatehouse
 COPY gateway.toml /etc/gatehouse/gateway.toml
 COPY routes /etc/gatehouse/routes
 COPY plugins /etc/gatehouse/plugins
+COPY protos /etc/gatehouse/protos
 # gateway.toml reads these through ${VAR:-default}. Do not publish the admin port publicly:
 # it serves /admin/reload and /admin/config.
 ENV GATEHOUSE_LISTEN=0.0.0.0:8080 \

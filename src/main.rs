@@ -239,6 +239,14 @@ fn print_demo(server: &Server, samples: &[(String, SocketAddr)], token: Option<&
         out,
         "  curl -i -X OPTIONS -H 'Origin: http://localhost:3000' -H 'Access-Control-Request-Method: GET' {base}/web/users   (CORS preflight, answered by the gateway)"
     );
+    let _ = writeln!(
+        out,
+        "  curl -si -d 'hello' {base}/web/echo/signed   (Lua plugins: x-signature reaches the service, x-frame-options comes back)"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -i -A 'badbot/1.0' {base}/web/echo/x   (Lua plugin deny-bots: 403)"
+    );
     // The broker route is shown when a NATS server answers where the demo config points.
     let nats = std::net::SocketAddr::from(([127, 0, 0, 1], 4222));
     if std::net::TcpStream::connect_timeout(&nats, std::time::Duration::from_millis(200)).is_ok() {

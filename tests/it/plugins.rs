@@ -471,3 +471,57 @@ where
         })
     }
 }
+
+/// examples/rust_plugin.rs, built by `cargo test` beside the tests: a binary of its own with a
+/// registered `server-timing` layer, run on a config that names it.
+#[tokio::test]
+async fn the_rust_plugin_example_runs() {
+    let exe = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/rust_plugin");
+    assert!(
+        exe.exists(),
+        "{} is built by `cargo test` (a filtered `cargo test --test it` does not build examples: `cargo build --examples` first)",
+        exe.display()
+    );
+    let (_up, g) = gw_echo("").await;
+    let routes = format!(
+        "[frontend]\nname = \"f\"\n{}",
+        route(
+            "t",
+            "/t",
+            "[\"server-timing\"]",
+            "plugin_config.server-timing = { metric = \"edge\" }\n"
+        )
+    );
+    let dir = write_config(&g, &[("p.toml", &routes)]);
+    let mut child = std::process::Command::new(&exe)
+        .arg(dir.path().join("gateway.toml"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .split(['[', ']'])
+        .nth(1)
+        .unwrap_or_else(|| panic!("the example's first line: {line}"))
+        .to_owned();
+    let r = get(&format!("http://{addr}/t")).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("server-timing").starts_with("edge;dur="),
+        "{:?}",
+        r.header("server-timing")
+    );
+}

@@ -219,6 +219,26 @@ fn demo_serves_the_shipped_config_with_sample_services() {
         .await;
         assert_eq!(me.status, 200, "{}", me.text());
         assert_eq!(me.json()["headers"]["x-user-id"], "demo-user");
+        // The add-tenant plugin: the claim as x-tenant.
+        assert_eq!(me.json()["headers"]["x-tenant"], "demo-user");
+        // The echo route's plugins: signed for the service, x-frame-options back, bots denied.
+        let signed = send(
+            http::Request::post(format!("{base}/web/echo/signed"))
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"hello")))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(signed.status, 200, "{}", signed.text());
+        assert_eq!(signed.json()["headers"]["x-signature"].as_str().map(str::len), Some(64));
+        assert_eq!(signed.header("x-frame-options"), "DENY");
+        let bot = send(
+            http::Request::get(format!("{base}/web/echo/x"))
+                .header("user-agent", "badbot/1.0")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_problem(&bot, 403, "denied");
         assert_eq!(get(&format!("{base}/web/me")).await.status, 401);
         let pre = send(
             http::Request::options(format!("{base}/web/users"))
