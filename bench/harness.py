@@ -80,6 +80,10 @@ SCENARIOS = {
     # the plain scenario's gatehouse row: the cost of transcoding over a plain proxied call.
     "grpc_unary": dict(title="REST → gRPC unary (GET /grpc/users/42 → bench.v1.Users/GetUser, JSON answer), 64 connections",
                        path="/grpc/users/42", conns=64, only=["gatehouse"]),
+    # gatehouse only: a route with a trivial Lua plugin (issue 18: on_request sets one request
+    # header). Compare with the plain scenario's gatehouse row: goal <= 3 µs of CPU a request.
+    "lua_header": dict(title="Lua plugin setting one request header (else the plain scenario's /json), 64 connections",
+                       path="/lua/json", conns=64, only=["gatehouse"]),
     "rl_redis": dict(title="Rate limit, Redis store (one script call per request, all admitted), 64 connections",
                      path="/rl/redis", conns=64, only=["gatehouse"], needs_redis=True),
 }
@@ -302,6 +306,19 @@ proxy = { service = "up", path = "/json" }
 """
 
 
+LUA_ROUTES = """
+[frontend]
+name = "lua"
+path_prefix = "/lua"
+
+[[route]]
+name = "json"
+path = "/json"
+plugins = ["set-header"]
+proxy = { service = "up", path = "/json" }
+"""
+
+
 RL_CONFIG = """
 # The rate limit scenarios' policies: far above any load, so every request is admitted and
 # counted. The Redis timeout is generous: the scenario measures the store, not its fallback.
@@ -482,6 +499,10 @@ proxy = { service = "up" }
     (WORK / "routes" / "agg.toml").write_text(AGG_ROUTES)
     (WORK / "routes" / "grpc.toml").write_text(GRPC_ROUTES)
     (WORK / "routes" / "cache.toml").write_text(CACHE_ROUTES)
+    (WORK / "routes" / "lua.toml").write_text(LUA_ROUTES)
+    (WORK / "plugins").mkdir(exist_ok=True)
+    (WORK / "plugins" / "set-header.lua").write_text(
+        'return { on_request = function(req, ctx) req.headers["x-plugin"] = "1" end }\n')
     (WORK / "gateway-nojwt.toml").write_text((WORK / "gateway.toml").read_text())
     with open(WORK / "gateway.toml", "a") as f:
         f.write(JWT_CONFIG)

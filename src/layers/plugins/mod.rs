@@ -54,6 +54,8 @@ pub(crate) struct Script {
     path: PathBuf,
     code: Arc<str>,
     read_body: bool,
+    /// Which of on_request, on_response, on_log it has.
+    phases: [bool; 3],
 }
 
 impl PluginSet {
@@ -125,10 +127,12 @@ pub(crate) fn build_plugins(
             path: shown_path(loaded, path),
             code: code.as_str().into(),
             read_body: false,
+            phases: [false; 3],
         };
         match vm::check(&s, memory_limit) {
-            Ok(read_body) => {
+            Ok((read_body, phases)) => {
                 s.read_body = read_body;
+                s.phases = phases;
                 s.path = path.clone();
                 scripts.insert(Arc::from(name.as_str()), s);
             }
@@ -207,6 +211,8 @@ struct Use {
     config: Arc<serde_json::Value>,
     skip_on_error: bool,
     read_body: bool,
+    /// Which phases the script has.
+    phases: [bool; 3],
     calls: [prometheus::IntCounter; 3],
     errors: prometheus::IntCounter,
     seconds: prometheus::Counter,
@@ -241,6 +247,7 @@ impl PluginLayer {
             config: Arc::new(json),
             skip_on_error,
             read_body: script.is_some_and(|s| s.read_body),
+            phases: script.map_or([false; 3], |s| s.phases),
             calls: ["request", "response", "log"]
                 .map(|p| metrics.plugin_calls_total.with_label_values(&[name, p])),
             errors: metrics.plugin_errors_total.with_label_values(&[name]),
@@ -343,16 +350,7 @@ impl Use {
     }
 
     fn has(&self, phase: usize) -> bool {
-        // A set without the script (a Rust plugin of the same name) has nothing to run.
-        self.set.scripts.contains_key(&*self.name)
-            && vm::with_vm(&self.set, |vm| {
-                vm.plugins.get(&*self.name).is_some_and(|l| match phase {
-                    REQUEST => l.on_request.is_some(),
-                    RESPONSE => l.on_response.is_some(),
-                    _ => l.on_log.is_some(),
-                })
-            })
-            .unwrap_or(true)
+        self.phases[phase]
     }
 
     /// Counts and logs a failed call; the error to answer with, unless the plugin is skipped.
@@ -516,7 +514,10 @@ impl Use {
                         *req.headers_mut() = h.0;
                     }
                     Ok(match step {
-                        Step::Continue(_) => Step::Continue(Self::own(lua, &ctx)),
+                        // The plugin's own values matter only to its later phases.
+                        Step::Continue(_) if self.phases[RESPONSE] || self.phases[LOG] => {
+                            Step::Continue(Self::own(lua, &ctx))
+                        }
                         r => r,
                     })
                 }

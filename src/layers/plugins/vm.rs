@@ -184,17 +184,26 @@ fn build(set: &PluginSet) -> Result<Vm, String> {
     })
 }
 
-/// Checks a script as the gateway will run it (in a VM of its own).
-pub(super) fn check(s: &Script, memory_limit: usize) -> Result<bool, String> {
+/// Checks a script as the gateway will run it (in a VM of its own): whether it reads the body,
+/// and which phases it has (`[on_request, on_response, on_log]`).
+pub(super) fn check(s: &Script, memory_limit: usize) -> Result<(bool, [bool; 3]), String> {
     let lua = sandbox(memory_limit).map_err(|e| e.to_string())?;
-    load(&lua, s)?;
+    let loaded = load(&lua, s)?;
     let t: Value = lua
         .load(&*s.code)
         .set_mode(mlua::chunk::ChunkMode::Text)
         .eval()
         .map_err(|e| e.to_string())?;
-    Ok(match t {
+    let read_body = match t {
         Value::Table(t) => t.get::<bool>("read_body").unwrap_or(false),
         _ => false,
-    })
+    };
+    Ok((
+        read_body,
+        [
+            loaded.on_request.is_some(),
+            loaded.on_response.is_some(),
+            loaded.on_log.is_some(),
+        ],
+    ))
 }
