@@ -53,6 +53,11 @@ return {
     req.headers["x-item"] = ctx.params.item or "none"
     req.headers["x-consumer"] = ctx.consumer or "none"
     req.headers["x-ua"] = req.headers["USER-AGENT"]
+    req.headers["x-sha"] = gatehouse.sha256("abc")
+    local n = 0
+    for _ in pairs(req.headers:all()) do n = n + 1 end
+    req.headers["x-header-count"] = tostring(n)
+    print("probe saw", req.path)
     req.headers["x-remove-me"] = nil
     ctx.started = "yes"
     ctx.n = 41
@@ -116,6 +121,19 @@ async fn every_phase_and_api_function() {
     assert_eq!(h["x-item"], "tea");
     assert_eq!(h["x-consumer"], "none");
     assert_eq!(h["x-ua"], "curl/8", "headers are read case-insensitively");
+    assert_eq!(
+        h["x-sha"],
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert!(
+        h["x-header-count"]
+            .as_str()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+            >= 3,
+        "{h}"
+    );
     assert!(h.get("x-remove-me").is_none(), "assigning nil removes");
     assert_eq!(r.header("x-status-seen"), "200");
     assert_eq!(
@@ -316,6 +334,12 @@ async fn plugins_reload_with_the_config_and_a_broken_one_keeps_the_old() {
     std::fs::write(&file, v1.replace("v1", "v2")).unwrap();
     assert_eq!(admin_reload(&gw).await.status, 200);
     assert_eq!(get(&gw.url("/a")).await.header("x-tag"), "v2");
+    // The folder is watched: an edit reloads by itself.
+    std::fs::write(&file, v1.replace("v1", "v3")).unwrap();
+    eventually(10, "the watched plugin reloaded", || async {
+        get(&gw.url("/a")).await.header("x-tag") == "v3"
+    })
+    .await;
     // A syntax error: the reload fails, located, and v2 keeps serving.
     std::fs::write(
         &file,
@@ -325,7 +349,7 @@ async fn plugins_reload_with_the_config_and_a_broken_one_keeps_the_old() {
     let r = admin_reload(&gw).await;
     assert_ne!(r.status, 200);
     assert!(r.text().contains("tag.lua:1:"), "{}", r.text());
-    assert_eq!(get(&gw.url("/a")).await.header("x-tag"), "v2");
+    assert_eq!(get(&gw.url("/a")).await.header("x-tag"), "v3");
 }
 
 #[tokio::test]
