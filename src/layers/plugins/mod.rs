@@ -14,6 +14,7 @@
 //! goes on as if the plugin were not there.
 
 mod api;
+mod call;
 pub mod rust;
 mod vm;
 
@@ -25,9 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use mlua::{Table, Value};
 use tower::{Service, ServiceExt};
 
 use crate::backend::RespBody;
@@ -280,17 +280,6 @@ enum Step {
     Respond(Response<RespBody>),
 }
 
-/// The keys of `ctx` the gateway fills (the plugin's own values are the others).
-const BUILTIN: [&str; 7] = [
-    "config",
-    "route",
-    "client_ip",
-    "claims",
-    "consumer",
-    "request_id",
-    "params",
-];
-
 impl Use {
     async fn run<S>(
         self: Arc<Self>,
@@ -324,7 +313,7 @@ impl Use {
         };
         let mut ctx = serde_json::Map::new();
         if self.has(REQUEST) {
-            match self.on_request(&mut req, x.as_ref(), body.as_deref()) {
+            match self.on_request(&mut req, x.as_ref(), body.as_ref()) {
                 Ok(Step::Continue(c)) => ctx = c,
                 Ok(Step::Respond(r)) => {
                     self.on_log(x.as_ref(), &ctx);
@@ -380,263 +369,4 @@ impl Use {
         self.seconds.inc_by(t.elapsed().as_secs_f64());
         out
     }
-
-    /// The `ctx` table of a call: the gateway's values and the plugin's own so far.
-    fn ctx(
-        &self,
-        vm: &vm::Vm,
-        x: Option<&Exchange>,
-        own: &serde_json::Map<String, serde_json::Value>,
-    ) -> mlua::Result<Table> {
-        let lua = &vm.lua;
-        let ctx = lua.create_table()?;
-        let key = Arc::as_ptr(&self.config) as usize;
-        let config = {
-            let mut cache = vm.configs.borrow_mut();
-            match cache.get(&key) {
-                Some(t) => t.clone(),
-                None => {
-                    let v = mlua::LuaSerdeExt::to_value(lua, &*self.config)?;
-                    let t = match v {
-                        Value::Table(t) => t,
-                        _ => lua.create_table()?,
-                    };
-                    cache.insert(key, t.clone());
-                    t
-                }
-            }
-        };
-        ctx.raw_set("config", config)?;
-        ctx.raw_set("route", &*self.route)?;
-        if let Some(x) = x {
-            ctx.raw_set(
-                "client_ip",
-                lua.create_string(x.client().peer_ip.as_bytes())?,
-            )?;
-            ctx.raw_set("request_id", lua.create_string(x.request_id().as_bytes())?)?;
-            let params = lua.create_table()?;
-            for (k, v) in x.params() {
-                params.raw_set(k, v)?;
-            }
-            ctx.raw_set("params", params)?;
-            if let Some(i) = x.identity() {
-                if let Some(c) = &i.consumer {
-                    ctx.raw_set("consumer", &**c)?;
-                }
-                if let Some(claims) = &i.claims {
-                    ctx.raw_set("claims", mlua::LuaSerdeExt::to_value(lua, &**claims)?)?;
-                }
-            }
-        }
-        for (k, v) in own {
-            ctx.raw_set(k.as_str(), mlua::LuaSerdeExt::to_value(lua, v)?)?;
-        }
-        Ok(ctx)
-    }
-
-    /// The plugin's own values in `ctx`, for the next phase.
-    fn own(lua: &mlua::Lua, ctx: &Table) -> serde_json::Map<String, serde_json::Value> {
-        let mut out = serde_json::Map::new();
-        for (k, v) in ctx.pairs::<String, Value>().flatten() {
-            if BUILTIN.contains(&k.as_str()) {
-                continue;
-            }
-            if let Ok(j) = mlua::LuaSerdeExt::from_value::<serde_json::Value>(lua, v) {
-                out.insert(k, j);
-            }
-        }
-        out
-    }
-
-    fn on_request(
-        &self,
-        req: &mut Request<ReqBody>,
-        x: Option<&Exchange>,
-        body: Option<&[u8]>,
-    ) -> Result<Step, String> {
-        let budget = self.set.time_budget;
-        let out = vm::with_vm(&self.set, |vm| -> Result<Step, String> {
-            let Some(f) = vm
-                .plugins
-                .get(&*self.name)
-                .and_then(|l| l.on_request.clone())
-            else {
-                return Ok(Step::Continue(serde_json::Map::new()));
-            };
-            let lua = &vm.lua;
-            let mut run = || -> mlua::Result<(Step, mlua::AnyUserData, Table)> {
-                let r = lua.create_table()?;
-                r.raw_set("method", req.method().as_str())?;
-                r.raw_set("path", req.uri().path())?;
-                if let Some(q) = req.uri().query() {
-                    r.raw_set("query", q)?;
-                }
-                if let Some(b) = body {
-                    r.raw_set("body", lua.create_string(b)?)?;
-                }
-                let headers =
-                    lua.create_userdata(api::Headers(std::mem::take(req.headers_mut())))?;
-                r.raw_set("headers", &headers)?;
-                let ctx = self.ctx(vm, x, &serde_json::Map::new())?;
-                let answer: Value = self.timed(REQUEST, || vm::call(&f, budget, (&r, &ctx)))?;
-                let step = match answer {
-                    Value::Table(t) => Step::Respond(response_from(lua, &t)?),
-                    Value::Nil => Step::Continue(serde_json::Map::new()),
-                    other => {
-                        return Err(mlua::Error::runtime(format!(
-                            "on_request returned a {}; return nothing, or a table {{ status, body, headers }}",
-                            other.type_name()
-                        )))
-                    }
-                };
-                // The path and query the plugin left.
-                let path: mlua::LuaString = r.raw_get("path")?;
-                let query: Option<mlua::LuaString> = r.raw_get("query")?;
-                let path = path.to_str()?.to_owned();
-                let query = query
-                    .map(|q| q.to_str().map(|s| s.to_owned()))
-                    .transpose()?;
-                if path != req.uri().path() || query.as_deref() != req.uri().query() {
-                    let path_changed = path != req.uri().path();
-                    set_target(req, &path, query.as_deref())?;
-                    if path_changed && !x.is_none_or(|x| x.rewrite_path(&path)) {
-                        return Err(mlua::Error::runtime(
-                            "req.path was rewritten by another plugin of this request already",
-                        ));
-                    }
-                }
-                Ok((step, headers, ctx))
-            };
-            let result = run();
-            match result {
-                Ok((step, headers, ctx)) => {
-                    if let Ok(h) = headers.take::<api::Headers>() {
-                        *req.headers_mut() = h.0;
-                    }
-                    Ok(match step {
-                        // The plugin's own values matter only to its later phases.
-                        Step::Continue(_) if self.phases[RESPONSE] || self.phases[LOG] => {
-                            Step::Continue(Self::own(lua, &ctx))
-                        }
-                        r => r,
-                    })
-                }
-                Err(e) => Err(e.to_string()),
-            }
-        })?;
-        out
-    }
-
-    fn on_response(
-        &self,
-        resp: &mut Response<RespBody>,
-        x: Option<&Exchange>,
-        own: &mut serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), String> {
-        let budget = self.set.time_budget;
-        vm::with_vm(&self.set, |vm| -> Result<(), String> {
-            let Some(f) = vm
-                .plugins
-                .get(&*self.name)
-                .and_then(|l| l.on_response.clone())
-            else {
-                return Ok(());
-            };
-            let lua = &vm.lua;
-            let headers_before = std::mem::take(resp.headers_mut());
-            let mut headers_back = None;
-            let run = || -> mlua::Result<(u16, Table)> {
-                let r = lua.create_table()?;
-                r.raw_set("status", resp.status().as_u16())?;
-                let headers = lua.create_userdata(api::Headers(headers_before))?;
-                r.raw_set("headers", &headers)?;
-                let ctx = self.ctx(vm, x, own)?;
-                let call: mlua::Result<()> =
-                    self.timed(RESPONSE, || vm::call(&f, budget, (&r, &ctx)));
-                headers_back = headers.take::<api::Headers>().ok().map(|h| h.0);
-                call?;
-                let status: u16 = r.raw_get("status")?;
-                Ok((status, ctx))
-            };
-            let result = run();
-            if let Some(h) = headers_back {
-                *resp.headers_mut() = h;
-            }
-            let (status, ctx) = result.map_err(|e| e.to_string())?;
-            *resp.status_mut() = StatusCode::from_u16(status)
-                .ok()
-                .filter(|s| (100..=599).contains(&s.as_u16()))
-                .ok_or_else(|| format!("res.status = {status} is not an HTTP status"))?;
-            *own = Self::own(lua, &ctx);
-            Ok(())
-        })?
-    }
-
-    fn on_log(&self, x: Option<&Exchange>, own: &serde_json::Map<String, serde_json::Value>) {
-        if !self.has(LOG) {
-            return;
-        }
-        let budget = self.set.time_budget;
-        let r = vm::with_vm(&self.set, |vm| -> Result<(), String> {
-            let Some(f) = vm.plugins.get(&*self.name).and_then(|l| l.on_log.clone()) else {
-                return Ok(());
-            };
-            let ctx = self.ctx(vm, x, own).map_err(|e| e.to_string())?;
-            self.timed(LOG, || vm::call::<()>(&f, budget, &ctx))
-                .map_err(|e| e.to_string())
-        });
-        if let Err(e) = r.and_then(|r| r) {
-            // The response is on its way: a failing on_log is counted and logged only.
-            self.errors.inc();
-            tracing::error!(plugin = %self.name, route = %self.route, phase = "on_log", error = %e, "plugin failed");
-        }
-    }
-}
-
-/// `{ status, body, headers }` from `on_request`, as a response.
-fn response_from(lua: &mlua::Lua, t: &Table) -> mlua::Result<Response<RespBody>> {
-    let _ = lua;
-    let status: Option<u16> = t.raw_get("status")?;
-    let status = StatusCode::from_u16(status.unwrap_or(200))
-        .ok()
-        .filter(|s| (200..=599).contains(&s.as_u16()))
-        .ok_or_else(|| mlua::Error::runtime("status must be 200 to 599"))?;
-    let body: Option<mlua::LuaString> = t.raw_get("body")?;
-    let mut resp = Response::new(crate::backend::full(
-        body.map(|b| bytes::Bytes::copy_from_slice(&b.as_bytes()))
-            .unwrap_or_default(),
-    ));
-    *resp.status_mut() = status;
-    if let Some(h) = t.raw_get::<Option<Table>>("headers")? {
-        let mut map = HeaderMap::new();
-        for pair in h.pairs::<mlua::LuaString, mlua::LuaString>() {
-            let (k, v) = pair?;
-            let name = http::HeaderName::from_bytes(&k.as_bytes())
-                .map_err(|_| mlua::Error::runtime("a response header name is not valid"))?;
-            let value = http::HeaderValue::from_bytes(&v.as_bytes())
-                .map_err(|_| mlua::Error::runtime("a response header value is not valid"))?;
-            map.append(name, value);
-        }
-        *resp.headers_mut() = map;
-    }
-    Ok(resp)
-}
-
-/// Sets a request's path and query from what a plugin left (checked like a client's).
-fn set_target(req: &mut Request<ReqBody>, path: &str, query: Option<&str>) -> mlua::Result<()> {
-    if !path.starts_with('/') {
-        return Err(mlua::Error::runtime("req.path must start with `/`"));
-    }
-    let pq = match query {
-        Some(q) if !q.is_empty() => format!("{path}?{q}"),
-        _ => path.to_owned(),
-    };
-    let pq = http::uri::PathAndQuery::try_from(pq).map_err(|_| {
-        mlua::Error::runtime("req.path or req.query has characters a URI cannot hold")
-    })?;
-    let mut parts = req.uri().clone().into_parts();
-    parts.path_and_query = Some(pq);
-    *req.uri_mut() = http::Uri::from_parts(parts)
-        .map_err(|_| mlua::Error::runtime("the new request target is not valid"))?;
-    Ok(())
 }

@@ -27,9 +27,11 @@ pub(super) struct Loaded {
 pub(super) struct Vm {
     pub(super) lua: Lua,
     pub(super) plugins: HashMap<Arc<str>, Loaded>,
-    /// `ctx.config` tables, built once per (route, plugin) use: keyed by the address of the
+    /// The `ctx` metatables, built once per (route, plugin) use: keyed by the address of the
     /// use's config, which the use holds (an `Arc`) for as long as it lives.
     pub(super) configs: RefCell<HashMap<usize, Table>>,
+    /// The `req` and `res` metatables.
+    pub(super) metas: super::call::Metas,
 }
 
 thread_local! {
@@ -176,11 +178,13 @@ fn build(set: &PluginSet) -> Result<Vm, String> {
     for (name, s) in &set.scripts {
         plugins.insert(name.clone(), load(&lua, s)?);
     }
+    let metas = super::call::metas(&lua).map_err(|e| e.to_string())?;
     freeze(&lua).map_err(|e| e.to_string())?;
     Ok(Vm {
         lua,
         plugins,
         configs: RefCell::new(HashMap::new()),
+        metas,
     })
 }
 

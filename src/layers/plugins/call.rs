@@ -1,0 +1,387 @@
+//! One phase call: `req`, `res` and `ctx` as Lua sees them. Each is an empty table with a
+//! metatable whose `__index` reads what the plugin asks for from the request being served (a
+//! thread-local `Current`, set for the call's duration), so a call costs what the plugin reads,
+//! not every field up front: a plugin that sets one header makes two tables and one userdata.
+//! What the plugin assigns lands in the table itself (`req.path`, `req.query`, `res.status`,
+//! its own `ctx` values) and is read back after the call.
+
+use std::cell::RefCell;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use mlua::{Lua, Table, Value};
+
+use super::api::Headers;
+use super::vm::{self, Vm};
+use super::{Step, Use, LOG, REQUEST, RESPONSE};
+use crate::backend::RespBody;
+use crate::body::ReqBody;
+use crate::context::Exchange;
+
+/// The request (or response) a call is about.
+#[derive(Default)]
+struct Current {
+    x: Option<Exchange>,
+    method: Option<Method>,
+    uri: Option<Uri>,
+    body: Option<Bytes>,
+    status: u16,
+    /// The headers, until the plugin reads `req.headers`/`res.headers` (then in its userdata).
+    headers: Option<HeaderMap>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Current> = RefCell::new(Current::default());
+}
+
+/// The metatables of `req`/`res` (one per VM) and of each use's `ctx`.
+pub(super) struct Metas {
+    req: Table,
+    res: Table,
+}
+
+/// Builds the VM's `req` and `res` metatables.
+pub(super) fn metas(lua: &Lua) -> mlua::Result<Metas> {
+    let req = lua.create_table()?;
+    req.raw_set(
+        "__index",
+        lua.create_function(|lua, (t, k): (Table, mlua::LuaString)| {
+            let key = k.to_str()?;
+            CURRENT.with(|c| -> mlua::Result<Value> {
+                let mut c = c.borrow_mut();
+                Ok(match &*key {
+                    "method" => match &c.method {
+                        Some(m) => Value::String(lua.create_string(m.as_str())?),
+                        None => Value::Nil,
+                    },
+                    "path" => match &c.uri {
+                        Some(u) => Value::String(lua.create_string(u.path())?),
+                        None => Value::Nil,
+                    },
+                    "query" => match c.uri.as_ref().and_then(|u| u.query()) {
+                        Some(q) => Value::String(lua.create_string(q)?),
+                        None => Value::Nil,
+                    },
+                    "body" => match &c.body {
+                        Some(b) => Value::String(lua.create_string(b)?),
+                        None => Value::Nil,
+                    },
+                    "headers" => headers(lua, &t, &mut c)?,
+                    _ => Value::Nil,
+                })
+            })
+        })?,
+    )?;
+    let res = lua.create_table()?;
+    res.raw_set(
+        "__index",
+        lua.create_function(|lua, (t, k): (Table, mlua::LuaString)| {
+            let key = k.to_str()?;
+            CURRENT.with(|c| -> mlua::Result<Value> {
+                let mut c = c.borrow_mut();
+                Ok(match &*key {
+                    "status" => Value::Integer(mlua::Integer::from(c.status)),
+                    "headers" => headers(lua, &t, &mut c)?,
+                    _ => Value::Nil,
+                })
+            })
+        })?,
+    )?;
+    Ok(Metas { req, res })
+}
+
+/// The headers as a userdata, made on first read and kept in the table.
+fn headers(lua: &Lua, t: &Table, c: &mut Current) -> mlua::Result<Value> {
+    let map = c.headers.take().unwrap_or_default();
+    let ud = lua.create_userdata(Headers(map))?;
+    t.raw_set("headers", &ud)?;
+    Ok(Value::UserData(ud))
+}
+
+/// The `ctx` metatable of a use: its config and route, and the request's values on demand.
+fn ctx_meta(vm: &Vm, u: &Use) -> mlua::Result<Table> {
+    let key = std::sync::Arc::as_ptr(&u.config) as usize;
+    if let Some(t) = vm.configs.borrow().get(&key) {
+        return Ok(t.clone());
+    }
+    let lua = &vm.lua;
+    let config = match mlua::LuaSerdeExt::to_value(lua, &*u.config)? {
+        Value::Table(t) => t,
+        _ => lua.create_table()?,
+    };
+    let route = lua.create_string(&*u.route)?;
+    let meta = lua.create_table()?;
+    meta.raw_set(
+        "__index",
+        lua.create_function(move |lua, (_t, k): (Table, mlua::LuaString)| {
+            let key = k.to_str()?;
+            match &*key {
+                "config" => return Ok(Value::Table(config.clone())),
+                "route" => return Ok(Value::String(route.clone())),
+                _ => {}
+            }
+            CURRENT.with(|c| -> mlua::Result<Value> {
+                let c = c.borrow();
+                let Some(x) = &c.x else { return Ok(Value::Nil) };
+                Ok(match &*key {
+                    "client_ip" => Value::String(lua.create_string(x.client().peer_ip.as_bytes())?),
+                    "request_id" => Value::String(lua.create_string(x.request_id().as_bytes())?),
+                    "params" => {
+                        let p = lua.create_table()?;
+                        for (k, v) in x.params() {
+                            p.raw_set(k, v)?;
+                        }
+                        Value::Table(p)
+                    }
+                    "consumer" => match x.identity().and_then(|i| i.consumer.as_deref()) {
+                        Some(c) => Value::String(lua.create_string(c)?),
+                        None => Value::Nil,
+                    },
+                    "claims" => match x.identity().and_then(|i| i.claims.as_deref()) {
+                        Some(c) => mlua::LuaSerdeExt::to_value(lua, c)?,
+                        None => Value::Nil,
+                    },
+                    _ => Value::Nil,
+                })
+            })
+        })?,
+    )?;
+    vm.configs.borrow_mut().insert(key, meta.clone());
+    Ok(meta)
+}
+
+/// A `ctx` for one call, with the plugin's own values of the earlier phases.
+fn ctx(vm: &Vm, u: &Use, own: &serde_json::Map<String, serde_json::Value>) -> mlua::Result<Table> {
+    let t = vm.lua.create_table()?;
+    t.set_metatable(Some(ctx_meta(vm, u)?))?;
+    for (k, v) in own {
+        t.raw_set(k.as_str(), mlua::LuaSerdeExt::to_value(&vm.lua, v)?)?;
+    }
+    Ok(t)
+}
+
+/// The values the plugin set in `ctx`, for its later phases.
+fn own(lua: &Lua, ctx: &Table) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for (k, v) in ctx.pairs::<String, Value>().flatten() {
+        if let Ok(j) = mlua::LuaSerdeExt::from_value::<serde_json::Value>(lua, v) {
+            out.insert(k, j);
+        }
+    }
+    out
+}
+
+/// Sets the call's `Current`, runs `f`, and clears it (taking back the headers left there).
+fn with_current<R>(cur: Current, f: impl FnOnce() -> R) -> (R, Option<HeaderMap>) {
+    CURRENT.with(|c| *c.borrow_mut() = cur);
+    let out = f();
+    let left = CURRENT.with(|c| std::mem::take(&mut *c.borrow_mut()).headers);
+    (out, left)
+}
+
+/// The headers after a call: from the userdata the plugin used, else as they were.
+fn headers_back(t: &Table, left: Option<HeaderMap>) -> HeaderMap {
+    if let Ok(Value::UserData(ud)) = t.raw_get::<Value>("headers") {
+        if let Ok(h) = ud.take::<Headers>() {
+            return h.0;
+        }
+    }
+    left.unwrap_or_default()
+}
+
+impl Use {
+    pub(super) fn on_request(
+        &self,
+        req: &mut Request<ReqBody>,
+        x: Option<&Exchange>,
+        body: Option<&Bytes>,
+    ) -> Result<Step, String> {
+        let budget = self.set.time_budget;
+        vm::with_vm(&self.set, |vm| -> Result<Step, String> {
+            let Some(f) = vm
+                .plugins
+                .get(&*self.name)
+                .and_then(|l| l.on_request.clone())
+            else {
+                return Ok(Step::Continue(serde_json::Map::new()));
+            };
+            let lua = &vm.lua;
+            let r = lua.create_table().map_err(|e| e.to_string())?;
+            let cur = Current {
+                x: x.cloned(),
+                method: Some(req.method().clone()),
+                uri: Some(req.uri().clone()),
+                body: body.cloned(),
+                status: 0,
+                headers: Some(std::mem::take(req.headers_mut())),
+            };
+            let (called, left) = with_current(cur, || -> mlua::Result<(Value, Table)> {
+                r.set_metatable(Some(vm.metas.req.clone()))?;
+                let c = ctx(vm, self, &serde_json::Map::new())?;
+                let answer: Value = self.timed(REQUEST, || vm::call(&f, budget, (&r, &c)))?;
+                Ok((answer, c))
+            });
+            *req.headers_mut() = headers_back(&r, left);
+            let (answer, c) = called.map_err(|e| e.to_string())?;
+            let step = match answer {
+                Value::Table(t) => Step::Respond(response_from(&t).map_err(|e| e.to_string())?),
+                Value::Nil => Step::Continue(if self.phases[RESPONSE] || self.phases[LOG] {
+                    own(lua, &c)
+                } else {
+                    serde_json::Map::new()
+                }),
+                other => {
+                    return Err(format!(
+                        "on_request returned a {}; return nothing, or a table {{ status, body, headers }}",
+                        other.type_name()
+                    ))
+                }
+            };
+            // The path and query the plugin set, if it did.
+            let path: Option<mlua::LuaString> = r.raw_get("path").map_err(|e| e.to_string())?;
+            let query: Option<mlua::LuaString> = r.raw_get("query").map_err(|e| e.to_string())?;
+            if path.is_some() || query.is_some() {
+                let path = match path {
+                    Some(p) => p.to_str().map_err(|e| e.to_string())?.to_owned(),
+                    None => req.uri().path().to_owned(),
+                };
+                let query = match query {
+                    Some(q) => Some(q.to_str().map_err(|e| e.to_string())?.to_owned()),
+                    None => req.uri().query().map(str::to_owned),
+                };
+                let path_changed = path != req.uri().path();
+                set_target(req, &path, query.as_deref())?;
+                if path_changed && !x.is_none_or(|x| x.rewrite_path(&path)) {
+                    return Err(
+                        "req.path was rewritten by another plugin of this request already".into(),
+                    );
+                }
+            }
+            Ok(step)
+        })?
+    }
+
+    pub(super) fn on_response(
+        &self,
+        resp: &mut Response<RespBody>,
+        x: Option<&Exchange>,
+        own_values: &mut serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), String> {
+        let budget = self.set.time_budget;
+        vm::with_vm(&self.set, |vm| -> Result<(), String> {
+            let Some(f) = vm
+                .plugins
+                .get(&*self.name)
+                .and_then(|l| l.on_response.clone())
+            else {
+                return Ok(());
+            };
+            let lua = &vm.lua;
+            let r = lua.create_table().map_err(|e| e.to_string())?;
+            let cur = Current {
+                x: x.cloned(),
+                status: resp.status().as_u16(),
+                headers: Some(std::mem::take(resp.headers_mut())),
+                ..Current::default()
+            };
+            let (called, left) = with_current(cur, || -> mlua::Result<Table> {
+                r.set_metatable(Some(vm.metas.res.clone()))?;
+                let c = ctx(vm, self, own_values)?;
+                self.timed(RESPONSE, || vm::call::<()>(&f, budget, (&r, &c)))?;
+                Ok(c)
+            });
+            *resp.headers_mut() = headers_back(&r, left);
+            let c = called.map_err(|e| e.to_string())?;
+            if let Some(status) = r
+                .raw_get::<Option<i64>>("status")
+                .map_err(|e| e.to_string())?
+            {
+                *resp.status_mut() = u16::try_from(status)
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .filter(|s| (100..=599).contains(&s.as_u16()))
+                    .ok_or_else(|| format!("res.status = {status} is not an HTTP status"))?;
+            }
+            if self.phases[LOG] {
+                *own_values = own(lua, &c);
+            }
+            Ok(())
+        })?
+    }
+
+    pub(super) fn on_log(
+        &self,
+        x: Option<&Exchange>,
+        own_values: &serde_json::Map<String, serde_json::Value>,
+    ) {
+        if !self.phases[LOG] {
+            return;
+        }
+        let budget = self.set.time_budget;
+        let r = vm::with_vm(&self.set, |vm| -> Result<(), String> {
+            let Some(f) = vm.plugins.get(&*self.name).and_then(|l| l.on_log.clone()) else {
+                return Ok(());
+            };
+            let cur = Current {
+                x: x.cloned(),
+                ..Current::default()
+            };
+            let (called, _) = with_current(cur, || -> mlua::Result<()> {
+                let c = ctx(vm, self, own_values)?;
+                self.timed(LOG, || vm::call::<()>(&f, budget, &c))
+            });
+            called.map_err(|e| e.to_string())
+        });
+        if let Err(e) = r.and_then(|r| r) {
+            // The response is on its way: a failing on_log is counted and logged only.
+            self.errors.inc();
+            tracing::error!(plugin = %self.name, route = %self.route, phase = "on_log", error = %e, "plugin failed");
+        }
+    }
+}
+
+/// `{ status, body, headers }` from `on_request`, as a response.
+fn response_from(t: &Table) -> mlua::Result<Response<RespBody>> {
+    let status: Option<u16> = t.raw_get("status")?;
+    let status = StatusCode::from_u16(status.unwrap_or(200))
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .ok_or_else(|| mlua::Error::runtime("status must be 200 to 599"))?;
+    let body: Option<mlua::LuaString> = t.raw_get("body")?;
+    let mut resp = Response::new(crate::backend::full(
+        body.map(|b| Bytes::copy_from_slice(&b.as_bytes()))
+            .unwrap_or_default(),
+    ));
+    *resp.status_mut() = status;
+    if let Some(h) = t.raw_get::<Option<Table>>("headers")? {
+        let mut map = HeaderMap::new();
+        for pair in h.pairs::<mlua::LuaString, mlua::LuaString>() {
+            let (k, v) = pair?;
+            let name = http::HeaderName::from_bytes(&k.as_bytes())
+                .map_err(|_| mlua::Error::runtime("a response header name is not valid"))?;
+            let value = http::HeaderValue::from_bytes(&v.as_bytes())
+                .map_err(|_| mlua::Error::runtime("a response header value is not valid"))?;
+            map.append(name, value);
+        }
+        *resp.headers_mut() = map;
+    }
+    Ok(resp)
+}
+
+/// Sets a request's path and query from what a plugin left (checked like a client's).
+fn set_target(req: &mut Request<ReqBody>, path: &str, query: Option<&str>) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err("req.path must start with `/`".into());
+    }
+    let pq = match query {
+        Some(q) if !q.is_empty() => format!("{path}?{q}"),
+        _ => path.to_owned(),
+    };
+    let pq = http::uri::PathAndQuery::try_from(pq)
+        .map_err(|_| "req.path or req.query has characters a URI cannot hold".to_owned())?;
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(pq);
+    *req.uri_mut() =
+        Uri::from_parts(parts).map_err(|_| "the new request target is not valid".to_owned())?;
+    Ok(())
+}
