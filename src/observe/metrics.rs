@@ -47,11 +47,9 @@ pub struct Metrics {
     pub(crate) cache_objects: prometheus::IntGauge,
     /// Messages published by `publish` routes, by broker and outcome.
     pub(crate) broker_publishes_total: IntCounterVec,
-    /// `gatehouse_plugin_calls_total{plugin, phase}`.
+    /// Lua plugins: calls by phase, failed calls, time spent (`layers/plugins`).
     pub(crate) plugin_calls_total: IntCounterVec,
-    /// `gatehouse_plugin_errors_total{plugin}`.
     pub(crate) plugin_errors_total: IntCounterVec,
-    /// `gatehouse_plugin_seconds_total{plugin}`.
     pub(crate) plugin_seconds_total: prometheus::CounterVec,
     /// Messages of `[[consumer]]` bridges by consumer and outcome.
     pub(crate) consumer_deliveries_total: IntCounterVec,

@@ -2,8 +2,10 @@
 //! metatable whose `__index` reads what the plugin asks for from the request being served (a
 //! thread-local `Current`, set for the call's duration), so a call costs what the plugin reads,
 //! not every field up front: a plugin that sets one header makes two tables and one userdata.
-//! What the plugin assigns lands in the table itself (`req.path`, `req.query`, `res.status`,
-//! its own `ctx` values) and is read back after the call.
+//! `req.path`, `req.query` and `res.status` are assigned through `__newindex` into `Current`
+//! too, and the headers' userdata is kept there: after the call nothing is read back through
+//! the Lua API (each such read is a protected call). The plugin's own `ctx` values land in the
+//! `ctx` table itself.
 
 use std::cell::RefCell;
 
@@ -28,6 +30,11 @@ struct Current {
     status: u16,
     /// The headers, until the plugin reads `req.headers`/`res.headers` (then in its userdata).
     headers: Option<HeaderMap>,
+    headers_ud: Option<mlua::AnyUserData>,
+    /// What the plugin assigned.
+    new_path: Option<String>,
+    new_query: Option<Option<String>>,
+    new_status: Option<i64>,
 }
 
 thread_local! {
@@ -45,7 +52,7 @@ pub(super) fn metas(lua: &Lua) -> mlua::Result<Metas> {
     let req = lua.create_table()?;
     req.raw_set(
         "__index",
-        lua.create_function(|lua, (t, k): (Table, mlua::LuaString)| {
+        lua.create_function(|lua, (_t, k): (Table, mlua::LuaString)| {
             let key = k.to_str()?;
             CURRENT.with(|c| -> mlua::Result<Value> {
                 let mut c = c.borrow_mut();
@@ -54,47 +61,107 @@ pub(super) fn metas(lua: &Lua) -> mlua::Result<Metas> {
                         Some(m) => Value::String(lua.create_string(m.as_str())?),
                         None => Value::Nil,
                     },
-                    "path" => match &c.uri {
-                        Some(u) => Value::String(lua.create_string(u.path())?),
-                        None => Value::Nil,
+                    "path" => match (&c.new_path, &c.uri) {
+                        (Some(p), _) => Value::String(lua.create_string(p)?),
+                        (None, Some(u)) => Value::String(lua.create_string(u.path())?),
+                        (None, None) => Value::Nil,
                     },
-                    "query" => match c.uri.as_ref().and_then(|u| u.query()) {
-                        Some(q) => Value::String(lua.create_string(q)?),
-                        None => Value::Nil,
-                    },
+                    "query" => {
+                        let q = match &c.new_query {
+                            Some(q) => q.as_deref(),
+                            None => c.uri.as_ref().and_then(|u| u.query()),
+                        };
+                        match q {
+                            Some(q) => Value::String(lua.create_string(q)?),
+                            None => Value::Nil,
+                        }
+                    }
                     "body" => match &c.body {
                         Some(b) => Value::String(lua.create_string(b)?),
                         None => Value::Nil,
                     },
-                    "headers" => headers(lua, &t, &mut c)?,
+                    "headers" => headers(lua, &mut c)?,
                     _ => Value::Nil,
                 })
+            })
+        })?,
+    )?;
+    req.raw_set(
+        "__newindex",
+        lua.create_function(|_, (_t, k, v): (Table, mlua::LuaString, Value)| {
+            let key = k.to_str()?;
+            let text = |v: &Value| -> mlua::Result<Option<String>> {
+                match v {
+                    Value::Nil => Ok(None),
+                    Value::String(s) => Ok(Some(s.to_str()?.to_owned())),
+                    other => Err(mlua::Error::runtime(format!(
+                        "req.{key} must be a string, not a {}",
+                        other.type_name()
+                    ))),
+                }
+            };
+            CURRENT.with(|c| -> mlua::Result<()> {
+                let mut c = c.borrow_mut();
+                match &*key {
+                    "path" => {
+                        c.new_path = Some(
+                            text(&v)?
+                                .ok_or_else(|| mlua::Error::runtime("req.path cannot be nil"))?,
+                        )
+                    }
+                    "query" => c.new_query = Some(text(&v)?),
+                    _ => return Err(mlua::Error::runtime(format!(
+                        "req.{key} cannot be assigned (req.path, req.query and req.headers[…] can)"
+                    ))),
+                }
+                Ok(())
             })
         })?,
     )?;
     let res = lua.create_table()?;
     res.raw_set(
         "__index",
-        lua.create_function(|lua, (t, k): (Table, mlua::LuaString)| {
+        lua.create_function(|lua, (_t, k): (Table, mlua::LuaString)| {
             let key = k.to_str()?;
             CURRENT.with(|c| -> mlua::Result<Value> {
                 let mut c = c.borrow_mut();
                 Ok(match &*key {
-                    "status" => Value::Integer(mlua::Integer::from(c.status)),
-                    "headers" => headers(lua, &t, &mut c)?,
+                    "status" => {
+                        Value::Integer(c.new_status.unwrap_or(mlua::Integer::from(c.status)))
+                    }
+                    "headers" => headers(lua, &mut c)?,
                     _ => Value::Nil,
                 })
             })
         })?,
     )?;
+    res.raw_set(
+        "__newindex",
+        lua.create_function(|_, (_t, k, v): (Table, mlua::LuaString, Value)| {
+            let key = k.to_str()?;
+            if &*key != "status" {
+                return Err(mlua::Error::runtime(format!(
+                    "res.{key} cannot be assigned (res.status and res.headers[…] can)"
+                )));
+            }
+            let Value::Integer(n) = v else {
+                return Err(mlua::Error::runtime("res.status must be an integer"));
+            };
+            CURRENT.with(|c| c.borrow_mut().new_status = Some(n));
+            Ok(())
+        })?,
+    )?;
     Ok(Metas { req, res })
 }
 
-/// The headers as a userdata, made on first read and kept in the table.
-fn headers(lua: &Lua, t: &Table, c: &mut Current) -> mlua::Result<Value> {
+/// The headers as a userdata, made on first read and kept in `Current`.
+fn headers(lua: &Lua, c: &mut Current) -> mlua::Result<Value> {
+    if let Some(ud) = &c.headers_ud {
+        return Ok(Value::UserData(ud.clone()));
+    }
     let map = c.headers.take().unwrap_or_default();
     let ud = lua.create_userdata(Headers(map))?;
-    t.raw_set("headers", &ud)?;
+    c.headers_ud = Some(ud.clone());
     Ok(Value::UserData(ud))
 }
 
@@ -171,22 +238,30 @@ fn own(lua: &Lua, ctx: &Table) -> serde_json::Map<String, serde_json::Value> {
     out
 }
 
-/// Sets the call's `Current`, runs `f`, and clears it (taking back the headers left there).
-fn with_current<R>(cur: Current, f: impl FnOnce() -> R) -> (R, Option<HeaderMap>) {
-    CURRENT.with(|c| *c.borrow_mut() = cur);
-    let out = f();
-    let left = CURRENT.with(|c| std::mem::take(&mut *c.borrow_mut()).headers);
-    (out, left)
+/// What a call left: the headers and the assignments.
+struct Left {
+    headers: HeaderMap,
+    path: Option<String>,
+    query: Option<Option<String>>,
+    status: Option<i64>,
 }
 
-/// The headers after a call: from the userdata the plugin used, else as they were.
-fn headers_back(t: &Table, left: Option<HeaderMap>) -> HeaderMap {
-    if let Ok(Value::UserData(ud)) = t.raw_get::<Value>("headers") {
-        if let Ok(h) = ud.take::<Headers>() {
-            return h.0;
-        }
-    }
-    left.unwrap_or_default()
+/// Sets the call's `Current`, runs `f`, and clears it (taking back what the plugin left).
+fn with_current<R>(cur: Current, f: impl FnOnce() -> R) -> (R, Left) {
+    CURRENT.with(|c| *c.borrow_mut() = cur);
+    let out = f();
+    let c = CURRENT.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    let headers = match c.headers_ud.map(|ud| ud.take::<Headers>()) {
+        Some(Ok(h)) => h.0,
+        _ => c.headers.unwrap_or_default(),
+    };
+    let left = Left {
+        headers,
+        path: c.new_path,
+        query: c.new_query,
+        status: c.new_status,
+    };
+    (out, left)
 }
 
 impl Use {
@@ -212,8 +287,8 @@ impl Use {
                 method: Some(req.method().clone()),
                 uri: Some(req.uri().clone()),
                 body: body.cloned(),
-                status: 0,
                 headers: Some(std::mem::take(req.headers_mut())),
+                ..Current::default()
             };
             let (called, left) = with_current(cur, || -> mlua::Result<(Value, Table)> {
                 r.set_metatable(Some(vm.metas.req.clone()))?;
@@ -221,7 +296,7 @@ impl Use {
                 let answer: Value = self.timed(REQUEST, || vm::call(&f, budget, (&r, &c)))?;
                 Ok((answer, c))
             });
-            *req.headers_mut() = headers_back(&r, left);
+            *req.headers_mut() = left.headers;
             let (answer, c) = called.map_err(|e| e.to_string())?;
             let step = match answer {
                 Value::Table(t) => Step::Respond(response_from(&t).map_err(|e| e.to_string())?),
@@ -238,15 +313,10 @@ impl Use {
                 }
             };
             // The path and query the plugin set, if it did.
-            let path: Option<mlua::LuaString> = r.raw_get("path").map_err(|e| e.to_string())?;
-            let query: Option<mlua::LuaString> = r.raw_get("query").map_err(|e| e.to_string())?;
-            if path.is_some() || query.is_some() {
-                let path = match path {
-                    Some(p) => p.to_str().map_err(|e| e.to_string())?.to_owned(),
-                    None => req.uri().path().to_owned(),
-                };
-                let query = match query {
-                    Some(q) => Some(q.to_str().map_err(|e| e.to_string())?.to_owned()),
+            if left.path.is_some() || left.query.is_some() {
+                let path = left.path.unwrap_or_else(|| req.uri().path().to_owned());
+                let query = match left.query {
+                    Some(q) => q,
                     None => req.uri().query().map(str::to_owned),
                 };
                 let path_changed = path != req.uri().path();
@@ -290,12 +360,9 @@ impl Use {
                 self.timed(RESPONSE, || vm::call::<()>(&f, budget, (&r, &c)))?;
                 Ok(c)
             });
-            *resp.headers_mut() = headers_back(&r, left);
+            *resp.headers_mut() = left.headers;
             let c = called.map_err(|e| e.to_string())?;
-            if let Some(status) = r
-                .raw_get::<Option<i64>>("status")
-                .map_err(|e| e.to_string())?
-            {
+            if let Some(status) = left.status {
                 *resp.status_mut() = u16::try_from(status)
                     .ok()
                     .and_then(|s| StatusCode::from_u16(s).ok())
