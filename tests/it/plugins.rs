@@ -162,6 +162,29 @@ async fn every_phase_and_api_function() {
     assert!(m.contains("gatehouse_plugin_seconds_total{plugin=\"probe\"}"));
 }
 
+/// A request's own ctx values never reach the next request.
+#[tokio::test]
+async fn ctx_values_are_per_request() {
+    let (_up, g) = gw_echo("").await;
+    let routes = format!(
+        "[frontend]\nname = \"f\"\n{}",
+        route("c", "/c", "[\"ctx\"]", "")
+    );
+    let code = r#"return {
+  on_request = function(req, ctx)
+    req.headers["x-seen"] = tostring(ctx.seen)
+    ctx.seen = "yes"
+  end,
+  on_response = function(res, ctx) res.headers["x-own"] = ctx.seen end,
+}"#;
+    let gw = start(&g, &routes, &[("ctx", code)]).await;
+    for _ in 0..3 {
+        let r = get(&gw.url("/c")).await;
+        assert_eq!(r.json()["headers"]["x-seen"], "nil");
+        assert_eq!(r.header("x-own"), "yes");
+    }
+}
+
 #[tokio::test]
 async fn a_rewritten_path_is_what_the_service_gets() {
     let (_up, g) = gw_echo("").await;
@@ -191,6 +214,9 @@ async fn sandbox_escapes_and_runaways_are_plugin_errors() {
         ("dump", "string.dump(function() end)"),
         ("debug", "debug.getinfo(1)"),
         ("global", "leak = 1"),
+        ("rawset", "rawset(ctx, 'leak', 1)"),
+        ("meta", "setmetatable(ctx, {})"),
+        ("assign", "req.method = 'DELETE'"),
         ("loop", "while true do end"),
         (
             "alloc",

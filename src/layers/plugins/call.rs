@@ -1,11 +1,11 @@
-//! One phase call: `req`, `res` and `ctx` as Lua sees them. Each is an empty table with a
-//! metatable whose `__index` reads what the plugin asks for from the request being served (a
-//! thread-local `Current`, set for the call's duration), so a call costs what the plugin reads,
-//! not every field up front: a plugin that sets one header makes two tables and one userdata.
-//! `req.path`, `req.query` and `res.status` are assigned through `__newindex` into `Current`
-//! too, and the headers' userdata is kept there: after the call nothing is read back through
-//! the Lua API (each such read is a protected call). The plugin's own `ctx` values land in the
-//! `ctx` table itself.
+//! One phase call: `req`, `res` and `ctx` as Lua sees them. Each is an empty table, made once
+//! per VM (`ctx`: once per use) and kept empty: its protected metatable's `__index` reads what
+//! the plugin asks for from the request being served (a thread-local `Current`, set for the
+//! call's duration) and its `__newindex` writes there — `req.path`, `req.query`, `res.status`,
+//! and the plugin's own `ctx` values (into a table made only when it sets one). The headers are
+//! lent to one `Headers` userdata per VM on first read. So a call that sets one header makes
+//! no table and no userdata, and after it nothing is read back through the Lua API (each such
+//! read is a protected call). `rawset` is not in the sandbox, so the shared tables stay empty.
 
 use std::cell::RefCell;
 
@@ -28,9 +28,13 @@ struct Current {
     uri: Option<Uri>,
     body: Option<Bytes>,
     status: u16,
-    /// The headers, until the plugin reads `req.headers`/`res.headers` (then in its userdata).
+    /// The headers, until the plugin reads `req.headers`/`res.headers` (then lent to the VM's
+    /// `Headers` userdata, which is `lent`).
     headers: Option<HeaderMap>,
     headers_ud: Option<mlua::AnyUserData>,
+    lent: bool,
+    /// The plugin's own `ctx` values (made when it sets the first).
+    own: Option<Table>,
     /// What the plugin assigned.
     new_path: Option<String>,
     new_query: Option<Option<String>>,
@@ -41,10 +45,20 @@ thread_local! {
     static CURRENT: RefCell<Current> = RefCell::new(Current::default());
 }
 
-/// The metatables of `req`/`res` (one per VM) and of each use's `ctx`.
+/// The VM's `req` and `res` tables and its `Headers` userdata.
 pub(super) struct Metas {
     req: Table,
     res: Table,
+    headers: mlua::AnyUserData,
+}
+
+/// An empty table with `meta` as its metatable (protected: `getmetatable` sees `false`,
+/// `setmetatable` fails).
+fn object(lua: &Lua, meta: &Table) -> mlua::Result<Table> {
+    meta.raw_set("__metatable", false)?;
+    let t = lua.create_table()?;
+    t.set_metatable(Some(meta.clone()))?;
+    Ok(t)
 }
 
 /// Builds the VM's `req` and `res` metatables.
@@ -80,7 +94,7 @@ pub(super) fn metas(lua: &Lua) -> mlua::Result<Metas> {
                         Some(b) => Value::String(lua.create_string(b)?),
                         None => Value::Nil,
                     },
-                    "headers" => headers(lua, &mut c)?,
+                    "headers" => headers(&mut c)?,
                     _ => Value::Nil,
                 })
             })
@@ -110,9 +124,11 @@ pub(super) fn metas(lua: &Lua) -> mlua::Result<Metas> {
                         )
                     }
                     "query" => c.new_query = Some(text(&v)?),
-                    _ => return Err(mlua::Error::runtime(format!(
+                    _ => {
+                        return Err(mlua::Error::runtime(format!(
                         "req.{key} cannot be assigned (req.path, req.query and req.headers[…] can)"
-                    ))),
+                    )))
+                    }
                 }
                 Ok(())
             })
@@ -121,7 +137,7 @@ pub(super) fn metas(lua: &Lua) -> mlua::Result<Metas> {
     let res = lua.create_table()?;
     res.raw_set(
         "__index",
-        lua.create_function(|lua, (_t, k): (Table, mlua::LuaString)| {
+        lua.create_function(|_, (_t, k): (Table, mlua::LuaString)| {
             let key = k.to_str()?;
             CURRENT.with(|c| -> mlua::Result<Value> {
                 let mut c = c.borrow_mut();
@@ -129,7 +145,7 @@ pub(super) fn metas(lua: &Lua) -> mlua::Result<Metas> {
                     "status" => {
                         Value::Integer(c.new_status.unwrap_or(mlua::Integer::from(c.status)))
                     }
-                    "headers" => headers(lua, &mut c)?,
+                    "headers" => headers(&mut c)?,
                     _ => Value::Nil,
                 })
             })
@@ -151,22 +167,29 @@ pub(super) fn metas(lua: &Lua) -> mlua::Result<Metas> {
             Ok(())
         })?,
     )?;
-    Ok(Metas { req, res })
+    Ok(Metas {
+        req: object(lua, &req)?,
+        res: object(lua, &res)?,
+        headers: lua.create_userdata(Headers(HeaderMap::new()))?,
+    })
 }
 
-/// The headers as a userdata, made on first read and kept in `Current`.
-fn headers(lua: &Lua, c: &mut Current) -> mlua::Result<Value> {
-    if let Some(ud) = &c.headers_ud {
-        return Ok(Value::UserData(ud.clone()));
+/// The VM's headers userdata, with the call's headers lent to it on first read.
+fn headers(c: &mut Current) -> mlua::Result<Value> {
+    let Some(ud) = c.headers_ud.clone() else {
+        return Ok(Value::Nil);
+    };
+    if !c.lent {
+        let map = c.headers.take().unwrap_or_default();
+        ud.borrow_mut::<Headers>()?.0 = map;
+        c.lent = true;
     }
-    let map = c.headers.take().unwrap_or_default();
-    let ud = lua.create_userdata(Headers(map))?;
-    c.headers_ud = Some(ud.clone());
     Ok(Value::UserData(ud))
 }
 
-/// The `ctx` metatable of a use: its config and route, and the request's values on demand.
-fn ctx_meta(vm: &Vm, u: &Use) -> mlua::Result<Table> {
+/// The `ctx` table of a use: its config and route, the request's values on demand, and the
+/// plugin's own values in `Current::own`.
+fn ctx_object(vm: &Vm, u: &Use) -> mlua::Result<Table> {
     let key = std::sync::Arc::as_ptr(&u.config) as usize;
     if let Some(t) = vm.configs.borrow().get(&key) {
         return Ok(t.clone());
@@ -180,7 +203,17 @@ fn ctx_meta(vm: &Vm, u: &Use) -> mlua::Result<Table> {
     let meta = lua.create_table()?;
     meta.raw_set(
         "__index",
-        lua.create_function(move |lua, (_t, k): (Table, mlua::LuaString)| {
+        lua.create_function(move |lua, (_t, k): (Table, Value)| {
+            let own = CURRENT.with(|c| c.borrow().own.clone());
+            if let Some(own) = own {
+                let v: Value = own.raw_get(&k)?;
+                if !v.is_nil() {
+                    return Ok(v);
+                }
+            }
+            let Value::String(k) = k else {
+                return Ok(Value::Nil);
+            };
             let key = k.to_str()?;
             match &*key {
                 "config" => return Ok(Value::Table(config.clone())),
@@ -213,24 +246,46 @@ fn ctx_meta(vm: &Vm, u: &Use) -> mlua::Result<Table> {
             })
         })?,
     )?;
-    vm.configs.borrow_mut().insert(key, meta.clone());
-    Ok(meta)
-}
-
-/// A `ctx` for one call, with the plugin's own values of the earlier phases.
-fn ctx(vm: &Vm, u: &Use, own: &serde_json::Map<String, serde_json::Value>) -> mlua::Result<Table> {
-    let t = vm.lua.create_table()?;
-    t.set_metatable(Some(ctx_meta(vm, u)?))?;
-    for (k, v) in own {
-        t.raw_set(k.as_str(), mlua::LuaSerdeExt::to_value(&vm.lua, v)?)?;
-    }
+    meta.raw_set(
+        "__newindex",
+        lua.create_function(|lua, (_t, k, v): (Table, Value, Value)| {
+            let own = CURRENT.with(|c| c.borrow().own.clone());
+            let own = match own {
+                Some(o) => o,
+                None => {
+                    let o = lua.create_table()?;
+                    CURRENT.with(|c| c.borrow_mut().own = Some(o.clone()));
+                    o
+                }
+            };
+            own.raw_set(k, v)
+        })?,
+    )?;
+    let t = object(lua, &meta)?;
+    vm.configs.borrow_mut().insert(key, t.clone());
     Ok(t)
 }
 
+/// The plugin's own values of the earlier phases, as a table for `Current::own`.
+fn own_table(
+    lua: &Lua,
+    own: &serde_json::Map<String, serde_json::Value>,
+) -> mlua::Result<Option<Table>> {
+    if own.is_empty() {
+        return Ok(None);
+    }
+    let t = lua.create_table()?;
+    for (k, v) in own {
+        t.raw_set(k.as_str(), mlua::LuaSerdeExt::to_value(lua, v)?)?;
+    }
+    Ok(Some(t))
+}
+
 /// The values the plugin set in `ctx`, for its later phases.
-fn own(lua: &Lua, ctx: &Table) -> serde_json::Map<String, serde_json::Value> {
+fn own(lua: &Lua, t: Option<&Table>) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
-    for (k, v) in ctx.pairs::<String, Value>().flatten() {
+    let Some(t) = t else { return out };
+    for (k, v) in t.pairs::<String, Value>().flatten() {
         if let Ok(j) = mlua::LuaSerdeExt::from_value::<serde_json::Value>(lua, v) {
             out.insert(k, j);
         }
@@ -238,28 +293,32 @@ fn own(lua: &Lua, ctx: &Table) -> serde_json::Map<String, serde_json::Value> {
     out
 }
 
-/// What a call left: the headers and the assignments.
+/// What a call left: the headers, the assignments and the plugin's own `ctx` values.
 struct Left {
     headers: HeaderMap,
     path: Option<String>,
     query: Option<Option<String>>,
     status: Option<i64>,
+    own: Option<Table>,
 }
 
 /// Sets the call's `Current`, runs `f`, and clears it (taking back what the plugin left).
-fn with_current<R>(cur: Current, f: impl FnOnce() -> R) -> (R, Left) {
+fn with_current<R>(vm: &Vm, mut cur: Current, f: impl FnOnce() -> R) -> (R, Left) {
+    cur.headers_ud = Some(vm.metas.headers.clone());
     CURRENT.with(|c| *c.borrow_mut() = cur);
     let out = f();
     let c = CURRENT.with(|c| std::mem::take(&mut *c.borrow_mut()));
-    let headers = match c.headers_ud.map(|ud| ud.take::<Headers>()) {
-        Some(Ok(h)) => h.0,
-        _ => c.headers.unwrap_or_default(),
-    };
+    let lent = c.headers_ud.filter(|_| c.lent).and_then(|ud| {
+        ud.borrow_mut::<Headers>()
+            .ok()
+            .map(|mut h| std::mem::take(&mut h.0))
+    });
     let left = Left {
-        headers,
+        headers: lent.or(c.headers).unwrap_or_default(),
         path: c.new_path,
         query: c.new_query,
         status: c.new_status,
+        own: c.own,
     };
     (out, left)
 }
@@ -281,7 +340,6 @@ impl Use {
                 return Ok(Step::Continue(serde_json::Map::new()));
             };
             let lua = &vm.lua;
-            let r = lua.create_table().map_err(|e| e.to_string())?;
             let cur = Current {
                 x: x.cloned(),
                 method: Some(req.method().clone()),
@@ -290,18 +348,16 @@ impl Use {
                 headers: Some(std::mem::take(req.headers_mut())),
                 ..Current::default()
             };
-            let (called, left) = with_current(cur, || -> mlua::Result<(Value, Table)> {
-                r.set_metatable(Some(vm.metas.req.clone()))?;
-                let c = ctx(vm, self, &serde_json::Map::new())?;
-                let answer: Value = self.timed(REQUEST, || vm::call(&f, budget, (&r, &c)))?;
-                Ok((answer, c))
+            let (called, left) = with_current(vm, cur, || -> mlua::Result<Value> {
+                let c = ctx_object(vm, self)?;
+                self.timed(REQUEST, || vm::call(&f, budget, (&vm.metas.req, &c)))
             });
             *req.headers_mut() = left.headers;
-            let (answer, c) = called.map_err(|e| e.to_string())?;
+            let answer = called.map_err(|e| e.to_string())?;
             let step = match answer {
                 Value::Table(t) => Step::Respond(response_from(&t).map_err(|e| e.to_string())?),
                 Value::Nil => Step::Continue(if self.phases[RESPONSE] || self.phases[LOG] {
-                    own(lua, &c)
+                    own(lua, left.own.as_ref())
                 } else {
                     serde_json::Map::new()
                 }),
@@ -347,21 +403,19 @@ impl Use {
                 return Ok(());
             };
             let lua = &vm.lua;
-            let r = lua.create_table().map_err(|e| e.to_string())?;
             let cur = Current {
                 x: x.cloned(),
                 status: resp.status().as_u16(),
                 headers: Some(std::mem::take(resp.headers_mut())),
+                own: own_table(lua, own_values).map_err(|e| e.to_string())?,
                 ..Current::default()
             };
-            let (called, left) = with_current(cur, || -> mlua::Result<Table> {
-                r.set_metatable(Some(vm.metas.res.clone()))?;
-                let c = ctx(vm, self, own_values)?;
-                self.timed(RESPONSE, || vm::call::<()>(&f, budget, (&r, &c)))?;
-                Ok(c)
+            let (called, left) = with_current(vm, cur, || -> mlua::Result<()> {
+                let c = ctx_object(vm, self)?;
+                self.timed(RESPONSE, || vm::call::<()>(&f, budget, (&vm.metas.res, &c)))
             });
             *resp.headers_mut() = left.headers;
-            let c = called.map_err(|e| e.to_string())?;
+            called.map_err(|e| e.to_string())?;
             if let Some(status) = left.status {
                 *resp.status_mut() = u16::try_from(status)
                     .ok()
@@ -370,7 +424,7 @@ impl Use {
                     .ok_or_else(|| format!("res.status = {status} is not an HTTP status"))?;
             }
             if self.phases[LOG] {
-                *own_values = own(lua, &c);
+                *own_values = own(lua, left.own.as_ref());
             }
             Ok(())
         })?
@@ -391,10 +445,11 @@ impl Use {
             };
             let cur = Current {
                 x: x.cloned(),
+                own: own_table(&vm.lua, own_values).map_err(|e| e.to_string())?,
                 ..Current::default()
             };
-            let (called, _) = with_current(cur, || -> mlua::Result<()> {
-                let c = ctx(vm, self, own_values)?;
+            let (called, _) = with_current(vm, cur, || -> mlua::Result<()> {
+                let c = ctx_object(vm, self)?;
                 self.timed(LOG, || vm::call::<()>(&f, budget, &c))
             });
             called.map_err(|e| e.to_string())

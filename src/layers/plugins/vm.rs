@@ -79,7 +79,15 @@ pub(super) fn sandbox(memory_limit: usize) -> mlua::Result<Lua> {
     )?;
     lua.set_memory_limit(memory_limit)?;
     let g = lua.globals();
-    for name in ["load", "loadfile", "dofile", "require", "collectgarbage"] {
+    // `rawset` too: the tables a call gets are shared and must stay empty.
+    for name in [
+        "load",
+        "loadfile",
+        "dofile",
+        "require",
+        "collectgarbage",
+        "rawset",
+    ] {
         g.raw_remove(name)?;
     }
     let string: Table = g.get("string")?;
