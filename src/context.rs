@@ -126,6 +126,11 @@ impl Exchange {
         self.0.normalized.as_deref().unwrap_or(self.0.uri.path())
     }
 
+    /// The path the route matched (normalized), whatever a plugin rewrote since.
+    fn matched_path(&self) -> &str {
+        self.0.normalized.as_deref().unwrap_or(self.0.uri.path())
+    }
+
     /// Rewrites the path the backend builds its target from (once per request: false when a
     /// rewrite was made already).
     pub(crate) fn rewrite_path(&self, path: &str) -> bool {
@@ -145,7 +150,8 @@ impl Exchange {
     /// Every captured parameter, in the order of the route's path.
     #[allow(dead_code)] // API of the seam: read by the layers and backends to come (auth, cache, aggregate, plugins)
     pub(crate) fn params(&self) -> impl Iterator<Item = (&str, &str)> {
-        let path = self.path();
+        // The values are spans of the path the route matched (not of a plugin's rewrite).
+        let path = self.matched_path();
         self.0
             .route
             .params

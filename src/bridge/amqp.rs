@@ -10,13 +10,14 @@
 use bytes::Bytes;
 use http::header::HeaderValue;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Confirmation};
+use lapin::BasicProperties;
 
 use super::consumer::{Bridge, ACKED, DEAD_LETTERED, RETRIED};
+use crate::upstream::broker::amqp::Sent;
 use crate::upstream::broker::Conn;
 
 const ATTEMPT: &str = "x-gatehouse-delivery";
@@ -138,7 +139,9 @@ pub(super) async fn deliver(b: &Bridge, d: lapin::message::Delivery) {
         let _ = d.acker.ack(BasicAckOptions::default()).await;
         b.count(if last { DEAD_LETTERED } else { RETRIED });
     } else {
-        // Not stored elsewhere: the broker keeps (and delivers again) the original.
+        // Not stored elsewhere: the broker keeps (and delivers again) the original — after a
+        // wait, so that a dead letter queue that is missing is not a tight loop.
+        tokio::time::sleep(b.s.max_backoff).await;
         let _ = d
             .acker
             .nack(BasicNackOptions {
@@ -155,24 +158,17 @@ async fn republish(b: &Bridge, to: &str, data: &[u8], props: BasicProperties) ->
     let Conn::Amqp(a) = &b.broker.conn else {
         return false;
     };
-    let Some(live) = a.live() else { return false };
-    let send = async {
-        live.publish
-            .basic_publish(
-                "".into(),
-                to.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                data,
-                props,
-            )
-            .await?
-            .await
-    };
-    matches!(
-        tokio::time::timeout(b.broker.publish_timeout, send).await,
-        Ok(Ok(Confirmation::Ack(None)))
-    )
+    let sent = a
+        .confirm(
+            "",
+            to,
+            bytes::Bytes::copy_from_slice(data),
+            props,
+            b.broker.publish_timeout,
+        )
+        .await;
+    if matches!(sent, Sent::Failed) {
+        a.repair();
+    }
+    matches!(sent, Sent::Confirmed)
 }

@@ -144,13 +144,14 @@ pub(crate) fn build_consumers(
             |n| n.get_ref().clone(),
         );
         let name_ok = !name.is_empty()
+            && name.len() <= 200
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !name_ok {
             fail(
                 cfg.name.as_ref().map_or(c.span(), |n| n.span()),
-                format!("name `{name}` may hold only letters, digits, `-` and `_`"),
+                format!("name `{name}` may hold only letters, digits, `-` and `_` (at most 200)"),
             );
         }
         if names.contains(&name) {

@@ -271,13 +271,20 @@ impl Bridge {
                     "Gatehouse-Last-Status",
                     status.map_or("none".to_owned(), |s| s.to_string()).as_str(),
                 );
+                // Stored by a stream (its ack awaited) before the original is terminated: a
+                // dead letter no stream keeps would be lost.
                 let published = match self.nats() {
                     Ok(n) => {
-                        n.client
-                            .publish_with_headers(dl.clone(), h, msg.payload.clone())
-                            .await
-                            .is_ok()
-                            && n.client.flush().await.is_ok()
+                        let sent = async {
+                            n.jetstream
+                                .publish_with_headers(dl.clone(), h, msg.payload.clone())
+                                .await?
+                                .await
+                        };
+                        matches!(
+                            tokio::time::timeout(self.broker.publish_timeout, sent).await,
+                            Ok(Ok(_))
+                        )
                     }
                     Err(_) => false,
                 };

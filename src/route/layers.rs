@@ -288,7 +288,15 @@ pub(super) fn plugin_layers(
             .map(|c| c.get_ref().clone())
             .unwrap_or_default();
         if let Some(set) = cx.plugins.as_ref().filter(|s| s.has(n)) {
-            match PluginLayer::new(set, n, id, &config, cx.metrics) {
+            match PluginLayer::new(
+                set,
+                n,
+                id,
+                &config,
+                cx.metrics,
+                cx.trusted.clone(),
+                fe.prefix,
+            ) {
                 Ok(l) => out.push(Arc::new(move |inner: RouteService| {
                     let l = l.clone();
                     RouteService::from_fn(move |req| l.call(&inner, req))
@@ -305,6 +313,7 @@ pub(super) fn plugin_layers(
                     })
                 })),
             );
+            let n_owned = n.to_owned();
             match probe {
                 Ok(_) => out.push(Arc::new(move |inner: RouteService| {
                     match make(&config, rust_inner(inner.clone())) {
@@ -320,8 +329,21 @@ pub(super) fn plugin_layers(
                                 })
                             },
                         ),
-                        // Built once above with the same table: not reached.
-                        Err(_) => inner,
+                        // Built once above with the same table; should it fail now, the
+                        // route fails closed (500), never runs without its plugin.
+                        Err(msg) => {
+                            tracing::error!(plugin = %n_owned, error = ?msg, "Rust plugin could not be built");
+                            RouteService::from_fn(|_| {
+                                Box::pin(async {
+                                    Err(crate::error::Problem::new(
+                                        http::StatusCode::INTERNAL_SERVER_ERROR,
+                                        "plugin_error",
+                                        "A plugin of this route failed",
+                                    )
+                                    .into())
+                                })
+                            })
+                        }
                     }
                 }) as BoxLayer),
                 Err(msg) => fail(name.span(), format!("route `{rname}`: plugin `{n}`: {msg}")),

@@ -733,3 +733,14 @@ async fn sigterm_during_an_amqp_delivery_finishes_and_acks_it() {
         .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
         .await;
 }
+
+#[test]
+fn an_async_route_path_leaves_room_for_its_operations() {
+    let gw = config(NATS, "");
+    let routes = "[frontend]\nname = \"cmd\"\n\n[[route]]\nname = \"all\"\npath = \"/orders/{*rest}\"\nmethods = [\"POST\"]\npublish = { broker = \"events\", subject = \"a.b\", reply = \"async\" }\n";
+    let e = compile_errors(&gw, "cmd.toml", routes);
+    assert!(
+        e.contains("cmd.toml:8:") && e.contains("cannot end in a `{*…}` catch-all"),
+        "{e}"
+    );
+}

@@ -217,6 +217,20 @@ async fn sandbox_escapes_and_runaways_are_plugin_errors() {
         ("rawset", "rawset(ctx, 'leak', 1)"),
         ("meta", "setmetatable(ctx, {})"),
         ("assign", "req.method = 'DELETE'"),
+        (
+            "gc",
+            "setmetatable({}, {__gc = function() while true do end end})",
+        ),
+        ("repempty", "string.rep('', math.maxinteger)"),
+        ("move", "table.move({}, 1, 1 << 62, 1, {})"),
+        (
+            "pattern",
+            "string.find(string.rep('a', 40), string.rep('a*', 40) .. 'b')",
+        ),
+        ("lib", "string.find = nil"),
+        ("config", "ctx.config.x = 1"),
+        ("strmeta", "getmetatable('').__index = {}"),
+        ("dotdot", "req.path = '/a/../admin'"),
         ("loop", "while true do end"),
         (
             "alloc",

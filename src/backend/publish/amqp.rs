@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Confirmation};
+use lapin::BasicProperties;
 
 use super::{rejected, unavailable, Message, Plan, RespBody};
 use crate::context::Exchange;
 use crate::error::{BoxError, GatewayError};
-use crate::upstream::broker::amqp::{not_found, REPLY_TO};
+use crate::upstream::broker::amqp::{Sent, REPLY_TO};
 use crate::upstream::broker::{Broker, Conn, Outcome};
 
 /// An exchange or routing key: at most 255 bytes (a short string), visible ASCII.
@@ -33,19 +32,20 @@ pub(super) async fn publish(
     let Conn::Amqp(a) = &b.conn else {
         return Err("an AMQP route on a broker of another kind".into());
     };
-    let Some(live) = a.live() else {
-        b.count(Outcome::Unavailable);
-        return Err(unavailable("the broker is not connected"));
-    };
     let mut table = FieldTable::default();
     let mut props = BasicProperties::default()
-        .with_message_id(ShortString::from(msg.msg_id))
         .with_app_id("gatehouse".into())
         // Persistent: a durable queue keeps it across a broker restart.
         .with_delivery_mode(2);
+    // Short strings (at most 255 bytes): a longer value from a client is left out.
+    if let Ok(id) = ShortString::try_new(msg.msg_id) {
+        props = props.with_message_id(id);
+    }
     for (k, v) in msg.headers {
         if k == "Content-Type" {
-            props = props.with_content_type(v.into());
+            if let Ok(ct) = ShortString::try_new(v) {
+                props = props.with_content_type(ct);
+            }
         } else {
             table.insert(
                 k.to_ascii_lowercase().into(),
@@ -59,51 +59,27 @@ pub(super) async fn publish(
             .with_reply_to(REPLY_TO.into())
             .with_correlation_id(c.into());
     }
-    let send = async {
-        live.publish
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &msg.body,
-                props,
-            )
-            .await?
-            .await
-    };
-    match tokio::time::timeout(b.publish_timeout, send).await {
-        Ok(Ok(Confirmation::Ack(None))) => {
+    match a
+        .confirm(exchange, routing_key, msg.body, props, b.publish_timeout)
+        .await
+    {
+        Sent::Confirmed => {
             b.count(Outcome::Confirmed);
             Ok(())
         }
-        Ok(Ok(Confirmation::Ack(Some(_)))) => {
+        Sent::Returned => {
             b.count(Outcome::Rejected);
             Err(rejected("No queue of the broker takes this routing key"))
         }
-        Ok(Ok(Confirmation::Nack(_))) => {
-            b.count(Outcome::Unavailable);
-            Err(unavailable("the broker refused the message"))
+        Sent::NotFound => {
+            b.count(Outcome::Rejected);
+            Err(rejected("The broker has no such exchange"))
         }
-        Ok(Ok(Confirmation::NotRequested)) => {
-            // The channel is not in confirm mode: nothing says the broker has it.
+        Sent::Failed => {
             b.count(Outcome::Unavailable);
-            a.repair();
-            Err(unavailable("no confirmation"))
+            Err(unavailable("the broker did not take the message"))
         }
-        Ok(Err(e)) => {
-            // Either way the channel is closed now: the broker's task opens another.
-            a.repair();
-            if not_found(&e) {
-                b.count(Outcome::Rejected);
-                return Err(rejected("The broker has no such exchange"));
-            }
-            b.count(Outcome::Unavailable);
-            Err(unavailable("the broker refused the message"))
-        }
-        Err(_) => {
+        Sent::Timeout => {
             b.count(Outcome::Timeout);
             Err(unavailable("no confirmation in time"))
         }

@@ -48,8 +48,6 @@ struct Plan {
     deadline: Duration,
     /// `reply = "async"`: where replies are collected, and how long an operation lives.
     replies: Option<(Arc<Replies>, Duration)>,
-    /// `reply = "async"`: the path operations are read at (`…/operations/`).
-    operations_path: Arc<str>,
 }
 
 /// Where a message goes, by the broker's kind.
@@ -95,6 +93,8 @@ pub(crate) enum PublishConfigError {
         "reply = \"sync\" is a NATS request-reply and cannot be combined with jetstream = true"
     )]
     SyncJetStream,
+    #[error("reply = \"async\" adds `…/operations/{{operation}}` after the route's path: the path cannot end in a `{{*…}}` catch-all or capture `{{operation}}`")]
+    AsyncPath,
 }
 
 /// What a publish route is built from.
@@ -143,6 +143,17 @@ pub(crate) fn build(f: &PublishFacts<'_>, cfg: &PublishConfig) -> Result<Option<
             return Err((r.span(), PublishConfigError::SyncJetStream));
         }
     }
+    if reply == ReplyMode::Async {
+        // `…/operations/{operation}` is added after the route's path: that path cannot end in a
+        // catch-all, nor capture a parameter of that name.
+        if f.full_path.contains("{*") || f.full_path.contains(&format!("{{{}}}", operations::PARAM))
+        {
+            return Err((
+                cfg.reply.as_ref().map_or(cfg.broker.span(), |r| r.span()),
+                PublishConfigError::AsyncPath,
+            ));
+        }
+    }
     // A defined broker that was not built has its own error.
     let Some(broker) = f.brokers.get(name) else {
         return Ok(None);
@@ -161,7 +172,6 @@ pub(crate) fn build(f: &PublishFacts<'_>, cfg: &PublishConfig) -> Result<Option<
         target,
         deadline: f.deadline,
         replies,
-        operations_path: format!("{}/operations/", f.full_path.trim_end_matches('/')).into(),
     }))))
 }
 
@@ -398,14 +408,23 @@ impl Plan {
         let key = idempotency_key(req.headers())?;
         let (parts, body) = req.into_parts();
         let body = body.collect().await?.to_bytes();
+        // Where the operation of an async reply is read: under the path this request came to.
+        let operations = format!("{}/operations/", parts.uri.path().trim_end_matches('/'));
         // The id the client sees: its key, or the request id. The broker's dedup id is the key
         // scoped to this route and the client's identity, so two clients' keys never collide.
         let id = key
             .clone()
             .unwrap_or_else(|| String::from_utf8_lossy(x.request_id().as_bytes()).into_owned());
+        // Without a key, no dedup: a random id (a request id may come from a trusted proxy, and
+        // two clients' ids must not make one message a duplicate of the other's).
         let msg_id = match &key {
             Some(k) => scoped_id(&self.route, &x, k),
-            None => id.clone(),
+            None => {
+                let mut raw = [0u8; 16];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+                    .map_err(|_| "no randomness for a message id")?;
+                hex(&raw)
+            }
         };
         let headers = message_headers(&parts.headers, &x, &id, key.is_some());
         let b = &self.broker;
@@ -436,18 +455,20 @@ impl Plan {
                 let reply = match &self.replies {
                     Some((r, ttl)) => {
                         let op = r.create(&x, *ttl).await?;
-                        location = Some(format!("{}{}", self.operations_path, op.id));
+                        location = Some(format!("{operations}{}", op.id));
                         doc.insert("operation".into(), op.id.as_str().into());
                         op.reply_subject
                     }
                     None => None,
                 };
-                let confirmed = if *jetstream {
-                    nats::jetstream(b, subject, msg, reply).await?
+                let sent = if *jetstream {
+                    nats::jetstream(b, subject, msg, reply).await
                 } else {
-                    nats::core(b, subject, msg, reply).await?;
-                    serde_json::Map::new()
+                    nats::core(b, subject, msg, reply)
+                        .await
+                        .map(|()| serde_json::Map::new())
                 };
+                let confirmed = self.forget_on_error(sent, &doc).await?;
                 doc.extend(confirmed);
             }
             Target::Amqp {
@@ -463,13 +484,15 @@ impl Plan {
                 let correlation = match &self.replies {
                     Some((r, ttl)) => {
                         let op = r.create(&x, *ttl).await?;
-                        location = Some(format!("{}{}", self.operations_path, op.id));
+                        location = Some(format!("{operations}{}", op.id));
                         doc.insert("operation".into(), op.id.as_str().into());
                         Some(op.id)
                     }
                     None => None,
                 };
-                amqp::publish(b, exchange, routing_key, msg, correlation.as_deref()).await?;
+                let sent =
+                    amqp::publish(b, exchange, routing_key, msg, correlation.as_deref()).await;
+                self.forget_on_error(sent, &doc).await?;
             }
             Target::Mqtt { topic, qos } => {
                 doc.insert("topic".into(), (&**topic).into());
@@ -489,6 +512,24 @@ impl Plan {
             h.insert(header::LOCATION, l);
         }
         Ok(resp)
+    }
+}
+
+impl Plan {
+    /// A publish that failed leaves no operation behind.
+    async fn forget_on_error<T>(
+        &self,
+        sent: Result<T, BoxError>,
+        doc: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<T, BoxError> {
+        if sent.is_err() {
+            if let (Some((r, _)), Some(op)) =
+                (&self.replies, doc.get("operation").and_then(|o| o.as_str()))
+            {
+                r.forget(op).await;
+            }
+        }
+        sent
     }
 }
 
@@ -564,15 +605,23 @@ fn insert(out: &mut Vec<(&'static str, String)>, name: &'static str, value: &str
 fn who(x: &Exchange) -> String {
     x.identity()
         .and_then(|i| {
-            i.consumer.as_deref().map(str::to_owned).or_else(|| {
-                i.claims
-                    .as_ref()
-                    .and_then(|c| c.get("sub"))
-                    .and_then(|s| s.as_str())
-                    .map(str::to_owned)
-            })
+            i.consumer
+                .as_deref()
+                .map(|c| format!("consumer:{c}"))
+                .or_else(|| {
+                    i.claims
+                        .as_ref()
+                        .and_then(|c| c.get("sub"))
+                        .and_then(|s| s.as_str())
+                        .map(|s| format!("sub:{s}"))
+                })
         })
-        .unwrap_or_else(|| String::from_utf8_lossy(x.client().peer_ip.as_bytes()).into_owned())
+        .unwrap_or_else(|| {
+            format!(
+                "ip:{}",
+                String::from_utf8_lossy(x.client().peer_ip.as_bytes())
+            )
+        })
 }
 
 /// Lower-case hex of `bytes`.

@@ -119,8 +119,14 @@ impl Replies {
             None => Store::Memory(
                 moka::sync::Cache::builder()
                     .max_capacity(MEMORY_BYTES)
+                    // The oldest go first (not the least used: a new operation is never
+                    // refused admission).
+                    .eviction_policy(moka::policy::EvictionPolicy::lru())
                     .weigher(|k: &Arc<str>, e: &Arc<Entry>| {
-                        let n = k.len() + 128 + e.result.as_ref().map_or(0, |d| d.body.len());
+                        let n = k.len()
+                            + 128
+                            + e.owner.as_ref().map_or(0, String::len)
+                            + e.result.as_ref().map_or(0, |d| d.body.len());
                         u32::try_from(n).unwrap_or(u32::MAX)
                     })
                     .expire_after(PerEntry)
@@ -232,6 +238,24 @@ impl Replies {
         Ok(Created { id, reply_subject })
     }
 
+    /// Drops an operation (its publish failed).
+    pub(crate) async fn forget(&self, id: &str) {
+        match &self.store {
+            Store::Memory(c) => c.invalidate(id),
+            Store::Redis(r) => {
+                let key = redis_key(id);
+                let _ = r
+                    .call("async operations", |mut conn| async move {
+                        redis::cmd("DEL")
+                            .arg(&key)
+                            .query_async::<i64>(&mut conn)
+                            .await
+                    })
+                    .await;
+            }
+        }
+    }
+
     async fn lookup(&self, id: &str, x: &Exchange) -> Result<Lookup, BoxError> {
         let who = owner(x);
         match &self.store {
@@ -299,7 +323,7 @@ impl Store {
             }
             Store::Redis(r) => {
                 let key = redis_key(id);
-                let _ = r
+                let filed = r
                     .call("async operations", |mut conn| async move {
                         redis::Script::new(
                             "if redis.call('EXISTS', KEYS[1]) == 1 then \
@@ -314,6 +338,9 @@ impl Store {
                         .await
                     })
                     .await;
+                if filed.is_err() {
+                    tracing::warn!(operation = %id, "an async reply could not be filed in Redis: the operation stays pending");
+                }
             }
         }
     }

@@ -88,12 +88,14 @@ pub(super) fn install(lua: &Lua) -> mlua::Result<()> {
     )?;
     gh.set(
         "ip_in",
-        lua.create_function(|_, (ip, list): (String, Vec<String>)| {
+        lua.create_function(|_, (ip, list): (String, mlua::Table)| {
             let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
                 return Ok(false);
             };
             let mut found = false;
-            for c in &list {
+            // Through the metamethods: `ctx.config` lists are read-only views.
+            for i in 1..=list.len()? {
+                let c: String = list.get(i)?;
                 let net = match c.parse::<ipnet::IpNet>() {
                     Ok(n) => n,
                     Err(_) => match c.parse::<std::net::IpAddr>() {

@@ -24,6 +24,7 @@ use crate::context::Exchange;
 #[derive(Default)]
 struct Current {
     x: Option<Exchange>,
+    client_ip: Option<http::HeaderValue>,
     method: Option<Method>,
     uri: Option<Uri>,
     body: Option<Bytes>,
@@ -180,8 +181,9 @@ fn headers(c: &mut Current) -> mlua::Result<Value> {
         return Ok(Value::Nil);
     };
     if !c.lent {
-        let map = c.headers.take().unwrap_or_default();
-        ud.borrow_mut::<Headers>()?.0 = map;
+        // Borrowed first: a failed borrow leaves the headers where they are.
+        let mut lent = ud.borrow_mut::<Headers>()?;
+        lent.0 = c.headers.take().unwrap_or_default();
         c.lent = true;
     }
     Ok(Value::UserData(ud))
@@ -190,14 +192,15 @@ fn headers(c: &mut Current) -> mlua::Result<Value> {
 /// The `ctx` table of a use: its config and route, the request's values on demand, and the
 /// plugin's own values in `Current::own`.
 fn ctx_object(vm: &Vm, u: &Use) -> mlua::Result<Table> {
-    let key = std::sync::Arc::as_ptr(&u.config) as usize;
+    let key = u.id;
     if let Some(t) = vm.configs.borrow().get(&key) {
         return Ok(t.clone());
     }
     let lua = &vm.lua;
-    let config = match mlua::LuaSerdeExt::to_value(lua, &*u.config)? {
-        Value::Table(t) => t,
-        _ => lua.create_table()?,
+    // Read-only, nested tables too: a plugin cannot leave state in it for the next request.
+    let config: Table = match mlua::LuaSerdeExt::to_value(lua, &*u.config)? {
+        Value::Table(t) => vm.readonly.call(t)?,
+        _ => vm.readonly.call(lua.create_table()?)?,
     };
     let route = lua.create_string(&*u.route)?;
     let meta = lua.create_table()?;
@@ -224,7 +227,10 @@ fn ctx_object(vm: &Vm, u: &Use) -> mlua::Result<Table> {
                 let c = c.borrow();
                 let Some(x) = &c.x else { return Ok(Value::Nil) };
                 Ok(match &*key {
-                    "client_ip" => Value::String(lua.create_string(x.client().peer_ip.as_bytes())?),
+                    "client_ip" => match &c.client_ip {
+                        Some(ip) => Value::String(lua.create_string(ip.as_bytes())?),
+                        None => Value::String(lua.create_string(x.client().peer_ip.as_bytes())?),
+                    },
                     "request_id" => Value::String(lua.create_string(x.request_id().as_bytes())?),
                     "params" => {
                         let p = lua.create_table()?;
@@ -329,6 +335,7 @@ impl Use {
         req: &mut Request<ReqBody>,
         x: Option<&Exchange>,
         body: Option<&Bytes>,
+        client_ip: &http::HeaderValue,
     ) -> Result<Step, String> {
         let budget = self.set.time_budget;
         vm::with_vm(&self.set, |vm| -> Result<Step, String> {
@@ -342,6 +349,7 @@ impl Use {
             let lua = &vm.lua;
             let cur = Current {
                 x: x.cloned(),
+                client_ip: Some(client_ip.clone()),
                 method: Some(req.method().clone()),
                 uri: Some(req.uri().clone()),
                 body: body.cloned(),
@@ -355,7 +363,14 @@ impl Use {
             *req.headers_mut() = left.headers;
             let answer = called.map_err(|e| e.to_string())?;
             let step = match answer {
-                Value::Table(t) => Step::Respond(response_from(&t).map_err(|e| e.to_string())?),
+                Value::Table(t) => Step::Respond(
+                    Box::new(response_from(&t).map_err(|e| e.to_string())?),
+                    if self.phases[LOG] {
+                        own(lua, left.own.as_ref())
+                    } else {
+                        serde_json::Map::new()
+                    },
+                ),
                 Value::Nil => Step::Continue(if self.phases[RESPONSE] || self.phases[LOG] {
                     own(lua, left.own.as_ref())
                 } else {
@@ -376,12 +391,17 @@ impl Use {
                     None => req.uri().query().map(str::to_owned),
                 };
                 let path_changed = path != req.uri().path();
-                set_target(req, &path, query.as_deref())?;
-                if path_changed && !x.is_none_or(|x| x.rewrite_path(&path)) {
-                    return Err(
-                        "req.path was rewritten by another plugin of this request already".into(),
-                    );
+                if path_changed {
+                    self.check_path(&path)?;
+                    // Once per request: checked before anything changes.
+                    if !x.is_none_or(|x| x.rewrite_path(&path)) {
+                        return Err(
+                            "req.path was rewritten by another plugin of this request already"
+                                .into(),
+                        );
+                    }
                 }
+                set_target(req, &path, query.as_deref())?;
             }
             Ok(step)
         })?
@@ -392,6 +412,7 @@ impl Use {
         resp: &mut Response<RespBody>,
         x: Option<&Exchange>,
         own_values: &mut serde_json::Map<String, serde_json::Value>,
+        client_ip: &http::HeaderValue,
     ) -> Result<(), String> {
         let budget = self.set.time_budget;
         vm::with_vm(&self.set, |vm| -> Result<(), String> {
@@ -405,6 +426,7 @@ impl Use {
             let lua = &vm.lua;
             let cur = Current {
                 x: x.cloned(),
+                client_ip: Some(client_ip.clone()),
                 status: resp.status().as_u16(),
                 headers: Some(std::mem::take(resp.headers_mut())),
                 own: own_table(lua, own_values).map_err(|e| e.to_string())?,
@@ -420,8 +442,8 @@ impl Use {
                 *resp.status_mut() = u16::try_from(status)
                     .ok()
                     .and_then(|s| StatusCode::from_u16(s).ok())
-                    .filter(|s| (100..=599).contains(&s.as_u16()))
-                    .ok_or_else(|| format!("res.status = {status} is not an HTTP status"))?;
+                    .filter(|s| (200..=599).contains(&s.as_u16()))
+                    .ok_or_else(|| format!("res.status = {status}: a status must be 200 to 599"))?;
             }
             if self.phases[LOG] {
                 *own_values = own(lua, left.own.as_ref());
@@ -433,6 +455,7 @@ impl Use {
     pub(super) fn on_log(
         &self,
         x: Option<&Exchange>,
+        client_ip: &http::HeaderValue,
         own_values: &serde_json::Map<String, serde_json::Value>,
     ) {
         if !self.phases[LOG] {
@@ -445,6 +468,7 @@ impl Use {
             };
             let cur = Current {
                 x: x.cloned(),
+                client_ip: Some(client_ip.clone()),
                 own: own_table(&vm.lua, own_values).map_err(|e| e.to_string())?,
                 ..Current::default()
             };
@@ -457,8 +481,31 @@ impl Use {
         if let Err(e) = r.and_then(|r| r) {
             // The response is on its way: a failing on_log is counted and logged only.
             self.errors.inc();
-            tracing::error!(plugin = %self.name, route = %self.route, phase = "on_log", error = %e, "plugin failed");
+            tracing::error!(plugin = %self.name, route = %self.route, phase = "on_log", error = ?e, "plugin failed");
         }
+    }
+}
+
+impl Use {
+    /// A path a plugin rewrote to: an absolute path without `?`, `#`, `.`/`..` segments or
+    /// empty segments, under the frontend's prefix (the backend strips it).
+    fn check_path(&self, path: &str) -> Result<(), String> {
+        let bad = !path.starts_with('/')
+            || path.contains(['?', '#'])
+            || path.contains("//")
+            || path.split('/').any(|seg| seg == "." || seg == "..");
+        if bad {
+            return Err(format!(
+                "req.path = {path:?}: a path starts with `/` and has no `?`, `#`, `.`, `..` or empty segments"
+            ));
+        }
+        let p = &*self.prefix;
+        if !(p.is_empty() || path == p || path.starts_with(&format!("{p}/"))) {
+            return Err(format!(
+                "req.path = {path:?} must stay under the frontend's prefix `{p}`"
+            ));
+        }
+        Ok(())
     }
 }
 

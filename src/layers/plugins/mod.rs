@@ -51,6 +51,7 @@ pub(crate) struct PluginSet {
 
 /// One `NAME.lua`.
 pub(crate) struct Script {
+    name: Arc<str>,
     path: PathBuf,
     code: Arc<str>,
     read_body: bool,
@@ -69,6 +70,8 @@ impl PluginSet {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// Ids of uses (a VM keeps each use's `ctx` table under it).
+static NEXT_USE: AtomicU64 = AtomicU64::new(1);
 
 /// What decides whether a set is rebuilt: `[plugins]` and every script's name and text.
 #[derive(Clone, PartialEq)]
@@ -124,6 +127,7 @@ pub(crate) fn build_plugins(
     let mut scripts = BTreeMap::new();
     for ((name, code), path) in texts.iter().zip(&files) {
         let mut s = Script {
+            name: Arc::from(name.as_str()),
             path: shown_path(loaded, path),
             code: code.as_str().into(),
             read_body: false,
@@ -140,6 +144,14 @@ pub(crate) fn build_plugins(
         }
     }
     if errors.0.len() != before {
+        return None;
+    }
+    // All of them in one VM, as a worker runs them (their memory together, say).
+    if let Err(msg) = vm::build_scripts(scripts.values(), memory_limit) {
+        errors.push(crate::config::source::ConfigError::file(
+            &dir,
+            format!("plugins: {msg}"),
+        ));
         return None;
     }
     let key = Key(cfg.clone(), texts);
@@ -204,6 +216,8 @@ const LOG: usize = 2;
 pub(crate) struct PluginLayer(Arc<Use>);
 
 struct Use {
+    /// Unique: keys this use's `ctx` table in each VM.
+    id: u64,
     set: Arc<PluginSet>,
     name: Arc<str>,
     route: Arc<str>,
@@ -211,6 +225,10 @@ struct Use {
     config: Arc<serde_json::Value>,
     skip_on_error: bool,
     read_body: bool,
+    /// `[server] trusted_proxies`, for `ctx.client_ip`.
+    trusted: Arc<[ipnet::IpNet]>,
+    /// The frontend's path prefix: a rewritten path keeps it.
+    prefix: Arc<str>,
     /// Which phases the script has.
     phases: [bool; 3],
     calls: [prometheus::IntCounter; 3],
@@ -232,6 +250,8 @@ impl PluginLayer {
         route: &str,
         config: &toml::Table,
         metrics: &Metrics,
+        trusted: Arc<[ipnet::IpNet]>,
+        prefix: &str,
     ) -> Result<PluginLayer, PluginUseError> {
         let skip_on_error = match config.get("on_error").map(|v| v.as_str()) {
             None | Some(Some("fail")) => false,
@@ -241,12 +261,15 @@ impl PluginLayer {
         let json = serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
         let script = set.scripts.get(name);
         Ok(PluginLayer(Arc::new(Use {
+            id: NEXT_USE.fetch_add(1, Ordering::Relaxed),
             set: set.clone(),
             name: name.into(),
             route: route.into(),
             config: Arc::new(json),
             skip_on_error,
             read_body: script.is_some_and(|s| s.read_body),
+            trusted,
+            prefix: prefix.into(),
             phases: script.map_or([false; 3], |s| s.phases),
             calls: ["request", "response", "log"]
                 .map(|p| metrics.plugin_calls_total.with_label_values(&[name, p])),
@@ -276,8 +299,11 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<RespBody>, BoxError
 enum Step {
     /// Go on, with the values the plugin set in `ctx`.
     Continue(serde_json::Map<String, serde_json::Value>),
-    /// Answer this, without the backend.
-    Respond(Response<RespBody>),
+    /// Answer this, without the backend (and the plugin's `ctx` values, for `on_log`).
+    Respond(
+        Box<Response<RespBody>>,
+        serde_json::Map<String, serde_json::Value>,
+    ),
 }
 
 impl Use {
@@ -296,7 +322,7 @@ impl Use {
             let limited = http_body_util::Limited::new(b, self.set.max_body);
             let bytes = match limited.collect().await {
                 Ok(c) => c.to_bytes(),
-                Err(_) => {
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     return Err(Problem::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "body_too_large",
@@ -305,37 +331,75 @@ impl Use {
                     .member("max_body", self.set.max_body)
                     .into())
                 }
+                Err(e) => return Err(e),
             };
             req = Request::from_parts(parts, req_full(bytes.clone()));
             Some(bytes)
         } else {
             None
         };
+        let client_ip = self.client_ip(&req, x.as_ref());
         let mut ctx = serde_json::Map::new();
         if self.has(REQUEST) {
-            match self.on_request(&mut req, x.as_ref(), body.as_ref()) {
+            // With `skip`, a failed call leaves the request as it was.
+            let kept = self
+                .skip_on_error
+                .then(|| (req.headers().clone(), req.uri().clone()));
+            match self.on_request(&mut req, x.as_ref(), body.as_ref(), &client_ip) {
                 Ok(Step::Continue(c)) => ctx = c,
-                Ok(Step::Respond(r)) => {
-                    self.on_log(x.as_ref(), &ctx);
-                    return Ok(r);
+                Ok(Step::Respond(r, c)) => {
+                    self.on_log(x.as_ref(), &client_ip, &c);
+                    return Ok(*r);
                 }
                 Err(e) => {
                     if let Some(err) = self.failed(REQUEST, &e) {
+                        self.on_log(x.as_ref(), &client_ip, &ctx);
                         return Err(err);
+                    }
+                    if let Some((h, u)) = kept {
+                        *req.headers_mut() = h;
+                        *req.uri_mut() = u;
                     }
                 }
             }
         }
-        let mut resp = inner.oneshot(req).await?;
+        let mut resp = match inner.oneshot(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.on_log(x.as_ref(), &client_ip, &ctx);
+                return Err(e);
+            }
+        };
         if self.has(RESPONSE) {
-            if let Err(e) = self.on_response(&mut resp, x.as_ref(), &mut ctx) {
+            let kept = self
+                .skip_on_error
+                .then(|| (resp.headers().clone(), resp.status()));
+            if let Err(e) = self.on_response(&mut resp, x.as_ref(), &mut ctx, &client_ip) {
                 if let Some(err) = self.failed(RESPONSE, &e) {
+                    self.on_log(x.as_ref(), &client_ip, &ctx);
                     return Err(err);
+                }
+                if let Some((h, st)) = kept {
+                    *resp.headers_mut() = h;
+                    *resp.status_mut() = st;
                 }
             }
         }
-        self.on_log(x.as_ref(), &ctx);
+        self.on_log(x.as_ref(), &client_ip, &ctx);
         Ok(resp)
+    }
+
+    /// The client's address as `ctx.client_ip`: behind `[server] trusted_proxies`, the one
+    /// `X-Forwarded-For` names (as the rate limits see it).
+    fn client_ip(&self, req: &Request<ReqBody>, x: Option<&Exchange>) -> http::HeaderValue {
+        match x {
+            Some(x) if !x.client().trusted => x.client().peer_ip.clone(),
+            _ => {
+                let ip = crate::layers::rate_limit::client_ip(req, x, &self.trusted);
+                http::HeaderValue::from_str(&ip.to_string())
+                    .unwrap_or(http::HeaderValue::from_static("0.0.0.0"))
+            }
+        }
     }
 
     fn has(&self, phase: usize) -> bool {
@@ -345,8 +409,12 @@ impl Use {
     /// Counts and logs a failed call; the error to answer with, unless the plugin is skipped.
     fn failed(&self, phase: usize, e: &str) -> Option<BoxError> {
         self.errors.inc();
+        if e.contains("not enough memory") || e.contains("memory error") {
+            // Its state filled the VM: a new one for the next call on this worker.
+            vm::discard(&self.set);
+        }
         let phase = ["on_request", "on_response", "on_log"][phase];
-        tracing::error!(plugin = %self.name, route = %self.route, phase, error = %e, "plugin failed");
+        tracing::error!(plugin = %self.name, route = %self.route, phase, error = ?e, "plugin failed");
         if self.skip_on_error {
             return None;
         }

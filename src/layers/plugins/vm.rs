@@ -1,10 +1,13 @@
 //! The Lua side: a sandboxed Lua 5.4 VM per worker thread (a `thread_local`, the per-worker
 //! way for state that is not `Send`), built from a `PluginSet` and rebuilt when a reload brings
 //! another set. Only `string`, `table`, `math` and `utf8` are opened; `load`, `loadfile`,
-//! `dofile`, `require`, `collectgarbage` and `string.dump` are removed, and assigning a global
-//! is an error, so a plugin keeps no state in `_G` from one request to the next. Every call
-//! runs under the set's memory limit (per VM) and time budget (per call: an instruction-count
-//! hook checks the clock every 1 000 instructions).
+//! `dofile`, `require`, `collectgarbage`, `rawset` and `string.dump` are removed; `prelude.lua`
+//! closes what the limits cannot reach (no `__gc` finalizers, bounded `string.rep`,
+//! `table.move` and pattern backtracking) and gives each script an environment of its own in
+//! which the globals and the libraries are read-only — so a plugin keeps no global state from
+//! one request to the next and cannot change another's. Every call runs under the set's memory
+//! limit (per VM) and time budget (per call: an instruction-count hook checks the clock every
+//! 1 000 instructions).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -26,37 +29,47 @@ pub(super) struct Loaded {
 /// A worker's VM for one plugin set.
 pub(super) struct Vm {
     pub(super) lua: Lua,
+    /// Makes a read-only view of a table (`ctx.config`).
+    pub(super) readonly: Function,
     pub(super) plugins: HashMap<Arc<str>, Loaded>,
     /// The `ctx` metatables, built once per (route, plugin) use: keyed by the address of the
     /// use's config, which the use holds (an `Arc`) for as long as it lives.
-    pub(super) configs: RefCell<HashMap<usize, Table>>,
+    pub(super) configs: RefCell<HashMap<u64, Table>>,
     /// The `req` and `res` metatables.
     pub(super) metas: super::call::Metas,
 }
 
+type Built = Result<Rc<Vm>, String>;
+
 thread_local! {
-    /// This thread's VMs: the newest sets' (a reload briefly has two in use).
-    static VMS: RefCell<Vec<(u64, Rc<Vm>)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's VMs: the newest sets' (a reload briefly has two in use); a set whose VM
+    /// could not be built is remembered too (its error answers without building again).
+    static VMS: RefCell<Vec<(u64, Built)>> = const { RefCell::new(Vec::new()) };
     /// When the call running now must end.
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// Runs `f` with this thread's VM for `set` (built on first use).
 pub(super) fn with_vm<R>(set: &PluginSet, f: impl FnOnce(&Vm) -> R) -> Result<R, String> {
-    let vm = VMS.with(|vms| -> Result<Rc<Vm>, String> {
+    let vm = VMS.with(|vms| -> Built {
         let mut vms = vms.borrow_mut();
         if let Some((_, vm)) = vms.iter().find(|(g, _)| *g == set.id) {
-            return Ok(vm.clone());
+            return vm.clone();
         }
-        let vm = Rc::new(build(set)?);
+        let vm = build(set).map(Rc::new);
         vms.push((set.id, vm.clone()));
         // Two sets at most: the one a reload replaced goes once the next one comes.
         if vms.len() > 2 {
-            vms.remove(0);
+            drop(vms.remove(0));
         }
-        Ok(vm)
+        vm
     })?;
     Ok(f(&vm))
+}
+
+/// Drops this thread's VM for `set` (it ran out of memory: the next call builds a new one).
+pub(super) fn discard(set: &PluginSet) {
+    VMS.with(|vms| vms.borrow_mut().retain(|(g, _)| *g != set.id));
 }
 
 /// Runs one phase function within the time budget.
@@ -71,8 +84,9 @@ pub(super) fn call<R: mlua::FromLuaMulti>(
     out
 }
 
-/// A new sandboxed VM with the set's limits.
-pub(super) fn sandbox(memory_limit: usize) -> mlua::Result<Lua> {
+/// A new sandboxed VM with the set's limits, and the prelude's two functions (a script's
+/// environment, a read-only view).
+pub(super) fn sandbox(memory_limit: usize) -> mlua::Result<(Lua, Function, Function)> {
     let lua = Lua::new_with(
         StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8,
         LuaOptions::default(),
@@ -93,6 +107,10 @@ pub(super) fn sandbox(memory_limit: usize) -> mlua::Result<Lua> {
     let string: Table = g.get("string")?;
     string.raw_remove("dump")?;
     super::api::install(&lua)?;
+    let (environment, readonly): (Function, Function) = lua
+        .load(include_str!("prelude.lua"))
+        .set_name("=prelude")
+        .call(memory_limit)?;
     lua.set_hook(
         HookTriggers::new().every_nth_instruction(1000),
         |_lua, _debug| {
@@ -103,31 +121,21 @@ pub(super) fn sandbox(memory_limit: usize) -> mlua::Result<Lua> {
             Ok(VmState::Continue)
         },
     )?;
-    Ok(lua)
-}
-
-/// Freezes the globals: reading an unknown one is nil as usual, assigning one is an error.
-fn freeze(lua: &Lua) -> mlua::Result<()> {
-    let meta = lua.create_table()?;
-    meta.set(
-        "__newindex",
-        lua.create_function(|_, (_t, k, _v): (Value, Value, Value)| -> mlua::Result<()> {
-            Err(mlua::Error::runtime(format!(
-                "assignment to global `{}`: plugins keep no global state (use locals, or `ctx` within a request)",
-                k.to_string().unwrap_or_default()
-            )))
-        })?,
-    )?;
-    lua.globals().set_metatable(Some(meta))?;
-    Ok(())
+    Ok((lua, environment, readonly))
 }
 
 /// Loads one script in `lua`: its phase functions, or why not (with `path:line:` when Lua
 /// gives a line).
-pub(super) fn load(lua: &Lua, s: &Script) -> Result<Loaded, String> {
+pub(super) fn load(
+    lua: &Lua,
+    environment: &Function,
+    s: &Script,
+) -> Result<(Loaded, bool), String> {
+    let env: Table = environment.call(()).map_err(|e| e.to_string())?;
     let chunk = lua
         .load(&*s.code)
         .set_name(format!("={}", s.path.display()))
+        .set_environment(env)
         .set_mode(mlua::chunk::ChunkMode::Text);
     DEADLINE.with(|d| d.set(Some(Instant::now() + Duration::from_secs(1))));
     let value: mlua::Result<Value> = chunk.eval();
@@ -177,19 +185,38 @@ pub(super) fn load(lua: &Lua, s: &Script) -> Result<Loaded, String> {
             s.path.display()
         ));
     }
-    Ok(loaded)
+    let read_body = match table.get::<Value>("read_body").map_err(|e| e.to_string())? {
+        Value::Nil => false,
+        Value::Boolean(b) => b,
+        other => {
+            return Err(format!(
+                "{}: `read_body` must be true or false, not a {}",
+                s.path.display(),
+                other.type_name()
+            ))
+        }
+    };
+    Ok((loaded, read_body))
 }
 
 fn build(set: &PluginSet) -> Result<Vm, String> {
-    let lua = sandbox(set.memory_limit).map_err(|e| e.to_string())?;
+    build_scripts(set.scripts.values(), set.memory_limit)
+}
+
+/// A VM with every script of a set loaded (what a worker runs; also how a set is checked).
+pub(super) fn build_scripts<'a>(
+    scripts: impl IntoIterator<Item = &'a Script>,
+    memory_limit: usize,
+) -> Result<Vm, String> {
+    let (lua, environment, readonly) = sandbox(memory_limit).map_err(|e| e.to_string())?;
     let mut plugins = HashMap::new();
-    for (name, s) in &set.scripts {
-        plugins.insert(name.clone(), load(&lua, s)?);
+    for s in scripts {
+        plugins.insert(s.name.clone(), load(&lua, &environment, s)?.0);
     }
     let metas = super::call::metas(&lua).map_err(|e| e.to_string())?;
-    freeze(&lua).map_err(|e| e.to_string())?;
     Ok(Vm {
         lua,
+        readonly,
         plugins,
         configs: RefCell::new(HashMap::new()),
         metas,
@@ -199,17 +226,8 @@ fn build(set: &PluginSet) -> Result<Vm, String> {
 /// Checks a script as the gateway will run it (in a VM of its own): whether it reads the body,
 /// and which phases it has (`[on_request, on_response, on_log]`).
 pub(super) fn check(s: &Script, memory_limit: usize) -> Result<(bool, [bool; 3]), String> {
-    let lua = sandbox(memory_limit).map_err(|e| e.to_string())?;
-    let loaded = load(&lua, s)?;
-    let t: Value = lua
-        .load(&*s.code)
-        .set_mode(mlua::chunk::ChunkMode::Text)
-        .eval()
-        .map_err(|e| e.to_string())?;
-    let read_body = match t {
-        Value::Table(t) => t.get::<bool>("read_body").unwrap_or(false),
-        _ => false,
-    };
+    let (lua, environment, _) = sandbox(memory_limit).map_err(|e| e.to_string())?;
+    let (loaded, read_body) = load(&lua, &environment, s)?;
     Ok((
         read_body,
         [

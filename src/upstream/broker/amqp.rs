@@ -1,6 +1,9 @@
 //! An AMQP 0-9-1 broker (RabbitMQ) through lapin: one connection per `[brokers.NAME]`, opened
-//! and re-opened by a background task (backoff 100 ms doubling to 5 s), and one channel in
-//! publisher-confirm mode that every publish of the broker shares. What the request path reads
+//! and re-opened by a background task (backoff 100 ms doubling to 5 s), and `LANES` channels in
+//! publisher-confirm mode that the broker's publishes take in turn, one message at a time per
+//! channel: lapin attributes a `basic.return` to whichever confirm resolves next, so only with
+//! one mandatory message outstanding on a channel is a return surely that message's (and a
+//! channel closed by one publish's error fails that publish alone). What the request path reads
 //! is an `ArcSwapOption` (no lock): `None` while the broker is away, so a publish then fails at
 //! once with 503 instead of queueing for a connection that may never come.
 //!
@@ -60,9 +63,9 @@ impl Replies {
     fn new() -> Self {
         Replies {
             waiting: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                // A waiter never outlives its route's deadline; this bounds a leak, not a wait.
-                .time_to_live(Duration::from_secs(600))
+                .max_capacity(1_000_000)
+                // A waiter is forgotten when its request ends; this bounds a leak, not a wait.
+                .time_to_live(Duration::from_secs(3600))
                 .build(),
             filer: ArcSwapOption::empty(),
         }
@@ -89,8 +92,8 @@ impl Replies {
     /// Clears the filer if it is still `f` (a newer one set meanwhile stays).
     pub(crate) fn clear_filer(&self, f: &Filer) {
         let current = self.filer.load_full();
-        if current.is_some_and(|c| Arc::ptr_eq(&*c, f)) {
-            self.filer.store(None);
+        if let Some(c) = current.filter(|c| Arc::ptr_eq(&**c, f)) {
+            let _ = self.filer.compare_and_swap(&Some(c), None);
         }
     }
 
@@ -140,11 +143,42 @@ impl Replies {
     }
 }
 
-/// An open connection and its publishing channel.
+/// Publishing channels per connection.
+const LANES: usize = 16;
+
+/// An open connection and its publishing channels.
 pub(crate) struct Live {
     pub(crate) conn: Arc<lapin::Connection>,
     /// In confirm mode: each publish is acked (or nacked) by the broker.
-    pub(crate) publish: lapin::Channel,
+    lanes: Box<[Lane]>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// A publishing channel and its turn (one message on it at a time).
+struct Lane {
+    ch: lapin::Channel,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Live {
+    fn broken(&self) -> bool {
+        self.lanes.iter().any(|l| !l.ch.status().connected())
+    }
+}
+
+/// What a confirmed publish came to.
+#[derive(Debug)]
+pub(crate) enum Sent {
+    /// The broker has it.
+    Confirmed,
+    /// No queue took it (returned).
+    Returned,
+    /// The exchange does not exist.
+    NotFound,
+    /// Nacked, the channel closed, or not connected.
+    Failed,
+    /// No confirmation in time.
+    Timeout,
 }
 
 impl Drop for Amqp {
@@ -200,24 +234,95 @@ impl Amqp {
     pub(crate) fn live(&self) -> Option<Arc<Live>> {
         self.live
             .load_full()
-            .filter(|l| l.conn.status().connected())
+            .filter(|l| l.conn.status().connected() && !l.broken())
     }
 
     pub(crate) fn connected(&self) -> bool {
         self.live().is_some()
     }
 
-    /// A publish found the channel closed: the task opens a new one.
+    /// A publish found a channel closed: the task opens new ones.
     pub(crate) fn repair(&self) {
         self.repair.notify_one();
+    }
+
+    /// Publishes `body` (mandatory) and waits at most `timeout` for the broker's confirmation.
+    /// The publish and its confirmation run in a task of their own, so one that outlives the
+    /// wait still completes (and frees its channel) rather than leaving a confirm behind.
+    pub(crate) async fn confirm(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: Bytes,
+        props: lapin::BasicProperties,
+        timeout: Duration,
+    ) -> Sent {
+        let Some(live) = self.live() else {
+            return Sent::Failed;
+        };
+        let i = live.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % live.lanes.len();
+        let (ch, turn) = (live.lanes[i].ch.clone(), live.lanes[i].turn.clone());
+        let (Ok(exchange), Ok(routing_key)) = (
+            lapin::types::ShortString::try_new(exchange),
+            lapin::types::ShortString::try_new(routing_key),
+        ) else {
+            return Sent::Failed;
+        };
+        let repair = self.repair.clone();
+        let task = tokio::spawn(async move {
+            let _turn = turn.lock_owned().await;
+            let sent = async {
+                ch.basic_publish(
+                    exchange,
+                    routing_key,
+                    lapin::options::BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &body,
+                    props,
+                )
+                .await?
+                .await
+            }
+            .await;
+            if !matches!(
+                sent,
+                Ok(lapin::Confirmation::Ack(_) | lapin::Confirmation::Nack(_))
+            ) {
+                repair.notify_one();
+            }
+            sent
+        });
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(Ok(lapin::Confirmation::Ack(None)))) => Sent::Confirmed,
+            Ok(Ok(Ok(lapin::Confirmation::Ack(Some(_))))) => Sent::Returned,
+            Ok(Ok(Err(e))) if not_found(&e) => Sent::NotFound,
+            Ok(_) => Sent::Failed,
+            Err(_) => Sent::Timeout,
+        }
     }
 }
 
 async fn open(url: &str, replies: &Arc<Replies>) -> Result<Live, lapin::Error> {
     let props = lapin::ConnectionProperties::default().with_connection_name("gatehouse".into());
     let conn = Arc::new(lapin::Connection::connect(url, props).await?);
-    let publish = channel(&conn, replies).await?;
-    Ok(Live { conn, publish })
+    lanes(conn, replies).await
+}
+
+async fn lanes(conn: Arc<lapin::Connection>, replies: &Arc<Replies>) -> Result<Live, lapin::Error> {
+    let mut lanes = Vec::with_capacity(LANES);
+    for _ in 0..LANES {
+        lanes.push(Lane {
+            ch: channel(&conn, replies).await?,
+            turn: Arc::new(tokio::sync::Mutex::new(())),
+        });
+    }
+    Ok(Live {
+        conn,
+        lanes: lanes.into_boxed_slice(),
+        next: std::sync::atomic::AtomicUsize::new(0),
+    })
 }
 
 /// The publishing channel: confirm mode, and consuming its direct replies.
@@ -277,14 +382,15 @@ async fn run(
                             Some(_) => {}
                             None => break,
                         },
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => repair.notify_one(),
                         () = repair.notified() => {
-                            let broken = live.load().as_ref().is_some_and(|l| !l.publish.status().connected());
+                            let broken = live.load().as_ref().is_some_and(|l| l.broken());
                             if broken && conn.status().connected() {
-                                match channel(&conn, &replies).await {
-                                    Ok(ch) => live.store(Some(Arc::new(Live { conn: conn.clone(), publish: ch }))),
-                                    Err(e) => {
-                                        tracing::warn!(broker = %name, error = %e, "AMQP channel could not be opened; reconnecting");
+                                match tokio::time::timeout(connect_timeout, lanes(conn.clone(), &replies)).await {
+                                    Ok(Ok(l)) => live.store(Some(Arc::new(l))),
+                                    _ => {
+                                        tracing::warn!(broker = %name, "AMQP channels could not be opened; reconnecting");
+                                        let _ = conn.close(200, "gatehouse: reconnecting".into()).await;
                                         break;
                                     }
                                 }

@@ -60,7 +60,11 @@ struct Target {
 }
 
 fn target(url: &str) -> Option<Target> {
-    let rest = url.trim().strip_prefix("mqtt://")?;
+    let url = url.trim();
+    let rest = url
+        .get(..7)
+        .filter(|s| s.eq_ignore_ascii_case("mqtt://"))
+        .map(|_| &url[7..])?;
     let authority = rest.split('/').next()?;
     let (login, addr) = match authority.rsplit_once('@') {
         Some((userinfo, addr)) => {
@@ -154,7 +158,8 @@ async fn run(
                 let why = session(framed, &mut jobs).await;
                 connected.store(false, Ordering::Release);
                 tracing::warn!(broker = %name, reason = why, "MQTT connection lost; reconnecting");
-                // What was queued while the connection went: failed now, not sent later.
+                // What was queued while the connection went: failed now (a job queued after
+                // this is sent on the next connection, unless its client gave up meanwhile).
                 while jobs.try_recv().is_ok() {}
             }
             Ok(Err(e)) => {
@@ -205,9 +210,12 @@ async fn open(t: &Target, client_id: &str) -> Result<Conn, String> {
 /// One connected session: until the connection fails (the reason is returned). Every waiter
 /// still in flight is dropped with it (its publish gets 503).
 async fn session(mut framed: Conn, jobs: &mut mpsc::Receiver<Job>) -> &'static str {
-    let mut inflight: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
+    // Each waiter with when it was sent: a PUBACK overdue by `OVERDUE` ends the session (the
+    // broker is not answering; every waiter gets 503 and the connection is made again).
+    let mut inflight: HashMap<u16, (oneshot::Sender<()>, std::time::Instant)> = HashMap::new();
     let mut next: u16 = 0;
     let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE) / 2));
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut awaiting_pong = false;
     loop {
@@ -220,7 +228,7 @@ async fn session(mut framed: Conn, jobs: &mut mpsc::Receiver<Job>) -> &'static s
                 let mut p = rumqttc::Publish::new(&*job.topic, job.qos, Vec::new());
                 p.payload = job.payload;
                 if job.qos == QoS::AtMostOnce {
-                    if framed.send(Packet::Publish(p)).await.is_err() {
+                    if !sent(&mut framed, Packet::Publish(p)).await {
                         return "write failed";
                     }
                     let _ = job.done.send(());
@@ -234,14 +242,14 @@ async fn session(mut framed: Conn, jobs: &mut mpsc::Receiver<Job>) -> &'static s
                     }
                 }
                 p.pkid = next;
-                inflight.insert(next, job.done);
-                if framed.send(Packet::Publish(p)).await.is_err() {
+                inflight.insert(next, (job.done, std::time::Instant::now()));
+                if !sent(&mut framed, Packet::Publish(p)).await {
                     return "write failed";
                 }
             }
             packet = framed.next() => match packet {
                 Some(Ok(Packet::PubAck(ack))) => {
-                    if let Some(done) = inflight.remove(&ack.pkid) {
+                    if let Some((done, _)) = inflight.remove(&ack.pkid) {
                         let _ = done.send(());
                     }
                 }
@@ -254,13 +262,27 @@ async fn session(mut framed: Conn, jobs: &mut mpsc::Receiver<Job>) -> &'static s
                 if awaiting_pong {
                     return "no answer to PINGREQ";
                 }
+                if inflight.values().any(|(_, at)| at.elapsed() > OVERDUE) {
+                    return "PUBACKs overdue";
+                }
                 awaiting_pong = true;
-                if framed.send(Packet::PingReq).await.is_err() {
+                if !sent(&mut framed, Packet::PingReq).await {
                     return "write failed";
                 }
             }
         }
     }
+}
+
+/// How long a PUBACK may take before the session is given up.
+const OVERDUE: Duration = Duration::from_secs(30);
+
+/// Writes a packet, at most 10 s: a broker that stops reading does not stall the session.
+async fn sent(framed: &mut Conn, p: Packet) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), framed.send(p)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// An MQTT topic name to publish to: 1–65 535 bytes of UTF-8, no wildcards (`+`, `#`), no NUL.
