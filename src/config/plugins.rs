@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::defaults::*;
-use super::units::{Duration, Size};
+use super::units::{nonzero_size, Duration, Size};
 
 /// `[plugins]`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -16,13 +16,13 @@ pub(crate) struct PluginsConfig {
     #[serde(default = "default_plugins_dir")]
     pub(crate) dir: PathBuf,
     /// The memory one worker's Lua VM may hold.
-    #[serde(default = "d_16mib")]
+    #[serde(default = "d_16mib", deserialize_with = "nonzero_size")]
     pub(crate) memory_limit: Size,
     /// The time one call of a phase function may take.
     #[serde(default = "d_5ms")]
     pub(crate) time_budget: Duration,
     /// Request bodies up to this are given to plugins that ask for them (`read_body = true`).
-    #[serde(default = "d_64kib")]
+    #[serde(default = "d_64kib", deserialize_with = "nonzero_size")]
     pub(crate) max_body: Size,
 }
 

@@ -16,6 +16,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 
+use crate::publish::{post, ready};
 use crate::support::*;
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -68,19 +69,19 @@ fn routes(publish: &str) -> String {
     format!("[frontend]\nname = \"cmd\"\n\n[[route]]\nname = \"place\"\npath = \"/orders\"\nmethods = [\"POST\"]\ntimeout = \"3s\"\npublish = {publish}\n")
 }
 
-async fn post(url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
-    let mut b = Request::post(url).header("content-type", "application/json");
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    send(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await
-}
-
-async fn ready(gw: &TestGateway) {
-    eventually(15, "the broker connected (/readyz)", || async {
-        get(&gw.admin_url("/readyz")).await.status == 200
-    })
-    .await;
+/// Messages waiting in a queue.
+async fn queue_len(ch: &lapin::Channel, q: &str) -> u32 {
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
 }
 
 fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
@@ -357,18 +358,7 @@ async fn amqp_consumers_retry_with_backoff_then_dead_letter() {
     assert_eq!(deliveries("fine"), ["1"]);
     // Nothing left behind: every message acked (or moved) exactly as counted.
     eventually(10, "the queue is empty", || async {
-        let q = ch
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        q.message_count() == 0
+        queue_len(&ch, &q).await == 0
     })
     .await;
     let m = get(&gw.admin_url("/metrics")).await.text();
@@ -716,18 +706,7 @@ async fn sigterm_during_an_amqp_delivery_finishes_and_acks_it() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     // Finished and acked before the exit: the queue holds nothing to deliver again.
-    let left = ch
-        .queue_declare(
-            q.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(left.message_count(), 0);
+    assert_eq!(queue_len(&ch, &q).await, 0);
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
     let _ = ch
         .queue_delete(q.as_str().into(), QueueDeleteOptions::default())

@@ -589,3 +589,16 @@ async fn the_rust_plugin_example_runs() {
         r.header("server-timing")
     );
 }
+
+#[test]
+fn plugins_limits_are_checked_where_they_are_written() {
+    let g = gateway_toml(
+        "",
+        "[services.echo]\nendpoints = [\"http://127.0.0.1:1\"]\n\n[plugins]\nmemory_limit = \"0B\"\ntime_budget = \"0s\"\n",
+    );
+    let e = compile_errors(&g, "p.toml", "[frontend]\nname = \"f\"\n");
+    assert!(
+        e.contains("gateway.toml:") && e.contains("greater than zero"),
+        "{e}"
+    );
+}

@@ -39,7 +39,7 @@ fn routes(publish: &str) -> String {
     format!("[frontend]\nname = \"cmd\"\n\n[[route]]\nname = \"place\"\npath = \"/orders\"\nmethods = [\"POST\"]\ntimeout = \"2s\"\npublish = {publish}\n")
 }
 
-async fn post(url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+pub(crate) async fn post(url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
     let mut b = Request::post(url).header("content-type", "application/json");
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -47,7 +47,7 @@ async fn post(url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
     send(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await
 }
 
-async fn ready(gw: &TestGateway) {
+pub(crate) async fn ready(gw: &TestGateway) {
     eventually(15, "the broker connected (/readyz)", || async {
         get(&gw.admin_url("/readyz")).await.status == 200
     })

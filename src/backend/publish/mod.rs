@@ -395,8 +395,6 @@ impl Plan {
         let key = idempotency_key(req.headers())?;
         let (parts, body) = req.into_parts();
         let body = body.collect().await?.to_bytes();
-        // Where the operation of an async reply is read: under the path this request came to.
-        let operations = format!("{}/operations/", parts.uri.path().trim_end_matches('/'));
         // The id the client sees: its key, or the request id. The broker's dedup id is the key
         // scoped to this route and the client's identity, so two clients' keys never collide.
         let id = key
@@ -442,7 +440,7 @@ impl Plan {
                 let reply = match &self.replies {
                     Some((r, ttl)) => {
                         let op = r.create(&x, *ttl).await?;
-                        location = Some(format!("{operations}{}", op.id));
+                        location = Some(operation_location(&parts.uri, &op.id));
                         doc.insert("operation".into(), op.id.as_str().into());
                         op.reply_subject
                     }
@@ -471,7 +469,7 @@ impl Plan {
                 let correlation = match &self.replies {
                     Some((r, ttl)) => {
                         let op = r.create(&x, *ttl).await?;
-                        location = Some(format!("{operations}{}", op.id));
+                        location = Some(operation_location(&parts.uri, &op.id));
                         doc.insert("operation".into(), op.id.as_str().into());
                         Some(op.id)
                     }
@@ -500,6 +498,12 @@ impl Plan {
         }
         Ok(resp)
     }
+}
+
+/// Where an operation is read: under the path the request came to (a route's path may hold
+/// parameters, so the template alone would not do). Built only for `reply = "async"` routes.
+fn operation_location(uri: &http::Uri, id: &str) -> String {
+    format!("{}/operations/{id}", uri.path().trim_end_matches('/'))
 }
 
 impl Plan {

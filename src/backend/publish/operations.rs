@@ -224,14 +224,7 @@ impl Replies {
                         .await
                 })
                 .await
-                .map_err(|_| {
-                    Problem::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "operations_unavailable",
-                        "The store of operations does not answer",
-                    )
-                    .retry_after(1)
-                })?;
+                .map_err(|_| store_down())?;
             }
         }
         let reply_subject = self.prefix.as_ref().map(|p| format!("{p}.{id}"));
@@ -273,14 +266,7 @@ impl Replies {
                         redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await
                     })
                     .await
-                    .map_err(|_| {
-                        Problem::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "operations_unavailable",
-                            "The store of operations does not answer",
-                        )
-                        .retry_after(1)
-                    })?;
+                    .map_err(|_| store_down())?;
                 let field = |k: &str| map.get(k).map(Vec::as_slice);
                 let stored_owner = field("owner").filter(|o| !o.is_empty());
                 if map.is_empty()
@@ -361,6 +347,16 @@ fn sized(broker: &str, status: StatusCode, content_type: HeaderValue, body: Byte
         content_type,
         body,
     }
+}
+
+/// The operations store (Redis) does not answer: 503, nothing published or read.
+fn store_down() -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "operations_unavailable",
+        "The store of operations does not answer",
+    )
+    .retry_after(1)
 }
 
 fn redis_key(id: &str) -> String {
